@@ -1,0 +1,167 @@
+"""The fastkd command: one subcommand per workflow step, each usable without Snakemake.
+
+nnU-Net reads its folders from the environment (``nnUNet_raw``, ``nnUNet_preprocessed``,
+``nnUNet_results``) as nnU-Net's own commands do; the Snakefile sets them from the config for every
+job. Heavy imports (torch, nnU-Net) happen inside the subcommands, so ``fastkd --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from fastkd.errors import FastkdError
+
+
+def _cmd_demo_data(args) -> None:
+    from fastkd.demo_data import make_demo_dataset
+
+    try:
+        cases = make_demo_dataset(args.output, n_cases=args.n_cases, anisotropic=args.anisotropic, seed=args.seed)
+    except ValueError as e:  # argument checks of the generator
+        raise FastkdError(str(e)) from e
+    print(f"wrote {len(cases)} demo cases to {args.output}")
+
+
+def _cmd_config(args) -> None:
+    import yaml
+
+    from fastkd.config import load_config
+    from fastkd.paths import Paths
+
+    config = load_config(args.configfiles)
+    print(yaml.safe_dump(config, sort_keys=False), end="")
+    if args.paths:
+        p = Paths(config)
+        print("# artifact paths")
+        rows = {"raw dataset": p.raw_dataset, "plans": p.plans_file, "splits": p.splits_file,
+                **{f"preprocess manifest ({c})": p.preprocess_manifest(c) for c in config["plans"]["configurations"]},
+                "teacher folder": p.teacher_folder,
+                **{f"teacher fold {f}": p.teacher_checkpoint(f) for f in config["teachers"]["folds"]},
+                "teacher manifest": p.teacher_manifest}
+        for key, value in rows.items():
+            print(f"# {key}: {value}")
+
+
+def _set_threads(threads: int) -> None:
+    """Bound every pool nnU-Net starts by the job's threads (unless the user set them explicitly)."""
+    os.environ.setdefault("nnUNet_n_proc_DA", str(max(threads - 1, 0)))
+    os.environ.setdefault("nnUNet_def_n_proc", str(threads))
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _cmd_plan_preprocess(args) -> None:
+    from fastkd.preprocess import plan_preprocess
+
+    _set_threads(args.num_processes)
+    plans = plan_preprocess(args.dataset_id, args.raw_source, args.configurations, args.manifests,
+                            planner_class=args.planner, teacher_folder=args.plans_from,
+                            num_processes=args.num_processes, gpu_memory_target_gb=args.gpu_memory_target)
+    print(f"plans {plans}: preprocessed {', '.join(args.configurations)}")
+
+
+def _cmd_train_teacher(args) -> None:
+    from fastkd.teachers import train_teacher
+
+    _set_threads(args.threads)
+    folder = train_teacher(args.dataset, args.configuration, args.fold, args.plans, args.trainer,
+                           epochs=args.epochs, iterations_per_epoch=args.iterations,
+                           val_iterations_per_epoch=args.val_iterations, batch_size=args.batch_size,
+                           save_every=args.save_every, device=args.device, resume=not args.no_resume)
+    print(f"teacher fold {args.fold} done: {folder}")
+
+
+def _cmd_teachers(args) -> None:
+    from fastkd.teachers import validate_model_folder, write_manifest
+
+    if args.output is None:
+        validate_model_folder(args.folder, args.configuration, args.folds, args.checkpoint)
+        print(f"{args.folder}: folds {args.folds} with {args.checkpoint} present")
+    else:
+        manifest = write_manifest(args.folder, args.configuration, args.folds, args.checkpoint, args.output)
+        print(f"wrote {args.output} ({len(manifest['folds'])} folds)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fastkd import __version__
+
+    parser = argparse.ArgumentParser(prog="fastkd", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"fastkd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo-data", help="write the built-in synthetic dataset (nnU-Net raw layout)")
+    p.add_argument("output", type=Path, help="dataset folder to write, e.g. nnUNet_raw/Dataset900_FastkdDemo")
+    p.add_argument("--n-cases", type=int, default=12, help="number of cases (>= 5; default 12)")
+    p.add_argument("--anisotropic", action="store_true", help="1 x 1 x 3 mm voxels instead of 1 mm isotropic")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed -> same files")
+    p.set_defaults(func=_cmd_demo_data)
+
+    p = sub.add_parser("config", help="validate config file(s), print the complete config with defaults")
+    p.add_argument("configfiles", nargs="*", type=Path, default=[Path("config.yaml")],
+                   help="YAML files, later ones override earlier ones (default: config.yaml)")
+    p.add_argument("--paths", action="store_true", help="also print the artifact paths")
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("plan-preprocess", help="nnU-Net fingerprint, planning and preprocessing")
+    p.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id")
+    p.add_argument("--raw-source", type=Path, required=True, help="raw dataset folder DatasetXXX_Name")
+    p.add_argument("-c", "--configurations", nargs="+", required=True, choices=["2d", "3d_fullres", "3d_lowres"])
+    p.add_argument("--manifests", nargs="+", type=Path, required=True, help="one manifest path per configuration")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--planner", default="ExperimentPlanner",
+                       help="nnU-Net experiment planner class (default ExperimentPlanner; nnUNetPlannerResEncM/L/XL)")
+    group.add_argument("--plans-from", type=Path, default=None,
+                       help="use the plans.json of this existing teacher model folder instead of planning")
+    p.add_argument("-np", "--num-processes", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument("--gpu-memory-target", type=float, default=None, help="planner GPU memory target in GB")
+    p.set_defaults(func=_cmd_plan_preprocess)
+
+    p = sub.add_parser("train-teacher", help="train one nnU-Net teacher fold (+ its final validation)")
+    p.add_argument("-d", "--dataset", required=True, help="nnU-Net dataset id or name")
+    p.add_argument("-c", "--configuration", required=True)
+    p.add_argument("-f", "--fold", type=int, required=True, choices=range(5))
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans name (default nnUNetPlans)")
+    p.add_argument("-tr", "--trainer", default="nnUNetTrainer", help="nnU-Net trainer class (default nnUNetTrainer)")
+    p.add_argument("--epochs", type=int, default=1000)
+    p.add_argument("--iterations", type=int, default=250, help="training iterations per epoch")
+    p.add_argument("--val-iterations", type=int, default=50, help="validation iterations per epoch")
+    p.add_argument("--batch-size", type=int, default=None, help="override the plans' batch size")
+    p.add_argument("--save-every", type=int, default=10, help="write checkpoint_latest.pth every N epochs")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (torch and nnU-Net worker pools)")
+    p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint_latest.pth left by a killed run")
+    p.set_defaults(func=_cmd_train_teacher)
+
+    p = sub.add_parser("teachers", help="validate an nnU-Net teacher model folder; with -o write its manifest")
+    p.add_argument("folder", type=Path, help="model folder Trainer__Plans__configuration")
+    p.add_argument("-c", "--configuration", default="3d_fullres")
+    p.add_argument("-f", "--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
+    p.add_argument("-o", "--output", type=Path, default=None, help="write the teacher manifest JSON here")
+    p.set_defaults(func=_cmd_teachers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("n_cases", "seed", "epochs", "iterations", "val_iterations", "batch_size", "save_every",
+                 "threads", "num_processes"):
+        value = getattr(args, name, None)
+        if value is not None and value < (0 if name == "seed" else 1):
+            print(f"fastkd {args.command}: error: --{name.replace('_', '-')} = {value}: must be "
+                  f">= {0 if name == 'seed' else 1}", file=sys.stderr)
+            return 2
+    try:
+        args.func(args)
+    except FastkdError as e:
+        print(f"fastkd {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

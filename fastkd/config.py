@@ -1,0 +1,194 @@
+"""Load, complete and validate the workflow configuration.
+
+The schema is ``workflow/schemas/config.schema.yaml`` (shipped inside the package as
+``fastkd/config.schema.yaml``). :func:`validate_config` is called by the Snakefile at parse time and by
+``fastkd config``; it fills every default, then reports *all* problems at once, each naming the key,
+the offending value and what would be valid. Checks a JSON schema cannot express (the dataset folder
+exists, the teacher configuration is preprocessed, an external teacher folder holds the folds) follow.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fastkd.errors import FastkdError
+
+SCHEMA_FILE = Path(__file__).with_name("config.schema.yaml")
+
+
+class ConfigError(FastkdError):
+    """The configuration is invalid; the message lists every problem found."""
+
+
+@lru_cache(maxsize=1)
+def load_schema() -> dict:
+    with open(SCHEMA_FILE) as f:
+        return yaml.safe_load(f)
+
+
+def _resolve(schema: dict, root: dict) -> dict:
+    ref = schema.get("$ref")
+    if ref is None:
+        return schema
+    node: Any = root
+    for part in ref.lstrip("#/").split("/"):
+        node = node[part]
+    merged = {k: v for k, v in schema.items() if k != "$ref"}
+    return {**node, **merged}
+
+
+def fill_defaults(instance: Any, schema: dict, root: dict | None = None) -> Any:
+    """Fill missing object properties from the schema's ``default`` values, recursively.
+
+    A dict default is merged key by key under what the user gave, so a partial block
+    (``resources: {train_teacher: {threads: 4}}``) keeps the defaults of the keys it leaves out.
+    """
+    root = schema if root is None else root
+    schema = _resolve(schema, root)
+    if not isinstance(instance, dict):
+        return instance
+    for key, sub in schema.get("properties", {}).items():
+        sub = _resolve(sub, root)
+        if key not in instance:
+            if "default" in sub:
+                instance[key] = copy.deepcopy(sub["default"])
+            else:
+                continue
+        elif isinstance(instance[key], dict) and isinstance(sub.get("default"), dict):
+            for dkey, dval in sub["default"].items():
+                instance[key].setdefault(dkey, copy.deepcopy(dval))
+        fill_defaults(instance[key], sub, root)
+    return instance
+
+
+def _key_name(path) -> str:
+    name = ""
+    for part in path:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name or "(top level)"
+
+
+def _describe(error) -> str:
+    """One line per schema violation: key, value, and what would be valid."""
+    key = _key_name(error.absolute_path)
+    value = error.instance
+    v, expected = error.validator, error.validator_value
+    shown = f"{value!r} ({type(value).__name__})"
+    if v == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        unknown = sorted(set(value) - set(allowed))
+        where = f"under '{key}'" if error.absolute_path else "at the top level"
+        return (f"unknown key(s) {', '.join(map(repr, unknown))} {where}; "
+                f"valid keys: {', '.join(allowed)}")
+    if v == "type":
+        types = expected if isinstance(expected, list) else [expected]
+        what = f"expected {' or '.join('null' if t == 'null' else t for t in types)}"
+    elif v == "minimum":
+        what = f"must be >= {expected}"
+    elif v == "exclusiveMinimum":
+        what = f"must be > {expected}"
+    elif v == "maximum":
+        what = f"must be <= {expected}"
+    elif v == "exclusiveMaximum":
+        what = f"must be < {expected}"
+    elif v == "enum":
+        what = f"must be one of: {', '.join(map(str, expected))}"
+    elif v == "pattern":
+        what = f"must match the pattern {expected}"
+    elif v == "minLength":
+        what = "must not be empty"
+    elif v == "minItems":
+        what = f"must hold at least {expected} item(s)"
+    elif v == "uniqueItems":
+        what = "must not repeat a value"
+    else:
+        what = error.message
+    description = error.schema.get("description")
+    hint = f" ({' '.join(str(description).split())})" if description else ""
+    return f"{key} = {shown}: {what}{hint}"
+
+
+def validate_config(config: dict, base_dir: str | Path | None = None, check_files: bool = True) -> dict:
+    """Fill defaults into ``config`` (in place) and validate it; return it.
+
+    ``base_dir`` resolves relative paths (default: the current directory, Snakemake's workdir).
+    ``check_files`` also checks the dataset folder and an external teacher folder on disk.
+    Raises :class:`ConfigError` listing every problem.
+    """
+    from jsonschema import Draft7Validator
+
+    if not isinstance(config, dict):
+        raise ConfigError(f"the config must be a mapping of keys to values, got {type(config).__name__}")
+    schema = load_schema()
+    fill_defaults(config, schema)
+    errors = sorted(Draft7Validator(schema).iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+    problems = [_describe(e) for e in errors]
+    if not problems:
+        problems = _semantic_problems(config, Path(base_dir or "."), check_files)
+    if problems:
+        raise ConfigError("invalid fastkd config:\n  - " + "\n  - ".join(problems))
+    return config
+
+
+def _semantic_problems(config: dict, base_dir: Path, check_files: bool) -> list[str]:
+    from fastkd.dataset import DATASET_NAME_PATTERN
+
+    problems = []
+    plans, teachers = config["plans"], config["teachers"]
+    if teachers["configuration"] not in plans["configurations"]:
+        problems.append(
+            f"teachers.configuration = {teachers['configuration']!r}: must be one of "
+            f"plans.configurations {plans['configurations']} (only those are preprocessed)")
+    raw = config["dataset"]["raw"]
+    if raw != "demo":
+        folder = Path(raw) if Path(raw).is_absolute() else base_dir / raw
+        if not DATASET_NAME_PATTERN.match(folder.name):
+            problems.append(f"dataset.raw = {raw!r}: the folder must be named DatasetXXX_Name "
+                            f"(three digits, e.g. Dataset004_Hippocampus), or use 'demo'")
+        elif check_files and not (folder / "dataset.json").is_file():
+            found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else None
+            problems.append(
+                f"dataset.raw = {raw!r}: no dataset.json in {folder} "
+                + (f"(found: {', '.join(found) or 'nothing'})" if found is not None else "(the folder does not exist)")
+                + "; give an nnU-Net raw dataset folder or 'demo'")
+    if check_files and teachers["model_folder"] is not None and not problems:
+        from fastkd.teachers import TeacherFolderError, validate_model_folder
+
+        folder = Path(teachers["model_folder"])
+        folder = folder if folder.is_absolute() else base_dir / folder
+        try:
+            validate_model_folder(folder, teachers["configuration"], teachers["folds"], teachers["checkpoint"])
+        except TeacherFolderError as e:
+            problems.append(f"teachers.model_folder = {teachers['model_folder']!r}: {e}")
+    return problems
+
+
+def _merge(base: dict, override: dict) -> dict:
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_config(files: list[str | Path], base_dir: str | Path | None = None) -> dict:
+    """Read YAML config files (later ones override earlier ones, key by key) and validate."""
+    config: dict = {}
+    for file in files:
+        with open(file) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{file}: the config must be a mapping of keys to values")
+        _merge(config, data)
+    return validate_config(config, base_dir=base_dir)
+
+
+def dump(config: dict) -> str:
+    return json.dumps(config, indent=2, sort_keys=False)

@@ -1,0 +1,187 @@
+"""Every artifact path of the workflow, computed from the validated config in one place.
+
+The Snakefile, the rules and the CLI all ask :class:`Paths`; nothing else builds a path.
+Relative config paths stay relative (Snakemake resolves them against its working directory);
+:meth:`Paths.nnunet_env` gives the absolute ``nnUNet_raw`` / ``nnUNet_preprocessed`` /
+``nnUNet_results`` that every job sees, since nnU-Net reads them from the environment at import.
+
+Layout (defaults; ``<ds>`` = ``DatasetXXX_Name``)::
+
+    nnUNet_raw/<ds>/                     raw dataset (demo written here; a real one is linked here)
+    nnUNet_preprocessed/<ds>/            nnU-Net plans, fingerprint, splits_final.json,
+                                         <data_identifier>/<case>.b2nd, <case>_seg.b2nd, <case>.pkl
+    nnUNet_results/<ds>/<tr>__<plans>__<cfg>/fold_<f>/checkpoint_final.pth   teachers trained here
+    fastkd_work/<ds>/preprocess/<plans>__<cfg>.json   preprocessing manifest (cases, shapes, spacing)
+    fastkd_work/<ds>/teachers/<tr>__<plans>__<cfg>.json   teacher manifest (folds, checkpoint sha256)
+    fastkd_work/logs/<rule>/<wildcards>.log, fastkd_work/benchmarks/<rule>/<wildcards>.tsv
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+
+from fastkd.dataset import dataset_name, parse_dataset_name
+
+#: config name -> (nnU-Net experiment planner class, plans name it writes)
+PLANNERS = {
+    "default": ("ExperimentPlanner", "nnUNetPlans"),
+    "ResEncM": ("nnUNetPlannerResEncM", "nnUNetResEncUNetMPlans"),
+    "ResEncL": ("nnUNetPlannerResEncL", "nnUNetResEncUNetLPlans"),
+    "ResEncXL": ("nnUNetPlannerResEncXL", "nnUNetResEncUNetXLPlans"),
+}
+
+
+class Paths:
+    """Artifact paths for one validated config (see :func:`fastkd.config.validate_config`)."""
+
+    def __init__(self, config: dict):
+        self.config = config
+        p = config["paths"]
+        self.nnunet_raw = Path(p["nnunet_raw"])
+        self.nnunet_preprocessed = Path(p["nnunet_preprocessed"])
+        self.nnunet_results = Path(p["nnunet_results"])
+        self.work = Path(p["work"])
+
+    # -- dataset ---------------------------------------------------------------------------------
+    @property
+    def is_demo(self) -> bool:
+        return self.config["dataset"]["raw"] == "demo"
+
+    @cached_property
+    def dataset_name(self) -> str:
+        if self.is_demo:
+            demo = self.config["dataset"]["demo"]
+            return dataset_name(demo["id"], demo["name"])
+        return Path(self.config["dataset"]["raw"]).name
+
+    @property
+    def dataset_id(self) -> int:
+        return parse_dataset_name(self.dataset_name)[0]
+
+    @property
+    def raw_source(self) -> Path:
+        """Where the raw dataset really lives (the demo is written straight into nnUNet_raw)."""
+        return self.raw_dataset if self.is_demo else Path(self.config["dataset"]["raw"])
+
+    @property
+    def raw_dataset(self) -> Path:
+        """The dataset as nnU-Net sees it: ``nnUNet_raw/<ds>`` (a link to ``raw_source`` if external)."""
+        return self.nnunet_raw / self.dataset_name
+
+    @property
+    def raw_dataset_json(self) -> Path:
+        return self.raw_source / "dataset.json"
+
+    @cached_property
+    def case_ids(self) -> list[str]:
+        """Training cases, at parse time: the demo's from its config, a real dataset's from dataset.json."""
+        if self.is_demo:
+            from fastkd.demo_data import case_ids
+
+            return case_ids(self.config["dataset"]["demo"]["n_cases"])
+        from fastkd.dataset import raw_case_ids
+
+        return raw_case_ids(self.raw_source)
+
+    # -- plans and preprocessing -----------------------------------------------------------------
+    @property
+    def external_teachers(self) -> Path | None:
+        folder = self.config["teachers"]["model_folder"]
+        return None if folder is None else Path(folder)
+
+    @cached_property
+    def external_plans(self) -> dict | None:
+        if self.external_teachers is None:
+            return None
+        with open(self.external_teachers / "plans.json") as f:
+            return json.load(f)
+
+    @property
+    def planner_class(self) -> str | None:
+        """nnU-Net planner to run, or None when the plans come from an external teacher folder."""
+        return None if self.external_plans else PLANNERS[self.config["plans"]["planner"]][0]
+
+    @property
+    def plans_name(self) -> str:
+        if self.external_plans:
+            return self.external_plans["plans_name"]
+        return PLANNERS[self.config["plans"]["planner"]][1]
+
+    @property
+    def preprocessed_dataset(self) -> Path:
+        return self.nnunet_preprocessed / self.dataset_name
+
+    @property
+    def plans_file(self) -> Path:
+        return self.preprocessed_dataset / f"{self.plans_name}.json"
+
+    @property
+    def splits_file(self) -> Path:
+        return self.preprocessed_dataset / "splits_final.json"
+
+    def data_identifier(self, configuration: str) -> str:
+        """nnU-Net's preprocessed-data folder name for a configuration, known before planning.
+
+        Mirrors the planners' ``generate_data_identifier``: the default and ResEnc planners share
+        ``nnUNetPlans_<cfg>`` for 2d and 3d_fullres; 3d_lowres is ``<plans_name>_3d_lowres``.
+        """
+        if self.external_plans:
+            from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+            return PlansManager(self.external_plans).get_configuration(configuration).data_identifier
+        if configuration in ("2d", "3d_fullres"):
+            return f"nnUNetPlans_{configuration}"
+        return f"{self.plans_name}_{configuration}"
+
+    def preprocessed_case(self, configuration: str, case: str, seg: bool = False) -> Path:
+        """nnU-Net 2.8's blosc2 array of a preprocessed case (image, or ``_seg`` for the labels)."""
+        suffix = "_seg.b2nd" if seg else ".b2nd"
+        return self.preprocessed_dataset / self.data_identifier(configuration) / f"{case}{suffix}"
+
+    def preprocess_manifest(self, configuration: str) -> Path:
+        return self.work / self.dataset_name / "preprocess" / f"{self.plans_name}__{configuration}.json"
+
+    # -- teachers --------------------------------------------------------------------------------
+    @property
+    def teacher_folder_name(self) -> str:
+        t = self.config["teachers"]
+        if self.external_teachers is not None:
+            return self.external_teachers.name
+        return f"{t['trainer']}__{self.plans_name}__{t['configuration']}"
+
+    @property
+    def teacher_folder(self) -> Path:
+        if self.external_teachers is not None:
+            return self.external_teachers
+        return self.nnunet_results / self.dataset_name / self.teacher_folder_name
+
+    def teacher_checkpoint(self, fold: int | str) -> Path:
+        return self.teacher_folder / f"fold_{fold}" / self.config["teachers"]["checkpoint"]
+
+    def teacher_validation_summary(self, fold: int | str) -> Path:
+        return self.teacher_folder / f"fold_{fold}" / "validation" / "summary.json"
+
+    @property
+    def teacher_manifest(self) -> Path:
+        return self.work / self.dataset_name / "teachers" / f"{self.teacher_folder_name}.json"
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def log(self, rule: str, name: str = "all") -> Path:
+        return self.work / "logs" / rule / f"{self.dataset_name}__{name}.log"
+
+    def benchmark(self, rule: str, name: str = "all") -> Path:
+        return self.work / "benchmarks" / rule / f"{self.dataset_name}__{name}.tsv"
+
+    def nnunet_env(self) -> dict[str, str]:
+        """nnU-Net's folder variables, absolute, for ``os.environ`` of every job."""
+        return {
+            "nnUNet_raw": str(self.nnunet_raw.resolve()),
+            "nnUNet_preprocessed": str(self.nnunet_preprocessed.resolve()),
+            "nnUNet_results": str(self.nnunet_results.resolve()),
+        }
+
+    def export_nnunet_env(self) -> None:
+        os.environ.update(self.nnunet_env())

@@ -1,0 +1,146 @@
+"""Teacher ensemble: train nnU-Net folds here, or validate a folder of teachers trained elsewhere.
+
+Teachers are plain nnU-Net models. :func:`train_teacher` drives nnU-Net's own trainer class (stock
+``nnUNetTrainer`` by default, any trainer nnU-Net can find by name) with a schedule from the config,
+so the model folder is exactly what ``nnUNetv2_train`` writes and stock ``nnUNetv2_predict`` loads it.
+
+The teacher manifest (``fastkd_work/<ds>/teachers/<folder>.json``, written by
+:func:`write_manifest`) is what later stages depend on::
+
+    {"model_folder": abs path, "trainer": str, "plans_name": str, "configuration": str,
+     "data_identifier": str, "checkpoint": str, "labels": {...},
+     "folds": {"0": {"checkpoint": abs path, "sha256": hex, "bytes": int}, ...},
+     "fastkd_version": str, "nnunetv2_version": str}
+
+A changed checkpoint changes its sha256 and so the manifest's content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from fastkd.errors import FastkdError
+from fastkd.io import atomic_write_text, package_version
+
+
+class TeacherFolderError(FastkdError):
+    """An nnU-Net model folder lacks what the config asks of it; the message lists what was found."""
+
+
+def _found_folds(folder: Path) -> dict[str, list[str]]:
+    return {
+        d.name: sorted(p.name for p in d.iterdir() if p.suffix == ".pth")
+        for d in sorted(folder.glob("fold_*")) if d.is_dir()
+    }
+
+
+def validate_model_folder(folder: str | Path, configuration: str, folds: list[int], checkpoint: str) -> dict:
+    """Check an nnU-Net model folder holds plans, dataset.json and every fold's checkpoint.
+
+    Returns the folder's plans. Raises :class:`TeacherFolderError` naming what is missing and
+    listing what was found.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TeacherFolderError(f"{folder} is not a directory (expected an nnU-Net model folder "
+                                 "Trainer__Plans__configuration with plans.json, dataset.json and fold_X/)")
+    missing_files = [n for n in ("plans.json", "dataset.json") if not (folder / n).is_file()]
+    if missing_files:
+        present = sorted(p.name for p in folder.iterdir())
+        raise TeacherFolderError(f"{folder} lacks {', '.join(missing_files)} (found: {', '.join(present) or 'nothing'})")
+    with open(folder / "plans.json") as f:
+        plans = json.load(f)
+    if configuration not in plans.get("configurations", {}):
+        raise TeacherFolderError(
+            f"{folder}/plans.json has no configuration {configuration!r} "
+            f"(it has: {', '.join(plans.get('configurations', {})) or 'none'}); set teachers.configuration")
+    found = _found_folds(folder)
+    problems = [f"fold_{f}/{checkpoint}" for f in folds if checkpoint not in found.get(f"fold_{f}", [])]
+    if problems:
+        listing = "; ".join(f"{d}: {', '.join(c) or 'no checkpoint'}" for d, c in found.items()) or "no fold_X folders"
+        raise TeacherFolderError(f"{folder} is missing {', '.join(problems)} (found: {listing})")
+    return plans
+
+
+def sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: str | Path, configuration: str, folds: list[int], checkpoint: str, out: str | Path) -> dict:
+    """Validate the teacher folder and write its manifest (atomically) to ``out``."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    import fastkd
+
+    folder = Path(folder).resolve()
+    plans = validate_model_folder(folder, configuration, folds, checkpoint)
+    with open(folder / "dataset.json") as f:
+        dataset_json = json.load(f)
+    trainer = folder.name.split("__")[0]
+    manifest = {
+        "model_folder": str(folder),
+        "trainer": trainer,
+        "plans_name": plans["plans_name"],
+        "configuration": configuration,
+        "data_identifier": PlansManager(plans).get_configuration(configuration).data_identifier,
+        "checkpoint": checkpoint,
+        "labels": dataset_json["labels"],
+        "folds": {},
+        "fastkd_version": fastkd.__version__,
+        "nnunetv2_version": package_version("nnunetv2"),
+    }
+    for fold in folds:
+        ckpt = folder / f"fold_{fold}" / checkpoint
+        manifest["folds"][str(fold)] = {"checkpoint": str(ckpt), "sha256": sha256(ckpt), "bytes": ckpt.stat().st_size}
+    atomic_write_text(out, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def train_teacher(dataset: str | int, configuration: str, fold: int, plans_name: str, trainer_name: str = "nnUNetTrainer",
+                  epochs: int = 1000, iterations_per_epoch: int = 250, val_iterations_per_epoch: int = 50,
+                  batch_size: int | None = None, save_every: int = 10, device: str = "cpu",
+                  resume: bool = True) -> Path:
+    """Train one teacher fold with nnU-Net's trainer and run its final validation.
+
+    ``resume``: continue from ``checkpoint_latest.pth`` if a killed run left one (written every
+    ``save_every`` epochs), so a kill loses at most that many epochs. Returns the fold folder.
+    Needs the nnU-Net folder variables in ``os.environ`` (see :meth:`fastkd.paths.Paths.nnunet_env`).
+    """
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("teachers.device = 'cuda' but torch sees no CUDA GPU; use 'cpu' or run on a GPU node")
+
+    def make_trainer():
+        trainer = get_trainer_from_args(str(dataset), configuration, fold, trainer_name, plans_name,
+                                        device=torch.device(device))
+        trainer.num_epochs = epochs
+        trainer.num_iterations_per_epoch = iterations_per_epoch
+        trainer.num_val_iterations_per_epoch = val_iterations_per_epoch
+        trainer.save_every = save_every
+        if batch_size is not None:
+            # the trainer's private copy of the configuration: plans.json keeps the planned batch size
+            trainer.configuration_manager.configuration["batch_size"] = batch_size
+        return trainer
+
+    trainer = make_trainer()
+    latest = Path(trainer.output_folder) / "checkpoint_latest.pth"
+    if resume and latest.is_file():
+        try:
+            trainer.load_checkpoint(str(latest))
+            print(f"fastkd: resuming fold {fold} from {latest} at epoch {trainer.current_epoch}", file=sys.stderr)
+        except Exception as e:  # a kill during torch.save leaves a truncated file: start over
+            print(f"fastkd: cannot resume from {latest} ({e}); training fold {fold} from scratch", file=sys.stderr)
+            latest.unlink()
+            trainer = make_trainer()
+    trainer.run_training()
+    trainer.perform_actual_validation(save_probabilities=False)
+    return Path(trainer.output_folder)

@@ -1,0 +1,61 @@
+# Teacher ensemble: nnU-Net folds trained here (or an existing model folder), then its manifest.
+
+if TRAIN_TEACHERS:
+
+    rule train_teacher:
+        input:
+            manifest=P.preprocess_manifest(TEACHER_CFG),
+            splits=P.splits_file,
+        output:
+            checkpoint=P.teacher_checkpoint("{fold}"),
+            validation=P.teacher_validation_summary("{fold}"),
+        wildcard_constraints:
+            fold="[0-4]",
+        params:
+            dataset_id=P.dataset_id,
+            configuration=TEACHER_CFG,
+            plans=P.plans_name,
+            trainer=config["teachers"]["trainer"],
+            device=config["teachers"]["device"],
+            schedule=config["teachers"]["schedule"],
+            batch_size=(
+                f"--batch-size {config['teachers']['schedule']['batch_size']}"
+                if config["teachers"]["schedule"]["batch_size"]
+                else ""
+            ),
+        log:
+            P.log("train_teacher", "fold_{fold}"),
+        benchmark:
+            P.benchmark("train_teacher", "fold_{fold}")
+        threads: rule_resources("train_teacher")["threads"]
+        resources:
+            mem_mb=rule_resources("train_teacher")["mem_mb"],
+            runtime=rule_resources("train_teacher")["runtime"],
+            gpu=1 if config["teachers"]["device"] == "cuda" else 0,
+        shell:
+            "fastkd train-teacher -d {params.dataset_id} -c {params.configuration} -f {wildcards.fold}"
+            " -p {params.plans} -tr {params.trainer} --device {params.device}"
+            " --epochs {params.schedule[epochs]} --iterations {params.schedule[iterations_per_epoch]}"
+            " --val-iterations {params.schedule[val_iterations_per_epoch]} {params.batch_size}"
+            " --save-every {params.schedule[save_every]} --threads {threads} > {log} 2>&1"
+
+
+rule teacher_manifest:
+    input:
+        checkpoints=[P.teacher_checkpoint(f) for f in config["teachers"]["folds"]],
+    output:
+        manifest=P.teacher_manifest,
+    params:
+        folder=q(P.teacher_folder),
+        configuration=TEACHER_CFG,
+        folds=" ".join(map(str, config["teachers"]["folds"])),
+        checkpoint=config["teachers"]["checkpoint"],
+    log:
+        P.log("teacher_manifest"),
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "fastkd teachers {params.folder} -c {params.configuration} -f {params.folds}"
+        " -chk {params.checkpoint} -o {output.manifest} > {log} 2>&1"
