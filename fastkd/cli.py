@@ -58,6 +58,8 @@ def _cmd_plan_preprocess(args) -> None:
     from fastkd.preprocess import plan_preprocess
 
     _set_threads(args.num_processes)
+    # nnU-Net's planner sizes torch's thread pool by nnUNet_n_proc_DA and fails on 0
+    os.environ["nnUNet_n_proc_DA"] = str(max(int(os.environ["nnUNet_n_proc_DA"]), 1))
     plans = plan_preprocess(args.dataset_id, args.raw_source, args.configurations, args.manifests,
                             planner_class=args.planner, teacher_folder=args.plans_from,
                             num_processes=args.num_processes, gpu_memory_target_gb=args.gpu_memory_target)

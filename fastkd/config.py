@@ -165,7 +165,7 @@ def _semantic_problems(config: dict, base_dir: Path, check_files: bool) -> list[
         try:
             validate_model_folder(folder, teachers["configuration"], teachers["folds"], teachers["checkpoint"])
         except TeacherFolderError as e:
-            problems.append(f"teachers.model_folder = {teachers['model_folder']!r}: {e}")
+            problems.append(f"teachers.model_folder: {e}")
     return problems
 
 

@@ -34,6 +34,15 @@ PLANNERS = {
 }
 
 
+def plans_data_identifier(plans: dict, configuration: str) -> str:
+    """A plans file's data_identifier for a configuration, following ``inherits_from`` like nnU-Net."""
+    configurations = plans["configurations"]
+    cfg = configurations[configuration]
+    while "data_identifier" not in cfg and "inherits_from" in cfg:
+        cfg = configurations[cfg["inherits_from"]]
+    return cfg["data_identifier"]
+
+
 class Paths:
     """Artifact paths for one validated config (see :func:`fastkd.config.validate_config`)."""
 
@@ -129,9 +138,7 @@ class Paths:
         ``nnUNetPlans_<cfg>`` for 2d and 3d_fullres; 3d_lowres is ``<plans_name>_3d_lowres``.
         """
         if self.external_plans:
-            from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-            return PlansManager(self.external_plans).get_configuration(configuration).data_identifier
+            return plans_data_identifier(self.external_plans, configuration)
         if configuration in ("2d", "3d_fullres"):
             return f"nnUNetPlans_{configuration}"
         return f"{self.plans_name}_{configuration}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from fastkd.errors import FastkdError
@@ -85,6 +86,8 @@ def plan_preprocess(dataset_id: int, raw_source: Path, configurations: list[str]
         plans["dataset_name"] = ds_name
         plans_name = plans["plans_name"]
         atomic_write_text(preprocessed / f"{plans_name}.json", json.dumps(plans, indent=4) + "\n")
+        # what nnU-Net's planner would have copied for the preprocessor
+        shutil.copyfile(Path(nnUNet_raw) / ds_name / "dataset.json", preprocessed / "dataset.json")
     else:
         plans_name = plan_experiments([dataset_id], planner_class, gpu_memory_target_gb)
     plans_manager = PlansManager(str(preprocessed / f"{plans_name}.json"))

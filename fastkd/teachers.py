@@ -75,9 +75,8 @@ def sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def write_manifest(folder: str | Path, configuration: str, folds: list[int], checkpoint: str, out: str | Path) -> dict:
     """Validate the teacher folder and write its manifest (atomically) to ``out``."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     import fastkd
+    from fastkd.paths import plans_data_identifier
 
     folder = Path(folder).resolve()
     plans = validate_model_folder(folder, configuration, folds, checkpoint)
@@ -89,7 +88,7 @@ def write_manifest(folder: str | Path, configuration: str, folds: list[int], che
         "trainer": trainer,
         "plans_name": plans["plans_name"],
         "configuration": configuration,
-        "data_identifier": PlansManager(plans).get_configuration(configuration).data_identifier,
+        "data_identifier": plans_data_identifier(plans, configuration),
         "checkpoint": checkpoint,
         "labels": dataset_json["labels"],
         "folds": {},

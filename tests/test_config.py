@@ -1,0 +1,191 @@
+"""Config validation: defaults are filled, every bad value is rejected with key, value and what is valid."""
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fastkd.config import ConfigError, load_config, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def demo_config():
+    with open(REPO / "config.yaml") as f:
+        return yaml.safe_load(f)
+
+
+def test_repo_config_is_valid_and_complete(tmp_path):
+    config = validate_config(demo_config(), base_dir=tmp_path)
+    assert config["dataset"]["raw"] == "demo"
+    assert config["teachers"]["folds"] == [0, 1, 2, 3, 4]
+    assert config["distillation"]["temperature"] == 3.0
+
+
+def test_empty_config_gets_every_default(tmp_path):
+    config = validate_config({}, base_dir=tmp_path)
+    assert config["dataset"] == {"raw": "demo", "demo": {"id": 900, "name": "FastkdDemo", "n_cases": 12,
+                                                         "anisotropic": False, "seed": 0}}
+    assert config["paths"]["nnunet_results"] == "nnUNet_results"
+    assert config["teachers"]["schedule"] == {"epochs": 1000, "iterations_per_epoch": 250,
+                                              "val_iterations_per_epoch": 50, "batch_size": None, "save_every": 10}
+    assert config["resources"]["train_teacher"] == {"threads": 1, "mem_mb": 8000, "runtime": 1440}
+
+
+def test_partial_resources_block_keeps_the_other_defaults(tmp_path):
+    config = validate_config({"resources": {"train_teacher": {"threads": 4}}}, base_dir=tmp_path)
+    assert config["resources"]["train_teacher"] == {"threads": 4, "mem_mb": 8000, "runtime": 1440}
+    assert config["resources"]["plan_preprocess"]["threads"] == 2
+
+
+def test_defaults_do_not_leak_between_configs(tmp_path):
+    a = validate_config({}, base_dir=tmp_path)
+    a["teachers"]["folds"].append(99)
+    assert validate_config({}, base_dir=tmp_path)["teachers"]["folds"] == [0, 1, 2, 3, 4]
+
+
+# (override, words the message must contain: the key, the value, what is valid)
+BAD_VALUES = [
+    ({"distillation": {"temperature": 0}}, ["distillation.temperature", "0", "> 0"]),
+    ({"distillation": {"temperature": -1.5}}, ["distillation.temperature", "-1.5", "> 0"]),
+    ({"distillation": {"alpha": 1.2}}, ["distillation.alpha", "1.2", "<= 1"]),
+    ({"distillation": {"alpha": -0.1}}, ["distillation.alpha", "-0.1", ">= 0"]),
+    ({"distillation": {"reduction_factors": [0]}}, ["distillation.reduction_factors[0]", "0", ">= 1"]),
+    ({"distillation": {"reduction_factors": []}}, ["distillation.reduction_factors", "at least 1"]),
+    ({"teachers": {"folds": [0, 5]}}, ["teachers.folds[1]", "5", "<= 4"]),
+    ({"teachers": {"folds": [-1]}}, ["teachers.folds[0]", "-1", ">= 0"]),
+    ({"teachers": {"folds": [1, 1]}}, ["teachers.folds", "repeat"]),
+    ({"teachers": {"folds": []}}, ["teachers.folds", "at least 1"]),
+    ({"teachers": {"schedule": {"epochs": "10"}}}, ["teachers.schedule.epochs", "'10'", "expected integer"]),
+    ({"teachers": {"schedule": {"epochs": 0}}}, ["teachers.schedule.epochs", "0", ">= 1"]),
+    ({"teachers": {"schedule": {"batch_size": 1.5}}}, ["teachers.schedule.batch_size", "1.5", "integer or null"]),
+    ({"teachers": {"device": "gpu"}}, ["teachers.device", "'gpu'", "cpu, cuda, mps"]),
+    ({"teachers": {"checkpoint": "fold_0/x.pth"}}, ["teachers.checkpoint", "fold_0/x.pth", "pattern"]),
+    ({"teachers": {"trainer": "my trainer"}}, ["teachers.trainer", "'my trainer'", "pattern"]),
+    ({"plans": {"planner": "ResEncS"}}, ["plans.planner", "'ResEncS'", "default, ResEncM, ResEncL, ResEncXL"]),
+    ({"plans": {"configurations": ["3d"]}}, ["plans.configurations[0]", "'3d'", "2d, 3d_fullres, 3d_lowres"]),
+    ({"dataset": {"demo": {"n_cases": 3}}}, ["dataset.demo.n_cases", "3", ">= 5"]),
+    ({"dataset": {"demo": {"anisotropic": "yes"}}}, ["dataset.demo.anisotropic", "'yes'", "boolean"]),
+    ({"resources": {"train_teacher": {"threads": 0}}}, ["resources.train_teacher.threads", "0", ">= 1"]),
+    ({"temprature": 3}, ["'temprature'", "top level", "valid keys", "distillation"]),
+    ({"distillation": {"temprature": 3}}, ["'temprature'", "under 'distillation'", "temperature"]),
+    ({"teachers": {"schedule": {"epoch": 3}}}, ["'epoch'", "teachers.schedule", "epochs"]),
+]
+
+
+@pytest.mark.parametrize("override,words", BAD_VALUES, ids=[json.dumps(o) for o, _ in BAD_VALUES])
+def test_bad_value_is_rejected_naming_key_value_and_valid_range(tmp_path, override, words):
+    with pytest.raises(ConfigError) as info:
+        validate_config(override, base_dir=tmp_path)
+    message = str(info.value)
+    for word in words:
+        assert word in message, f"{word!r} missing from: {message}"
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        validate_config({"distillation": {"temperature": 0, "alpha": 2}}, base_dir=tmp_path)
+    assert "distillation.temperature" in str(info.value) and "distillation.alpha" in str(info.value)
+
+
+def test_missing_dataset_folder(tmp_path):
+    with pytest.raises(ConfigError, match=r"dataset.raw = '.*Dataset004_Missing'.*does not exist"):
+        validate_config({"dataset": {"raw": str(tmp_path / "Dataset004_Missing")}}, base_dir=tmp_path)
+
+
+def test_dataset_folder_without_dataset_json_lists_what_it_found(tmp_path):
+    folder = tmp_path / "Dataset004_Empty"
+    (folder / "imagesTr").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"no dataset.json .*found: imagesTr"):
+        validate_config({"dataset": {"raw": str(folder)}}, base_dir=tmp_path)
+
+
+def test_dataset_folder_must_be_named_like_nnunet(tmp_path):
+    folder = tmp_path / "hippocampus"
+    folder.mkdir()
+    (folder / "dataset.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"dataset.raw = .*DatasetXXX_Name"):
+        validate_config({"dataset": {"raw": str(folder)}}, base_dir=tmp_path)
+
+
+def test_relative_dataset_path_resolves_against_base_dir(tmp_path):
+    folder = tmp_path / "data" / "Dataset004_Tiny"
+    folder.mkdir(parents=True)
+    (folder / "dataset.json").write_text("{}")
+    validate_config({"dataset": {"raw": "data/Dataset004_Tiny"}}, base_dir=tmp_path)
+
+
+def test_teacher_configuration_must_be_preprocessed(tmp_path):
+    with pytest.raises(ConfigError, match=r"teachers.configuration = '2d'.*plans.configurations \['3d_fullres'\]"):
+        validate_config({"teachers": {"configuration": "2d"}}, base_dir=tmp_path)
+
+
+def make_teacher_folder(root: Path, folds, checkpoint="checkpoint_final.pth", configuration="3d_fullres") -> Path:
+    folder = root / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    folder.mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps({"plans_name": "nnUNetPlans", "configurations": {configuration: {}}}))
+    (folder / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1}}))
+    for f in folds:
+        (folder / f"fold_{f}").mkdir()
+        (folder / f"fold_{f}" / checkpoint).write_bytes(b"x")
+    return folder
+
+
+def test_external_teacher_folder_missing_fold_lists_what_was_found(tmp_path):
+    folder = make_teacher_folder(tmp_path, folds=[0, 1], checkpoint="checkpoint_best.pth")
+    (folder / "fold_1" / "checkpoint_final.pth").write_bytes(b"x")
+    with pytest.raises(ConfigError) as info:
+        validate_config({"teachers": {"model_folder": str(folder), "folds": [0, 1, 2]}}, base_dir=tmp_path)
+    message = str(info.value)
+    assert "teachers.model_folder" in message
+    assert "missing fold_0/checkpoint_final.pth, fold_2/checkpoint_final.pth" in message
+    assert "fold_0: checkpoint_best.pth" in message
+    assert "fold_1: checkpoint_best.pth, checkpoint_final.pth" in message
+
+
+def test_external_teacher_folder_without_plans(tmp_path):
+    folder = tmp_path / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    (folder / "fold_0").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"lacks plans.json, dataset.json \(found: fold_0\)"):
+        validate_config({"teachers": {"model_folder": str(folder), "folds": [0]}}, base_dir=tmp_path)
+
+
+def test_external_teacher_folder_without_the_configuration(tmp_path):
+    folder = make_teacher_folder(tmp_path, folds=[0], configuration="2d")
+    with pytest.raises(ConfigError, match=r"no configuration '3d_fullres' \(it has: 2d\)"):
+        validate_config({"teachers": {"model_folder": str(folder), "folds": [0]}}, base_dir=tmp_path)
+
+
+def test_external_teacher_folder_complete_is_accepted(tmp_path):
+    folder = make_teacher_folder(tmp_path, folds=[0, 3])
+    validate_config({"teachers": {"model_folder": str(folder), "folds": [0, 3]}}, base_dir=tmp_path)
+
+
+def test_load_config_merges_files_in_order(tmp_path):
+    override = tmp_path / "override.yaml"
+    override.write_text("teachers:\n  folds: [0, 1]\n  schedule:\n    epochs: 7\n")
+    config = load_config([REPO / "config.yaml", override], base_dir=tmp_path)
+    assert config["teachers"]["folds"] == [0, 1]
+    assert config["teachers"]["schedule"]["epochs"] == 7
+    assert config["teachers"]["schedule"]["iterations_per_epoch"] == demo_config()["teachers"]["schedule"]["iterations_per_epoch"]
+
+
+def test_cli_config_exits_nonzero_with_the_message(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**copy.deepcopy(demo_config()), "distillation": {"temperature": -2}}))
+    run = subprocess.run([sys.executable, "-m", "fastkd.cli", "config", str(bad)], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 1
+    assert "distillation.temperature = -2 (int): must be > 0" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_cli_config_prints_complete_config_and_paths(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "fastkd.cli", "config", str(REPO / "config.yaml"), "--paths"],
+                         capture_output=True, text=True, cwd=tmp_path, check=True)
+    printed = yaml.safe_load(run.stdout)
+    assert printed["teachers"]["checkpoint"] == "checkpoint_final.pth"
+    assert "# teacher fold 4: nnUNet_results/Dataset900_FastkdDemo/nnUNetTrainer__nnUNetPlans__3d_fullres/fold_4/checkpoint_final.pth" in run.stdout

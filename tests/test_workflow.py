@@ -1,0 +1,204 @@
+"""The Snakemake workflow: the dry-run DAG, config errors at parse time, and real tiny runs.
+
+Each test runs the real ``snakemake`` command on a copy of the workflow in a temporary directory.
+The ``slow`` tests preprocess the demo and train one tiny teacher fold for real (about 2 minutes on
+2 CPU cores), then load it with nnU-Net's predictor and run stock ``nnUNetv2_predict`` on it.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+HIPPOCAMPUS = REPO.parent / "shared" / "datasets" / "Dataset004_Hippocampus"
+BIN = Path(sys.executable).parent
+
+# A schedule small enough for CI: one epoch of two iterations, one validation iteration.
+TINY = {
+    "dataset": {"demo": {"n_cases": 5}},
+    "plans": {"num_processes": 1},
+    "teachers": {"folds": [0], "schedule": {"epochs": 1, "iterations_per_epoch": 2, "val_iterations_per_epoch": 1,
+                                            "batch_size": 2, "save_every": 1}},
+    "resources": {"plan_preprocess": {"threads": 1}, "train_teacher": {"threads": 2}},
+}
+
+
+def env():
+    e = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    return e
+
+
+def workdir(tmp_path: Path, override: dict | None = None, name: str = "wf") -> Path:
+    wd = tmp_path / name
+    wd.mkdir()
+    shutil.copy(REPO / "Snakefile", wd)
+    shutil.copy(REPO / "config.yaml", wd)
+    shutil.copytree(REPO / "workflow", wd / "workflow", ignore=shutil.ignore_patterns("__pycache__"))
+    (wd / "test.yaml").write_text(yaml.safe_dump(override or {}))
+    return wd
+
+
+def snakemake(wd: Path, *args, check=True) -> subprocess.CompletedProcess:
+    run = subprocess.run([str(BIN / "snakemake"), "--configfile", "test.yaml", *args], cwd=wd, env=env(),
+                         capture_output=True, text=True)
+    if check and run.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({run.returncode}):\n{run.stdout}\n{run.stderr}")
+    return run
+
+
+def job_counts(output: str) -> dict[str, int]:
+    table = output.split("Job stats:", 1)[1]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m.group(1) != "total"}
+
+
+def test_dry_run_dag_of_the_demo(tmp_path):
+    run = snakemake(workdir(tmp_path), "-n", "--cores", "2")
+    assert job_counts(run.stdout) == {"demo_data": 1, "plan_preprocess": 1, "train_teacher": 5,
+                                      "teacher_manifest": 1, "all": 1}
+    for fold in range(5):
+        assert f"fold_{fold}/checkpoint_final.pth" in run.stdout
+
+
+def test_dry_run_named_targets_and_fold_subset(tmp_path):
+    wd = workdir(tmp_path, {"teachers": {"folds": [1, 3]}})
+    assert job_counts(snakemake(wd, "-n", "--cores", "1", "preprocessed").stdout) == {
+        "demo_data": 1, "plan_preprocess": 1, "preprocessed": 1}
+    counts = job_counts(snakemake(wd, "-n", "--cores", "1", "teachers").stdout)
+    assert counts == {"demo_data": 1, "plan_preprocess": 1, "train_teacher": 2, "teacher_manifest": 1, "teachers": 1}
+
+
+def test_dry_run_declares_every_preprocessed_case(tmp_path):
+    wd = workdir(tmp_path, {"dataset": {"demo": {"n_cases": 7}}, "plans": {"configurations": ["3d_fullres", "2d"]}})
+    run = snakemake(wd, "-n", "--cores", "1", "preprocessed")
+    for cfg in ("3d_fullres", "2d"):
+        for i in range(7):
+            assert f"nnUNetPlans_{cfg}/demo_{i:03d}.b2nd" in run.stdout
+            assert f"nnUNetPlans_{cfg}/demo_{i:03d}_seg.b2nd" in run.stdout
+
+
+def test_bad_config_stops_snakemake_before_any_job(tmp_path):
+    wd = workdir(tmp_path, {"distillation": {"alpha": 1.5}, "teachers": {"folds": [0, 7]}})
+    run = snakemake(wd, "--cores", "1", check=False)
+    assert run.returncode != 0
+    assert "distillation.alpha = 1.5 (float): must be <= 1" in run.stderr
+    assert "teachers.folds[1] = 7 (int): must be <= 4" in run.stderr
+    assert not (wd / "nnUNet_raw").exists() and not (wd / "fastkd_work").exists()
+
+
+def test_hippocampus_dag_takes_cases_from_dataset_json(tmp_path):
+    assert HIPPOCAMPUS.is_dir(), f"real data expected at {HIPPOCAMPUS} (see ../shared/README.md)"
+    wd = workdir(tmp_path, {"dataset": {"raw": str(HIPPOCAMPUS)}})
+    run = snakemake(wd, "-n", "--cores", "2")
+    assert job_counts(run.stdout) == {"plan_preprocess": 1, "train_teacher": 5, "teacher_manifest": 1, "all": 1}
+    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (HIPPOCAMPUS / "imagesTr").glob("*_0000.nii.gz"))
+    assert len(cases) == 200
+    for case in cases:
+        assert f"Dataset004_Hippocampus/nnUNetPlans_3d_fullres/{case}.b2nd" in run.stdout
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One real run: demo data -> nnU-Net plan/preprocess -> one tiny teacher fold -> manifest."""
+    wd = workdir(tmp_path_factory.mktemp("trained"), TINY)
+    snakemake(wd, "--cores", "2", "teachers")
+    return wd
+
+
+@pytest.mark.slow
+def test_real_run_writes_nnunet_artifacts_and_manifests(trained):
+    ds = "Dataset900_FastkdDemo"
+    manifest = json.loads((trained / "fastkd_work" / ds / "preprocess" / "nnUNetPlans__3d_fullres.json").read_text())
+    assert sorted(manifest["cases"]) == [f"demo_{i:03d}" for i in range(5)]
+    assert all(c["shape"] == [1, 32, 40, 32] for c in manifest["cases"].values())
+    assert manifest["spacing"] == [1.0, 1.0, 1.0] and manifest["data_identifier"] == "nnUNetPlans_3d_fullres"
+    splits = json.loads((trained / "nnUNet_preprocessed" / ds / "splits_final.json").read_text())
+    assert len(splits) == 5 and sorted(sum((s["val"] for s in splits), [])) == sorted(manifest["cases"])
+
+    folder = trained / "nnUNet_results" / ds / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    teachers = json.loads((trained / "fastkd_work" / ds / "teachers" / f"{folder.name}.json").read_text())
+    assert list(teachers["folds"]) == ["0"]
+    assert teachers["folds"]["0"]["sha256"] == sha256(folder / "fold_0" / "checkpoint_final.pth")
+    assert teachers["plans_name"] == "nnUNetPlans" and teachers["labels"] == {"background": 0, "organ": 1, "lesion": 2}
+    summary = json.loads((folder / "fold_0" / "validation" / "summary.json").read_text())
+    assert set(summary["mean"]) == {"1", "2"}
+    # the schedule override reached nnU-Net: one epoch, and plans.json keeps the planned batch size
+    log = next((folder / "fold_0").glob("training_log_*.txt")).read_text()
+    assert "Epoch 0" in log and "Epoch 1" not in log
+    assert (folder / "fold_0" / "progress.png").is_file()
+
+    # nothing left to do: every output is complete and up to date
+    assert "Nothing to be done" in snakemake(trained, "-n", "--cores", "1", "teachers").stdout
+
+
+@pytest.mark.slow
+def test_trained_teacher_loads_in_nnunet_predictor_and_stock_cli(trained, tmp_path):
+    import nibabel as nib
+
+    ds = "Dataset900_FastkdDemo"
+    image = trained / "nnUNet_raw" / ds / "imagesTr" / "demo_001_0000.nii.gz"
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(image, inputs)
+    e = env()
+    for key, sub in (("nnUNet_raw", "nnUNet_raw"), ("nnUNet_preprocessed", "nnUNet_preprocessed"),
+                     ("nnUNet_results", "nnUNet_results")):
+        e[key] = str(trained / sub)
+    e.update(nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0")
+    subprocess.run([str(BIN / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(tmp_path / "out"), "-d", "900",
+                    "-c", "3d_fullres", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"],
+                   env=e, check=True, capture_output=True, text=True)
+    seg = nib.load(tmp_path / "out" / "demo_001.nii.gz")
+    assert seg.shape == nib.load(image).shape
+    assert set(map(int, set(seg.get_fdata().ravel().tolist()))) <= {0, 1, 2}
+
+    code = f"""
+import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+p = nnUNetPredictor(device=torch.device('cpu'), use_mirroring=False, perform_everything_on_device=False)
+p.initialize_from_trained_model_folder({str(trained / 'nnUNet_results' / ds / 'nnUNetTrainer__nnUNetPlans__3d_fullres')!r},
+                                       use_folds=(0,), checkpoint_name='checkpoint_final.pth')
+logits = p.predict_sliding_window_return_logits(torch.zeros(1, 32, 40, 32))
+assert tuple(logits.shape) == (3, 32, 40, 32), logits.shape
+print('ok', p.trainer_name)
+"""
+    run = subprocess.run([sys.executable, "-c", code], env=e, check=True, capture_output=True, text=True)
+    assert "ok nnUNetTrainer" in run.stdout
+
+
+@pytest.mark.slow
+def test_teachers_trained_elsewhere_are_validated_and_reused(trained, tmp_path):
+    ds = "Dataset900_FastkdDemo"
+    folder = trained / "nnUNet_results" / ds / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    raw = trained / "nnUNet_raw" / ds
+
+    missing = workdir(tmp_path, {"dataset": {"raw": str(raw)}, "teachers": {"model_folder": str(folder), "folds": [0, 1]}},
+                      name="missing")
+    run = snakemake(missing, "-n", "--cores", "1", check=False)
+    assert run.returncode != 0
+    assert "missing fold_1/checkpoint_final.pth (found: fold_0: checkpoint_best.pth, checkpoint_final.pth)" in run.stdout + run.stderr
+
+    wd = workdir(tmp_path, {"dataset": {"raw": str(raw)}, "plans": {"num_processes": 1},
+                            "teachers": {"model_folder": str(folder), "folds": [0]}}, name="reuse")
+    assert job_counts(snakemake(wd, "-n", "--cores", "1").stdout) == {"plan_preprocess": 1, "teacher_manifest": 1, "all": 1}
+    snakemake(wd, "--cores", "1")
+    manifest = json.loads((wd / "fastkd_work" / ds / "teachers" / f"{folder.name}.json").read_text())
+    assert manifest["model_folder"] == str(folder)
+    assert manifest["folds"]["0"]["sha256"] == sha256(folder / "fold_0" / "checkpoint_final.pth")
+    # preprocessing used the teachers' own plans, not a fresh plan
+    plans = json.loads((wd / "nnUNet_preprocessed" / ds / "nnUNetPlans.json").read_text())
+    teacher_plans = json.loads((folder / "plans.json").read_text())
+    assert plans["configurations"] == teacher_plans["configurations"]
+    assert (wd / "nnUNet_raw" / ds).is_symlink() and (wd / "nnUNet_raw" / ds).resolve() == raw.resolve()
