@@ -202,3 +202,34 @@ def test_teachers_trained_elsewhere_are_validated_and_reused(trained, tmp_path):
     teacher_plans = json.loads((folder / "plans.json").read_text())
     assert plans["configurations"] == teacher_plans["configurations"]
     assert (wd / "nnUNet_raw" / ds).is_symlink() and (wd / "nnUNet_raw" / ds).resolve() == raw.resolve()
+
+
+@pytest.mark.slow
+def test_killed_teacher_resumes_from_its_latest_checkpoint(trained):
+    """SIGKILL after the first epoch's checkpoint; the rerun continues at epoch 1, not from scratch."""
+    import signal
+    import time
+
+    import torch
+
+    e = env()
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        e[key] = str(trained / key)
+    command = [str(BIN / "fastkd"), "train-teacher", "-d", "900", "-c", "3d_fullres", "-f", "1", "--epochs", "3",
+               "--iterations", "2", "--val-iterations", "1", "--batch-size", "2", "--save-every", "1", "--threads", "1"]
+    fold = trained / "nnUNet_results" / "Dataset900_FastkdDemo" / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_1"
+    job = subprocess.Popen(command, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    # nnU-Net writes checkpoint_latest.pth at the end of epoch 0, before it logs "Epoch 1"
+    while not any("Epoch 1" in p.read_text() for p in fold.glob("training_log_*.txt")):
+        assert job.poll() is None and time.time() < deadline, "training ended or stalled before epoch 1"
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert (fold / "checkpoint_latest.pth").is_file() and not (fold / "checkpoint_final.pth").exists()
+
+    rerun = subprocess.run(command, env=e, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming fold 1 from" in rerun.stderr and "at epoch 1" in rerun.stderr
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 3 and final["trainer_name"] == "nnUNetTrainer"
