@@ -45,9 +45,10 @@ def _cmd_config(args) -> None:
             print(f"# {key}: {value}")
 
 
-def _set_threads(threads: int) -> None:
+def _set_threads(threads: int, min_da_workers: int = 0) -> None:
     """Bound every pool nnU-Net starts by the job's threads (unless the user set them explicitly)."""
-    os.environ.setdefault("nnUNet_n_proc_DA", str(max(threads - 1, 0)))
+    da_workers = int(os.environ.setdefault("nnUNet_n_proc_DA", str(max(threads - 1, 0))))
+    os.environ["nnUNet_n_proc_DA"] = str(max(da_workers, min_da_workers))
     os.environ.setdefault("nnUNet_def_n_proc", str(threads))
     import torch
 
@@ -57,9 +58,8 @@ def _set_threads(threads: int) -> None:
 def _cmd_plan_preprocess(args) -> None:
     from fastkd.preprocess import plan_preprocess
 
-    _set_threads(args.num_processes)
     # nnU-Net's planner sizes torch's thread pool by nnUNet_n_proc_DA and fails on 0
-    os.environ["nnUNet_n_proc_DA"] = str(max(int(os.environ["nnUNet_n_proc_DA"]), 1))
+    _set_threads(args.num_processes, min_da_workers=1)
     plans = plan_preprocess(args.dataset_id, args.raw_source, args.configurations, args.manifests,
                             planner_class=args.planner, teacher_folder=args.plans_from,
                             num_processes=args.num_processes, gpu_memory_target_gb=args.gpu_memory_target)

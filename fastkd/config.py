@@ -10,7 +10,6 @@ exists, the teacher configuration is preprocessed, an external teacher folder ho
 from __future__ import annotations
 
 import copy
-import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -189,6 +188,3 @@ def load_config(files: list[str | Path], base_dir: str | Path | None = None) -> 
         _merge(config, data)
     return validate_config(config, base_dir=base_dir)
 
-
-def dump(config: dict) -> str:
-    return json.dumps(config, indent=2, sort_keys=False)

@@ -69,7 +69,7 @@ def plan_preprocess(dataset_id: int, raw_source: Path, configurations: list[str]
     from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from fastkd.dataset import dataset_name as make_name, parse_dataset_name
+    from fastkd.dataset import dataset_name as make_name, parse_dataset_name, raw_case_ids
 
     raw_source = Path(raw_source)
     _, name = parse_dataset_name(raw_source.name)
@@ -98,26 +98,22 @@ def plan_preprocess(dataset_id: int, raw_source: Path, configurations: list[str]
             f"(nnU-Net planned: {', '.join(plans_manager.available_configurations)}; 3d_lowres only exists "
             "when the 3d_fullres patch cannot cover the median case)")
     preprocess([dataset_id], plans_name, configurations, [num_processes], verbose=False)
-    cases = _write_splits(preprocessed)
+    # the raw dataset's cases, listed by nnU-Net (gt_segmentations/ keeps files of removed cases)
+    cases = raw_case_ids(Path(nnUNet_raw) / ds_name)
+    _write_splits(preprocessed, cases)
     for configuration, manifest in zip(configurations, manifests):
         write_manifest(preprocessed, plans_manager, configuration, cases, Path(manifest))
     return plans_name
 
 
-def _write_splits(preprocessed: Path) -> list[str]:
+def _write_splits(preprocessed: Path, cases: list[str]) -> None:
     """nnU-Net's default split, made the way ``nnUNetTrainer.do_split`` makes it, if none exists."""
     from nnunetv2.utilities.crossval_split import generate_crossval_split
 
-    with open(preprocessed / "dataset.json") as f:
-        dataset_json = json.load(f)
-    gt = preprocessed / "gt_segmentations"
-    cases = sorted(p.name[: -len(dataset_json["file_ending"])] for p in gt.iterdir()
-                   if p.name.endswith(dataset_json["file_ending"]))
     splits_file = preprocessed / "splits_final.json"
     if not splits_file.is_file():
-        splits = generate_crossval_split(cases, seed=12345, n_splits=5)
+        splits = generate_crossval_split(sorted(cases), seed=12345, n_splits=5)
         atomic_write_text(splits_file, json.dumps(splits, indent=4) + "\n")
-    return cases
 
 
 def write_manifest(preprocessed: Path, plans_manager, configuration: str, cases: list[str], out: Path) -> dict:

@@ -116,7 +116,7 @@ def train_teacher(dataset: str | int, configuration: str, fold: int, plans_name:
     from nnunetv2.run.run_training import get_trainer_from_args
 
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("teachers.device = 'cuda' but torch sees no CUDA GPU; use 'cpu' or run on a GPU node")
+        raise FastkdError("teachers.device = 'cuda' but torch sees no CUDA GPU; use 'cpu' or run on a GPU node")
 
     def make_trainer():
         trainer = get_trainer_from_args(str(dataset), configuration, fold, trainer_name, plans_name,
