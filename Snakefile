@@ -11,6 +11,7 @@ configfile: "config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/teachers.smk"
+include: "workflow/rules/softlabels.smk"
 
 
 rule all:
@@ -28,3 +29,8 @@ rule preprocessed:
 rule teachers:
     input:
         teacher_targets(),
+
+
+rule softlabels:
+    input:
+        softlabel_targets(),

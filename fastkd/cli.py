@@ -8,6 +8,7 @@ job. Heavy imports (torch, nnU-Net) happen inside the subcommands, so ``fastkd -
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -88,6 +89,63 @@ def _cmd_teachers(args) -> None:
         print(f"wrote {args.output} ({len(manifest['folds'])} folds)")
 
 
+def _cmd_softlabels(args) -> None:
+    from fastkd.softlabels import fill_cache
+
+    _set_threads(args.threads)
+    shard, n_shards = args.shard
+    summary = fill_cache(args.output, args.teachers, args.preprocess_manifest, args.temperature, weights=args.weights,
+                         step_size=args.step_size, mirroring=not args.disable_mirroring, dtype=args.dtype,
+                         n_shards=n_shards, shard=shard, device=args.device, marker=args.marker)
+    print(f"shard {shard + 1}/{n_shards}: computed {len(summary['computed'])} cases, kept {len(summary['skipped'])} "
+          f"already cached, {summary['teacher_forwards']} teacher forwards in {summary['seconds']:.1f} s -> {args.output}")
+
+
+def _cmd_cache_finalize(args) -> None:
+    from fastkd.softlabels import finalize_cache
+
+    root = finalize_cache(args.store, args.preprocess_manifest)
+    print(f"{args.store}: complete, {len(root['cases'])} cases")
+
+
+def _cmd_cache_info(args) -> None:
+    from fastkd.cache import format_info, info
+
+    report = info(args.store)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_info(report, list_cases=args.cases))
+
+
+def _cmd_cache_verify(args) -> None:
+    from fastkd.cache import verify
+
+    problems = verify(args.store, args.preprocessed)
+    if problems:
+        raise FastkdError(f"{args.store}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+    print(f"{args.store}: every chunk of every case read back: checksums, values, sums and shapes OK")
+
+
+def _cmd_cache_show(args) -> None:
+    from fastkd.cache import show
+
+    out = args.output or Path(f"{args.case}_softlabels.png")
+    show(args.store, args.case, out, args.preprocessed, axis=args.axis, index=args.slice)
+    print(f"wrote {out}")
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """``I/N`` (1-based shard I of N) -> (I - 1, N)."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected I/N, e.g. 1/4") from None
+    if not 1 <= i <= n:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 1 <= I <= N")
+    return i - 1, n
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fastkd import __version__
 
@@ -145,6 +203,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
     p.add_argument("-o", "--output", type=Path, default=None, help="write the teacher manifest JSON here")
     p.set_defaults(func=_cmd_teachers)
+
+    p = sub.add_parser("softlabels", help="run the teacher folds once per case into the soft-label cache (one shard)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the cache store (*.zarr)")
+    p.add_argument("-t", "--teachers", type=Path, nargs="+", required=True,
+                   help="teacher manifest(s) written by `fastkd teachers -o` (one per teacher folder)")
+    p.add_argument("-w", "--weights", type=float, nargs="+", default=None,
+                   help="ensemble weight per teacher manifest (default: equal)")
+    p.add_argument("-m", "--preprocess-manifest", type=Path, required=True,
+                   help="manifest of the preprocessed configuration (`fastkd plan-preprocess`): cases and shapes")
+    p.add_argument("-T", "--temperature", type=float, default=3.0, help="softmax temperature (default 3.0)")
+    p.add_argument("--step-size", type=float, default=0.5, help="sliding-window step, fraction of the patch (0.5)")
+    p.add_argument("--disable-mirroring", action="store_true", help="no test-time mirroring (1 pass per tile)")
+    p.add_argument("--dtype", choices=["uint8", "float16"], default="uint8", help="stored dtype (default uint8)")
+    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N", help="compute shard I of N (default 1/1)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
+    p.add_argument("--marker", type=Path, default=None, help="write the shard's summary JSON here when done")
+    p.set_defaults(func=_cmd_softlabels)
+
+    p = sub.add_parser("cache", help="inspect, verify, view or finalize a soft-label cache")
+    cache_sub = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    c = cache_sub.add_parser("info", help="cases, shapes, dtype, bytes on disk, compression, provenance, completeness")
+    c.add_argument("store", type=Path)
+    c.add_argument("--cases", action="store_true", help="also list every case")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.set_defaults(func=_cmd_cache_info)
+    c = cache_sub.add_parser("verify", help="read every chunk: checksums, finite, sums to one, shapes; exit 1 naming bad cases")
+    c.add_argument("store", type=Path)
+    c.add_argument("--preprocessed", type=Path, default=None,
+                   help="folder of the preprocessed <case>.b2nd (default: the one recorded in the cache)")
+    c.set_defaults(func=_cmd_cache_verify)
+    c = cache_sub.add_parser("show", help="PNG of one slice: image, label, soft labels per class")
+    c.add_argument("store", type=Path)
+    c.add_argument("case")
+    c.add_argument("-o", "--output", type=Path, default=None, help="PNG to write (default <case>_softlabels.png)")
+    c.add_argument("--axis", type=int, choices=[0, 1, 2], default=2, help="slice perpendicular to this axis (2)")
+    c.add_argument("--slice", type=int, default=None, help="slice index (default: most foreground)")
+    c.add_argument("--preprocessed", type=Path, default=None, help="folder of the preprocessed <case>.b2nd")
+    c.set_defaults(func=_cmd_cache_show)
+    c = cache_sub.add_parser("finalize", help="check every case is in the store, then write its root (complete)")
+    c.add_argument("store", type=Path)
+    c.add_argument("-m", "--preprocess-manifest", type=Path, required=True)
+    c.set_defaults(func=_cmd_cache_finalize)
     return parser
 
 
@@ -160,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except FastkdError as e:
-        print(f"fastkd {args.command}: error: {e}", file=sys.stderr)
+        command = " ".join(filter(None, [args.command, getattr(args, "cache_command", None)]))
+        print(f"fastkd {command}: error: {e}", file=sys.stderr)
         return 1
     return 0
 

@@ -50,6 +50,9 @@ def fill_defaults(instance: Any, schema: dict, root: dict | None = None) -> Any:
     """
     root = schema if root is None else root
     schema = _resolve(schema, root)
+    if isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        for item in instance:
+            fill_defaults(item, schema["items"], root)
     if not isinstance(instance, dict):
         return instance
     for key, sub in schema.get("properties", {}).items():
@@ -59,11 +62,30 @@ def fill_defaults(instance: Any, schema: dict, root: dict | None = None) -> Any:
                 instance[key] = copy.deepcopy(sub["default"])
             else:
                 continue
+        elif isinstance(instance[key], str):
+            instance[key] = _coerce(instance[key], sub)
         elif isinstance(instance[key], dict) and isinstance(sub.get("default"), dict):
             for dkey, dval in sub["default"].items():
                 instance[key].setdefault(dkey, copy.deepcopy(dval))
         fill_defaults(instance[key], sub, root)
     return instance
+
+
+def _coerce(value: str, schema: dict):
+    """A string where the schema wants a number or boolean, as Snakemake's ``--config key=value`` passes
+    nested values (``--config "distillation={'temperature': 2}"`` gives '2'): parse it as YAML."""
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    wanted = {"number": (int, float), "integer": (int,), "boolean": (bool,)}
+    if "string" in types or not any(t in wanted for t in types):
+        return value
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    ok = any(isinstance(parsed, wanted[t]) and (t == "boolean" or not isinstance(parsed, bool))
+             for t in types if t in wanted)
+    return parsed if ok else value
 
 
 def _key_name(path) -> str:
@@ -165,6 +187,53 @@ def _semantic_problems(config: dict, base_dir: Path, check_files: bool) -> list[
             validate_model_folder(folder, teachers["configuration"], teachers["folds"], teachers["checkpoint"])
         except TeacherFolderError as e:
             problems.append(f"teachers.model_folder: {e}")
+    if not problems:
+        problems += _softlabel_problems(config, base_dir, check_files)
+    return problems
+
+
+def _softlabel_problems(config: dict, base_dir: Path, check_files: bool) -> list[str]:
+    """Extra teacher folders exist and share the teachers' preprocessed grid; no more shards than cases."""
+    from fastkd.dataset import raw_case_ids
+    from fastkd.paths import Paths, plans_data_identifier
+    from fastkd.teachers import TeacherFolderError, validate_model_folder
+
+    def resolve(path) -> Path:
+        return base_dir / path  # an absolute path stays itself
+
+    problems = []
+    teachers = config["teachers"]
+    names = [s["name"] for s in Paths(config).teacher_sets]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        problems.append(f"teachers.extra: teacher folders need distinct names (their manifests are named after "
+                        f"them); repeated: {', '.join(repeated)}")
+    if not check_files:
+        return problems
+    if teachers["extra"]:
+        main = {**teachers, "model_folder": str(resolve(teachers["model_folder"]))} if teachers["model_folder"] else teachers
+        grid = Paths({**config, "teachers": main}).data_identifier(teachers["configuration"])
+    for i, extra in enumerate(teachers["extra"]):
+        configuration = extra["configuration"] or teachers["configuration"]
+        try:
+            plans = validate_model_folder(resolve(extra["model_folder"]), configuration, extra["folds"],
+                                          extra["checkpoint"])
+        except TeacherFolderError as e:
+            problems.append(f"teachers.extra[{i}].model_folder: {e}")
+            continue
+        theirs = plans_data_identifier(plans, configuration)
+        if theirs != grid:
+            problems.append(f"teachers.extra[{i}].model_folder: preprocessed as {theirs!r}, the teachers as {grid!r}; "
+                            "the teachers of one soft-label cache must share the preprocessed grid")
+    raw = config["dataset"]["raw"]
+    try:
+        n_cases = config["dataset"]["demo"]["n_cases"] if raw == "demo" else len(raw_case_ids(resolve(raw)))
+    except (KeyError, ValueError, OSError) as e:
+        return problems + [f"dataset.raw = {raw!r}: cannot list its training cases ({type(e).__name__}: {e}); "
+                           "dataset.json needs file_ending, channel_names and labels, imagesTr/ the images"]
+    if config["softlabels"]["shards"] > n_cases:
+        problems.append(f"softlabels.shards = {config['softlabels']['shards']}: more soft-label jobs than training "
+                        f"cases ({n_cases}); use 1-{n_cases}")
     return problems
 
 

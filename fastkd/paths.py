@@ -12,12 +12,17 @@ Layout (defaults; ``<ds>`` = ``DatasetXXX_Name``)::
                                          <data_identifier>/<case>.b2nd, <case>_seg.b2nd, <case>.pkl
     nnUNet_results/<ds>/<tr>__<plans>__<cfg>/fold_<f>/checkpoint_final.pth   teachers trained here
     fastkd_work/<ds>/preprocess/<plans>__<cfg>.json   preprocessing manifest (cases, shapes, spacing)
-    fastkd_work/<ds>/teachers/<tr>__<plans>__<cfg>.json   teacher manifest (folds, checkpoint sha256)
+    fastkd_work/<ds>/teachers/<folder name>.json          teacher manifest per teacher folder (folds, sha256)
+    fastkd_work/<ds>/softlabels/<cfg>__T<T>__<mirror|nomirror>__step<s>__<dtype>__teachers-<id>.zarr
+                                         the soft-label cache (layout: fastkd.cache); <id> hashes the
+                                         teacher set (folders, folds, checkpoint names, weights)
+        ... .shards/shard-<i>-of-<n>.json   what each soft-label job wrote; ... .preview.png
     fastkd_work/logs/<rule>/<wildcards>.log, fastkd_work/benchmarks/<rule>/<wildcards>.tsv
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from functools import cached_property
@@ -173,7 +178,64 @@ class Paths:
 
     @property
     def teacher_manifest(self) -> Path:
-        return self.work / self.dataset_name / "teachers" / f"{self.teacher_folder_name}.json"
+        return self.teacher_manifest_of(self.teacher_folder_name)
+
+    def teacher_manifest_of(self, name: str) -> Path:
+        return self.work / self.dataset_name / "teachers" / f"{name}.json"
+
+    @cached_property
+    def teacher_sets(self) -> list[dict]:
+        """Every teacher folder of the soft-label ensemble: the teachers, then ``teachers.extra``.
+
+        Each: ``name`` (folder name, also its manifest's), ``folder``, ``configuration``, ``folds``,
+        ``checkpoint``, ``weight``.
+        """
+        t = self.config["teachers"]
+        sets = [{"name": self.teacher_folder_name, "folder": self.teacher_folder, "configuration": t["configuration"],
+                 "folds": t["folds"], "checkpoint": t["checkpoint"], "weight": t["weight"]}]
+        for extra in t["extra"]:
+            folder = Path(extra["model_folder"])
+            sets.append({"name": folder.name, "folder": folder,
+                         "configuration": extra["configuration"] or t["configuration"], "folds": extra["folds"],
+                         "checkpoint": extra["checkpoint"], "weight": extra["weight"]})
+        return sets
+
+    @property
+    def teacher_set_id(self) -> str:
+        """Eight hex digits naming the teacher set (folders, configurations, folds, checkpoints, weights).
+
+        A retrained checkpoint keeps the id: its new sha256 reaches the cache through the teacher
+        manifest (a newer input reruns the soft-label jobs, which recompute every case whose recorded
+        checkpoint hashes differ).
+        """
+        key = [[str(s["folder"]), s["configuration"], sorted(s["folds"]), s["checkpoint"], float(s["weight"])]
+               for s in self.teacher_sets]
+        return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:8]
+
+    # -- soft-label cache ------------------------------------------------------------------------
+    @property
+    def softlabel_name(self) -> str:
+        s = self.config["softlabels"]
+        mirror = "mirror" if s["mirroring"] else "nomirror"
+        return (f"{self.config['teachers']['configuration']}__T{self.config['distillation']['temperature']:g}"
+                f"__{mirror}__step{s['step_size']:g}__{s['dtype']}__teachers-{self.teacher_set_id}")
+
+    @property
+    def softlabel_cache(self) -> Path:
+        return self.work / self.dataset_name / "softlabels" / f"{self.softlabel_name}.zarr"
+
+    @property
+    def softlabel_cache_root(self) -> Path:
+        """The store's root ``zarr.json``: written last, by the finalize job, once every case is in."""
+        return self.softlabel_cache / "zarr.json"
+
+    def softlabel_shard(self, shard: int | str) -> Path:
+        n = self.config["softlabels"]["shards"]
+        return self.work / self.dataset_name / "softlabels" / f"{self.softlabel_name}.shards" / f"shard-{shard}-of-{n}.json"
+
+    @property
+    def softlabel_preview(self) -> Path:
+        return self.work / self.dataset_name / "softlabels" / f"{self.softlabel_name}.preview.png"
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def log(self, rule: str, name: str = "all") -> Path:

@@ -60,7 +60,7 @@ BAD_VALUES = [
     ({"teachers": {"folds": [-1]}}, ["teachers.folds[0]", "-1", ">= 0"]),
     ({"teachers": {"folds": [1, 1]}}, ["teachers.folds", "repeat"]),
     ({"teachers": {"folds": []}}, ["teachers.folds", "at least 1"]),
-    ({"teachers": {"schedule": {"epochs": "10"}}}, ["teachers.schedule.epochs", "'10'", "expected integer"]),
+    ({"teachers": {"schedule": {"epochs": "ten"}}}, ["teachers.schedule.epochs", "'ten'", "expected integer"]),
     ({"teachers": {"schedule": {"epochs": 0}}}, ["teachers.schedule.epochs", "0", ">= 1"]),
     ({"teachers": {"schedule": {"batch_size": 1.5}}}, ["teachers.schedule.batch_size", "1.5", "integer or null"]),
     ({"teachers": {"device": "gpu"}}, ["teachers.device", "'gpu'", "cpu, cuda, mps"]),
@@ -69,7 +69,7 @@ BAD_VALUES = [
     ({"plans": {"planner": "ResEncS"}}, ["plans.planner", "'ResEncS'", "default, ResEncM, ResEncL, ResEncXL"]),
     ({"plans": {"configurations": ["3d"]}}, ["plans.configurations[0]", "'3d'", "2d, 3d_fullres, 3d_lowres"]),
     ({"dataset": {"demo": {"n_cases": 3}}}, ["dataset.demo.n_cases", "3", ">= 5"]),
-    ({"dataset": {"demo": {"anisotropic": "yes"}}}, ["dataset.demo.anisotropic", "'yes'", "boolean"]),
+    ({"dataset": {"demo": {"anisotropic": "maybe"}}}, ["dataset.demo.anisotropic", "'maybe'", "boolean"]),
     ({"resources": {"train_teacher": {"threads": 0}}}, ["resources.train_teacher.threads", "0", ">= 1"]),
     ({"temprature": 3}, ["'temprature'", "top level", "valid keys", "distillation"]),
     ({"distillation": {"temprature": 3}}, ["'temprature'", "under 'distillation'", "temperature"]),
@@ -115,8 +115,18 @@ def test_dataset_folder_must_be_named_like_nnunet(tmp_path):
 def test_relative_dataset_path_resolves_against_base_dir(tmp_path):
     folder = tmp_path / "data" / "Dataset004_Tiny"
     folder.mkdir(parents=True)
-    (folder / "dataset.json").write_text("{}")
+    (folder / "dataset.json").write_text(json.dumps(
+        {"file_ending": ".nii.gz", "channel_names": {"0": "MRI"}, "labels": {"background": 0, "a": 1}, "numTraining": 1}))
+    for sub, suffix in (("imagesTr", "_0000.nii.gz"), ("labelsTr", ".nii.gz")):
+        (folder / sub).mkdir()
+        for case in ("case_000", "case_001"):
+            (folder / sub / f"{case}{suffix}").touch()
     validate_config({"dataset": {"raw": "data/Dataset004_Tiny"}}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"softlabels.shards = 3: more soft-label jobs than training cases \(2\); use 1-2"):
+        validate_config({"dataset": {"raw": "data/Dataset004_Tiny"}, "softlabels": {"shards": 3}}, base_dir=tmp_path)
+    (folder / "dataset.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"dataset.raw = 'data/Dataset004_Tiny': cannot list its training cases"):
+        validate_config({"dataset": {"raw": "data/Dataset004_Tiny"}, "softlabels": {"shards": 1}}, base_dir=tmp_path)
 
 
 def test_teacher_configuration_must_be_preprocessed(tmp_path):
@@ -124,10 +134,12 @@ def test_teacher_configuration_must_be_preprocessed(tmp_path):
         validate_config({"teachers": {"configuration": "2d"}}, base_dir=tmp_path)
 
 
-def make_teacher_folder(root: Path, folds, checkpoint="checkpoint_final.pth", configuration="3d_fullres") -> Path:
-    folder = root / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+def make_teacher_folder(root: Path, folds, checkpoint="checkpoint_final.pth", configuration="3d_fullres",
+                        name="nnUNetTrainer__nnUNetPlans__3d_fullres", data_identifier="nnUNetPlans_3d_fullres") -> Path:
+    folder = root / name
     folder.mkdir(parents=True)
-    (folder / "plans.json").write_text(json.dumps({"plans_name": "nnUNetPlans", "configurations": {configuration: {}}}))
+    (folder / "plans.json").write_text(json.dumps(
+        {"plans_name": name.split("__")[1], "configurations": {configuration: {"data_identifier": data_identifier}}}))
     (folder / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1}}))
     for f in folds:
         (folder / f"fold_{f}").mkdir()
@@ -189,3 +201,36 @@ def test_cli_config_prints_complete_config_and_paths(tmp_path):
     printed = yaml.safe_load(run.stdout)
     assert printed["teachers"]["checkpoint"] == "checkpoint_final.pth"
     assert "# teacher fold 4: nnUNet_results/Dataset900_FastkdDemo/nnUNetTrainer__nnUNetPlans__3d_fullres/fold_4/checkpoint_final.pth" in run.stdout
+
+
+def test_extra_teacher_folders_are_checked(tmp_path):
+    main = make_teacher_folder(tmp_path / "a", folds=[0, 1])
+    resenc = make_teacher_folder(tmp_path / "b", folds=[0], name="nnUNetTrainer__nnUNetResEncUNetMPlans__3d_fullres")
+    other_grid = make_teacher_folder(tmp_path / "c", folds=[0], name="nnUNetTrainer__nnUNetPlansX__3d_fullres",
+                                     data_identifier="nnUNetPlansX_3d_fullres")
+    teachers = {"model_folder": str(main), "folds": [0, 1]}
+    config = validate_config({"teachers": {**teachers, "extra": [{"model_folder": str(resenc), "folds": [0],
+                                                                     "weight": 0.5}]}}, base_dir=tmp_path)
+    assert config["teachers"]["extra"][0] == {"model_folder": str(resenc), "configuration": None, "folds": [0],
+                                              "checkpoint": "checkpoint_final.pth", "weight": 0.5}
+    with pytest.raises(ConfigError) as info:
+        validate_config({"teachers": {**teachers, "extra": [{"model_folder": str(other_grid), "folds": [0]},
+                                                            {"model_folder": str(resenc), "folds": [0, 2]},
+                                                            {"model_folder": str(main)}]}}, base_dir=tmp_path)
+    message = str(info.value)
+    assert "teachers.extra[0].model_folder: preprocessed as 'nnUNetPlansX_3d_fullres', the teachers as " \
+           "'nnUNetPlans_3d_fullres'" in message
+    assert "teachers.extra[1].model_folder" in message and "missing fold_2/checkpoint_final.pth" in message
+    assert "teachers.extra: teacher folders need distinct names" in message
+    with pytest.raises(ConfigError, match=r"teachers.extra\[0\].weight = 0 \(int\): must be > 0"):
+        validate_config({"teachers": {**teachers, "extra": [{"model_folder": str(resenc), "weight": 0}]}},
+                        base_dir=tmp_path)
+
+
+def test_strings_from_snakemake_command_line_become_numbers_and_booleans(tmp_path):
+    config = validate_config({"distillation": {"temperature": "2.5", "alpha": "0"},
+                              "softlabels": {"mirroring": "false", "shards": "3"}}, base_dir=tmp_path)
+    assert config["distillation"]["temperature"] == 2.5 and config["distillation"]["alpha"] == 0
+    assert config["softlabels"]["mirroring"] is False and config["softlabels"]["shards"] == 3
+    with pytest.raises(ConfigError, match=r"softlabels.shards = '2.5' \(str\): expected integer"):
+        validate_config({"softlabels": {"shards": "2.5"}}, base_dir=tmp_path)

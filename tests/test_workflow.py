@@ -5,65 +5,22 @@ The ``slow`` tests preprocess the demo and train one tiny teacher fold for real 
 2 CPU cores), then load it with nnU-Net's predictor and run stock ``nnUNetv2_predict`` on it.
 """
 
-import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-HIPPOCAMPUS = REPO.parent / "shared" / "datasets" / "Dataset004_Hippocampus"
-BIN = Path(sys.executable).parent
-
-# A schedule small enough for CI: one epoch of two iterations, one validation iteration.
-TINY = {
-    "dataset": {"demo": {"n_cases": 5}},
-    "plans": {"num_processes": 1},
-    "teachers": {"folds": [0], "schedule": {"epochs": 1, "iterations_per_epoch": 2, "val_iterations_per_epoch": 1,
-                                            "batch_size": 2, "save_every": 1}},
-    "resources": {"plan_preprocess": {"threads": 1}, "train_teacher": {"threads": 2}},
-}
-
-
-def env():
-    e = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
-    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
-    return e
-
-
-def workdir(tmp_path: Path, override: dict | None = None, name: str = "wf") -> Path:
-    wd = tmp_path / name
-    wd.mkdir()
-    shutil.copy(REPO / "Snakefile", wd)
-    shutil.copy(REPO / "config.yaml", wd)
-    shutil.copytree(REPO / "workflow", wd / "workflow", ignore=shutil.ignore_patterns("__pycache__"))
-    (wd / "test.yaml").write_text(yaml.safe_dump(override or {}))
-    return wd
-
-
-def snakemake(wd: Path, *args, check=True) -> subprocess.CompletedProcess:
-    run = subprocess.run([str(BIN / "snakemake"), "--configfile", "test.yaml", *args], cwd=wd, env=env(),
-                         capture_output=True, text=True)
-    if check and run.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed ({run.returncode}):\n{run.stdout}\n{run.stderr}")
-    return run
-
-
-def job_counts(output: str) -> dict[str, int]:
-    table = output.split("Job stats:", 1)[1]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m.group(1) != "total"}
+from wf import BIN, HIPPOCAMPUS, job_counts, nnunet_env, sha256, snakemake, workdir
 
 
 def test_dry_run_dag_of_the_demo(tmp_path):
     run = snakemake(workdir(tmp_path), "-n", "--cores", "2")
     assert job_counts(run.stdout) == {"demo_data": 1, "plan_preprocess": 1, "train_teacher": 5,
-                                      "teacher_manifest": 1, "all": 1}
+                                      "teacher_manifest": 1, "softlabels_shard": 2, "softlabels_finalize": 1,
+                                      "softlabels_preview": 1, "all": 1}
     for fold in range(5):
         assert f"fold_{fold}/checkpoint_final.pth" in run.stdout
 
@@ -98,23 +55,12 @@ def test_hippocampus_dag_takes_cases_from_dataset_json(tmp_path):
     assert HIPPOCAMPUS.is_dir(), f"real data expected at {HIPPOCAMPUS} (see ../shared/README.md)"
     wd = workdir(tmp_path, {"dataset": {"raw": str(HIPPOCAMPUS)}})
     run = snakemake(wd, "-n", "--cores", "2")
-    assert job_counts(run.stdout) == {"plan_preprocess": 1, "train_teacher": 5, "teacher_manifest": 1, "all": 1}
+    assert job_counts(run.stdout) == {"plan_preprocess": 1, "train_teacher": 5, "teacher_manifest": 1,
+                                      "softlabels_shard": 2, "softlabels_finalize": 1, "softlabels_preview": 1, "all": 1}
     cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (HIPPOCAMPUS / "imagesTr").glob("*_0000.nii.gz"))
     assert len(cases) == 200
     for case in cases:
         assert f"Dataset004_Hippocampus/nnUNetPlans_3d_fullres/{case}.b2nd" in run.stdout
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One real run: demo data -> nnU-Net plan/preprocess -> one tiny teacher fold -> manifest."""
-    wd = workdir(tmp_path_factory.mktemp("trained"), TINY)
-    snakemake(wd, "--cores", "2", "teachers")
-    return wd
 
 
 @pytest.mark.slow
@@ -152,10 +98,7 @@ def test_trained_teacher_loads_in_nnunet_predictor_and_stock_cli(trained, tmp_pa
     inputs = tmp_path / "in"
     inputs.mkdir()
     shutil.copy(image, inputs)
-    e = env()
-    for key, sub in (("nnUNet_raw", "nnUNet_raw"), ("nnUNet_preprocessed", "nnUNet_preprocessed"),
-                     ("nnUNet_results", "nnUNet_results")):
-        e[key] = str(trained / sub)
+    e = nnunet_env(trained)
     e.update(nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0")
     subprocess.run([str(BIN / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(tmp_path / "out"), "-d", "900",
                     "-c", "3d_fullres", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"],
@@ -192,8 +135,9 @@ def test_teachers_trained_elsewhere_are_validated_and_reused(trained, tmp_path):
 
     wd = workdir(tmp_path, {"dataset": {"raw": str(raw)}, "plans": {"num_processes": 1},
                             "teachers": {"model_folder": str(folder), "folds": [0]}}, name="reuse")
-    assert job_counts(snakemake(wd, "-n", "--cores", "1").stdout) == {"plan_preprocess": 1, "teacher_manifest": 1, "all": 1}
-    snakemake(wd, "--cores", "1")
+    assert job_counts(snakemake(wd, "-n", "--cores", "1", "teachers").stdout) == {
+        "plan_preprocess": 1, "teacher_manifest": 1, "teachers": 1}
+    snakemake(wd, "--cores", "1", "teachers")
     manifest = json.loads((wd / "fastkd_work" / ds / "teachers" / f"{folder.name}.json").read_text())
     assert manifest["model_folder"] == str(folder)
     assert manifest["folds"]["0"]["sha256"] == sha256(folder / "fold_0" / "checkpoint_final.pth")
@@ -212,9 +156,7 @@ def test_killed_teacher_resumes_from_its_latest_checkpoint(trained):
 
     import torch
 
-    e = env()
-    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        e[key] = str(trained / key)
+    e = nnunet_env(trained)
     command = [str(BIN / "fastkd"), "train-teacher", "-d", "900", "-c", "3d_fullres", "-f", "1", "--epochs", "3",
                "--iterations", "2", "--val-iterations", "1", "--batch-size", "2", "--save-every", "1", "--threads", "1"]
     fold = trained / "nnUNet_results" / "Dataset900_FastkdDemo" / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_1"

@@ -1,4 +1,5 @@
 # Config validation, artifact paths and target lists. No domain logic: fastkd computes everything.
+import re
 import shlex
 
 from fastkd.config import validate_config
@@ -14,6 +15,8 @@ P.export_nnunet_env()
 CASES = P.case_ids  # from dataset.json (or the demo's config) at parse time, never from a checkpoint
 TEACHER_CFG = config["teachers"]["configuration"]
 TRAIN_TEACHERS = config["teachers"]["model_folder"] is None
+TEACHER_SETS = {s["name"]: s for s in P.teacher_sets}  # the teachers, then teachers.extra
+N_SHARDS = config["softlabels"]["shards"]
 
 
 def q(value):
@@ -24,13 +27,29 @@ def rule_resources(name):
     return config["resources"][name]
 
 
+def teacher_checkpoints(name):
+    s = TEACHER_SETS[name]
+    return [s["folder"] / f"fold_{f}" / s["checkpoint"] for f in s["folds"]]
+
+
+def shard_inputs(shard):
+    """Preprocessed images of soft-label shard ``shard`` (1-based, as in the shard's file name)."""
+    from fastkd.softlabels import shard_cases
+
+    return [P.preprocessed_case(TEACHER_CFG, c) for c in shard_cases(CASES, N_SHARDS, int(shard) - 1)]
+
+
 def preprocess_targets():
     return [P.preprocess_manifest(c) for c in config["plans"]["configurations"]]
 
 
 def teacher_targets():
-    return [P.teacher_manifest]
+    return [P.teacher_manifest_of(name) for name in TEACHER_SETS]
+
+
+def softlabel_targets():
+    return [P.softlabel_cache_root, P.softlabel_preview]
 
 
 def all_targets():
-    return preprocess_targets() + teacher_targets()
+    return preprocess_targets() + teacher_targets() + softlabel_targets()

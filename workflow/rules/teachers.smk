@@ -40,18 +40,23 @@ if TRAIN_TEACHERS:
             " --save-every {params.schedule[save_every]} --threads {threads} > {log} 2>&1"
 
 
+# One manifest per teacher folder of the ensemble (the teachers, then teachers.extra): the folder
+# checked and every checkpoint hashed. The soft-label jobs depend on these manifests, so a changed
+# checkpoint reruns them.
 rule teacher_manifest:
     input:
-        checkpoints=[P.teacher_checkpoint(f) for f in config["teachers"]["folds"]],
+        checkpoints=lambda w: teacher_checkpoints(w.teacher),
     output:
-        manifest=P.teacher_manifest,
+        manifest=P.teacher_manifest_of("{teacher}"),
+    wildcard_constraints:
+        teacher="|".join(re.escape(s["name"]) for s in P.teacher_sets),
     params:
-        folder=q(P.teacher_folder),
-        configuration=TEACHER_CFG,
-        folds=" ".join(map(str, config["teachers"]["folds"])),
-        checkpoint=config["teachers"]["checkpoint"],
+        folder=lambda w: q(TEACHER_SETS[w.teacher]["folder"]),
+        configuration=lambda w: TEACHER_SETS[w.teacher]["configuration"],
+        folds=lambda w: " ".join(map(str, TEACHER_SETS[w.teacher]["folds"])),
+        checkpoint=lambda w: TEACHER_SETS[w.teacher]["checkpoint"],
     log:
-        P.log("teacher_manifest"),
+        P.log("teacher_manifest", "{teacher}"),
     threads: 1
     resources:
         mem_mb=1000,

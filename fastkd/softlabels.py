@@ -1,0 +1,270 @@
+"""Fill the soft-label cache: every teacher fold runs once per training case.
+
+Per case (nnU-Net's preprocessed array, read with nnU-Net's own dataset class) and per teacher fold:
+nnU-Net's sliding-window prediction (:meth:`nnUNetPredictor.predict_sliding_window_return_logits`:
+Gaussian tile weighting, the configured step, optional mirroring), then ``softmax(logits / T)`` in
+float32 (per-region ``sigmoid(logits / T)`` for region-based datasets), then the weighted mean over
+all folds of all teacher folders::
+
+    p = sum_t w_t * mean_{f in folds_t} act(logits_{t,f} / T) / sum_t w_t
+
+We average **probabilities**, not logits as nnU-Net's predictor does when it ensembles folds: the
+student is trained to match a distribution, and the mean of the folds' distributions is the ensemble's
+predictive distribution (a confident fold cannot outvote the others through large logits). The
+tempered probabilities are what the KD loss compares with ``softmax(student / T)``.
+
+A job handles one shard of the cases (:func:`shard_cases`), loads every teacher fold once, and writes
+each case atomically (:func:`fastkd.cache.write_case`); a case already in the store with the same
+provenance (settings and checkpoint sha256) is skipped, so a rerun after a kill only computes what is
+missing. The store layout is described in :mod:`fastkd.cache`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fastkd import cache
+from fastkd.errors import FastkdError
+
+#: plans entries that must agree for two models to read the same preprocessed data
+GRID_KEYS = ("data_identifier", "spacing", "transpose_forward", "normalization_schemes", "use_mask_for_norm")
+
+
+def shard_cases(cases, n_shards: int, shard: int) -> list[str]:
+    """The cases of shard ``shard`` of ``n_shards``: every n-th of the sorted cases (balanced, disjoint)."""
+    cases = sorted(cases)
+    if not 1 <= n_shards <= len(cases):
+        raise FastkdError(f"softlabels.shards = {n_shards}: must be between 1 and the number of cases ({len(cases)})")
+    if not 0 <= shard < n_shards:
+        raise FastkdError(f"shard = {shard}: must be between 0 and {n_shards - 1}")
+    return cases[shard::n_shards]
+
+
+def _configuration(plans: dict, name: str) -> dict:
+    """A plans configuration with ``inherits_from`` resolved (as nnU-Net's PlansManager does)."""
+    configurations = plans["configurations"]
+    cfg = dict(configurations[name])
+    while "inherits_from" in cfg:
+        parent = dict(configurations[cfg.pop("inherits_from")])
+        parent.update(cfg)
+        cfg = parent
+    return cfg
+
+
+def grid_differences(teacher_plans: dict, teacher_cfg: str, grid_plans: dict, grid_cfg: str) -> list[str]:
+    """How a teacher's preprocessing differs from the grid the cache is written on (empty: same grid)."""
+    a, b = _configuration(teacher_plans, teacher_cfg), _configuration(grid_plans, grid_cfg)
+    a["transpose_forward"], b["transpose_forward"] = teacher_plans["transpose_forward"], grid_plans["transpose_forward"]
+    return [f"{k}: teacher {a.get(k)} vs grid {b.get(k)}" for k in GRID_KEYS if a.get(k) != b.get(k)]
+
+
+def check_teachers(teachers: list[dict], grid_plans: dict, grid_cfg: str, grid_dataset_json: dict) -> None:
+    """Every teacher folder must read the grid's preprocessed data and predict the grid's labels."""
+    problems = []
+    for t in teachers:
+        folder = Path(t["model_folder"])
+        with open(folder / "plans.json") as f:
+            plans = json.load(f)
+        with open(folder / "dataset.json") as f:
+            dataset_json = json.load(f)
+        diff = grid_differences(plans, t["configuration"], grid_plans, grid_cfg)
+        if dataset_json["labels"] != grid_dataset_json["labels"]:
+            diff.append(f"labels: teacher {dataset_json['labels']} vs dataset {grid_dataset_json['labels']}")
+        if diff:
+            problems.append(f"{folder} ({t['plans_name']} {t['configuration']}): " + "; ".join(diff))
+    if problems:
+        raise FastkdError(
+            f"teacher folders whose preprocessed grid differs from the cache's ({grid_plans['plans_name']} "
+            f"{grid_cfg}) cannot share one soft-label cache:\n  - " + "\n  - ".join(problems)
+            + "\nuse teachers planned on the same data (e.g. nnU-Net default and ResEnc plans share nnUNetPlans_3d_fullres)")
+
+
+class TeacherEnsemble:
+    """Every fold of every teacher folder, loaded once, each predicting through nnU-Net's predictor."""
+
+    def __init__(self, teachers: list[dict], weights: list[float], step_size: float, mirroring: bool, device: str):
+        import torch
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        from fastkd.teachers import sha256
+
+        if device == "cuda" and not torch.cuda.is_available():
+            raise FastkdError("softlabels.device = 'cuda' but torch sees no CUDA GPU; use 'cpu' or run on a GPU node")
+        self.device = torch.device(device)
+        total = float(sum(weights))
+        self.members = []  # (predictor, [state dicts], weight per fold)
+        for t, weight in zip(teachers, weights):
+            for fold, entry in t["folds"].items():
+                if sha256(entry["checkpoint"]) != entry["sha256"]:
+                    raise FastkdError(f"{entry['checkpoint']} changed since its teacher manifest was written "
+                                      "(sha256 differs); rerun the teacher_manifest rule")
+            predictor = nnUNetPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=mirroring,
+                                        perform_everything_on_device=self.device.type == "cuda", device=self.device,
+                                        verbose=False, allow_tqdm=False)
+            predictor.initialize_from_trained_model_folder(t["model_folder"], use_folds=[int(f) for f in t["folds"]],
+                                                           checkpoint_name=t["checkpoint"])
+            self.members.append((predictor, predictor.list_of_parameters, weight / total / len(t["folds"])))
+        first = self.members[0][0]
+        self.label_manager = first.label_manager
+        self.patch_size = list(first.configuration_manager.patch_size)
+        self.mirror_axes = list(first.allowed_mirroring_axes or []) if mirroring else []
+
+    @property
+    def softmax(self) -> bool:
+        return not self.label_manager.has_regions
+
+    def channels(self) -> list[str]:
+        if self.label_manager.has_regions:
+            return [f"region{i}:{r}" for i, r in enumerate(self.label_manager.foreground_regions)]
+        names = {int(v): k for k, v in self.label_manager.label_dict.items() if isinstance(v, int)}
+        return [names.get(i, str(i)) for i in self.label_manager.all_labels]
+
+    def forwards_per_case(self, spatial_shape) -> tuple[int, int]:
+        """(tiles, network forward passes) of one case over all folds: tiles x mirror passes x folds."""
+        from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+
+        patch = self.patch_size
+        tiles = 1
+        if len(patch) < len(spatial_shape):  # 2d: every slice along the first axis
+            tiles, spatial_shape = spatial_shape[0], spatial_shape[1:]
+        padded = [max(s, p) for s, p in zip(spatial_shape, patch)]
+        for steps in compute_steps_for_sliding_window(padded, patch, self.members[0][0].tile_step_size):
+            tiles *= len(steps)
+        passes = 2 ** len(self.mirror_axes)  # the identity and every combination of flips
+        folds = sum(len(params) for _, params, _ in self.members)
+        return tiles, tiles * passes * folds
+
+    def predict(self, data: np.ndarray, temperature: float) -> np.ndarray:
+        """Weighted mean over folds of the tempered probabilities, float32 (C, x, y, z)."""
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+        total = None
+        with torch.inference_mode():
+            for predictor, parameters, weight in self.members:
+                for params in parameters:
+                    predictor.network.load_state_dict(params)
+                    logits = predictor.predict_sliding_window_return_logits(x).float() / temperature
+                    probs = torch.softmax(logits, 0) if self.softmax else torch.sigmoid(logits)
+                    total = probs.mul_(weight) if total is None else total.add_(probs, alpha=weight)
+                    del logits
+        return total.cpu().numpy()
+
+
+def provenance(teachers: list[dict], weights: list[float], grid_plans: dict, configuration: str,
+               dataset_json: dict, ensemble: TeacherEnsemble, temperature: float, step_size: float,
+               mirroring: bool, dtype: str) -> dict:
+    """What a case's soft labels depend on (identical for every case of one store)."""
+    from fastkd.paths import plans_data_identifier
+
+    cfg = _configuration(grid_plans, configuration)
+    return {
+        "format_version": cache.FORMAT_VERSION,
+        "temperature": float(temperature),
+        "activation": "softmax" if ensemble.softmax else "sigmoid",
+        "ensemble": "weighted mean over folds of " + ("softmax" if ensemble.softmax else "sigmoid")
+                    + "(logits / T); folds of a teacher folder share its weight equally",
+        "channels": ensemble.channels(),
+        "labels": dataset_json["labels"],
+        "regions": ensemble.label_manager.has_regions,
+        "teachers": [{"name": Path(t["model_folder"]).name, "model_folder": t["model_folder"], "trainer": t["trainer"],
+                      "plans_name": t["plans_name"], "configuration": t["configuration"],
+                      "folds": [int(f) for f in t["folds"]], "checkpoint": t["checkpoint"],
+                      "sha256": {f: e["sha256"] for f, e in t["folds"].items()}, "weight": float(w)}
+                     for t, w in zip(teachers, weights)],
+        "dataset_name": grid_plans["dataset_name"],
+        "plans_name": grid_plans["plans_name"],
+        "configuration": configuration,
+        "data_identifier": plans_data_identifier(grid_plans, configuration),
+        "spacing": cfg["spacing"],
+        "transpose_forward": grid_plans["transpose_forward"],
+        "patch_size": cfg["patch_size"],
+        "dtype": dtype,
+        "scale": cache.DTYPES[dtype],
+        "step_size": float(step_size),
+        "mirroring": bool(mirroring),
+        "mirror_axes": ensemble.mirror_axes,
+        "gaussian": True,
+    }
+
+
+def fill_cache(store: str | Path, teacher_manifests: list[str | Path], preprocess_manifest: str | Path,
+               temperature: float, weights: list[float] | None = None, step_size: float = 0.5,
+               mirroring: bool = True, dtype: str = "uint8", n_shards: int = 1, shard: int = 0,
+               device: str = "cpu", marker: str | Path | None = None, progress: bool = True) -> dict:
+    """Compute and write the soft labels of one shard of the cases; return (and write to ``marker``) a summary.
+
+    ``teacher_manifests``: from :func:`fastkd.teachers.write_manifest`, one per teacher folder.
+    ``preprocess_manifest``: from :func:`fastkd.preprocess.plan_preprocess` (cases and shapes); the
+    preprocessed arrays are read from ``nnUNet_preprocessed`` (environment) as nnU-Net does.
+    """
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from tqdm import tqdm
+
+    from fastkd.io import atomic_write_text
+
+    if temperature <= 0:
+        raise FastkdError(f"temperature = {temperature}: must be > 0")
+    if dtype not in cache.DTYPES:
+        raise FastkdError(f"dtype = {dtype!r}: must be one of {', '.join(cache.DTYPES)}")
+    if not 0 < step_size <= 1:
+        raise FastkdError(f"step size = {step_size}: must be in (0, 1]")
+    weights = list(weights) if weights else [1.0] * len(teacher_manifests)
+    if len(weights) != len(teacher_manifests) or min(weights) <= 0:
+        raise FastkdError(f"weights = {weights}: need one weight > 0 per teacher manifest ({len(teacher_manifests)})")
+    pm = json.loads(Path(preprocess_manifest).read_text())
+    teachers = [json.loads(Path(m).read_text()) for m in teacher_manifests]
+    preprocessed_root = os.environ.get("nnUNet_preprocessed")
+    if not preprocessed_root:
+        raise FastkdError("nnUNet_preprocessed is not set (Snakemake sets it from the config; export it by hand)")
+    dataset_folder = Path(preprocessed_root) / pm["dataset_name"]
+    case_folder = dataset_folder / pm["data_identifier"]
+    grid_plans = json.loads((dataset_folder / f"{pm['plans_name']}.json").read_text())
+    dataset_json = json.loads((dataset_folder / "dataset.json").read_text())
+    check_teachers(teachers, grid_plans, pm["configuration"], dataset_json)
+    cases = shard_cases(pm["cases"], n_shards, shard)
+
+    cache.invalidate(store)  # the store is being changed: it must not open as complete until finalize
+    ensemble = TeacherEnsemble(teachers, weights, step_size, mirroring, device)
+    prov = provenance(teachers, weights, grid_plans, pm["configuration"], dataset_json, ensemble, temperature,
+                      step_size, mirroring, dtype)
+    dataset = infer_dataset_class(str(case_folder))(str(case_folder), cases)
+    n_channels = len(prov["channels"])
+    summary = {"store": str(Path(store).resolve()), "shard": shard, "n_shards": n_shards, "cases": cases,
+               "computed": [], "skipped": [], "teacher_forwards": 0, "seconds": 0.0}
+    start = time.perf_counter()
+    for case in tqdm(cases, desc=f"soft labels, shard {shard + 1}/{n_shards}", unit="case", disable=not progress):
+        shape = (n_channels, *pm["cases"][case]["shape"][1:])
+        if cache.is_current(store, case, prov, shape):
+            summary["skipped"].append(case)
+            continue
+        t0 = time.perf_counter()
+        data, _, _, _ = dataset.load_case(case)
+        probs = ensemble.predict(data[:], temperature)
+        if probs.shape != shape:
+            raise FastkdError(f"{case}: teachers predicted shape {list(probs.shape)}, expected {list(shape)} "
+                              f"from the preprocess manifest {preprocess_manifest}")
+        tiles, forwards = ensemble.forwards_per_case(shape[1:])
+        cache.write_case(store, case, probs, prov, {"tiles": tiles, "teacher_forwards": forwards,
+                                                    "seconds": round(time.perf_counter() - t0, 3)})
+        summary["computed"].append(case)
+        summary["teacher_forwards"] += forwards
+    summary["seconds"] = round(time.perf_counter() - start, 3)
+    if marker is not None:
+        atomic_write_text(marker, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def finalize_cache(store: str | Path, preprocess_manifest: str | Path) -> dict:
+    """Check every case of the preprocess manifest is in the store, then write the store's root."""
+    pm = json.loads(Path(preprocess_manifest).read_text())
+    folder = None
+    if os.environ.get("nnUNet_preprocessed"):
+        folder = Path(os.environ["nnUNet_preprocessed"]) / pm["dataset_name"] / pm["data_identifier"]
+    return cache.finalize(store, {c: v["shape"] for c, v in pm["cases"].items()}, folder)
+

@@ -1,0 +1,248 @@
+"""The soft-label cache format on synthetic data: quantisation, atomic writes, reader, verify, tensorstore.
+
+Real teachers filling a cache through Snakemake are in test_softlabels.py.
+"""
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastkd import cache
+from fastkd.cache import CacheError, SoftLabelCache
+from fastkd.softlabels import shard_cases
+from wf import BIN
+
+
+def softmax(logits, axis=0):
+    e = np.exp(logits - logits.max(axis=axis, keepdims=True))
+    return (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)
+
+
+def provenance(dtype="uint8", activation="softmax", channels=("background", "a", "b"), temperature=3.0,
+               patch=(8, 8, 8)):
+    return {"format_version": 1, "temperature": temperature, "activation": activation, "ensemble": "test",
+            "channels": list(channels), "labels": {"background": 0, "a": 1, "b": 2}, "regions": activation == "sigmoid",
+            "teachers": [], "dataset_name": "Dataset999_T", "plans_name": "nnUNetPlans", "configuration": "3d_fullres",
+            "data_identifier": "nnUNetPlans_3d_fullres", "spacing": [1, 1, 1], "transpose_forward": [0, 1, 2],
+            "patch_size": list(patch), "dtype": dtype, "scale": cache.DTYPES[dtype], "step_size": 0.5,
+            "mirroring": True, "mirror_axes": [0, 1, 2], "gaussian": True}
+
+
+def make_store(tmp_path, shapes=None, dtype="uint8", seed=0, name="c.zarr"):
+    """A finalized store with random soft labels; returns (store, {case: float32 probabilities})."""
+    rng = np.random.default_rng(seed)
+    shapes = shapes or {"case_a": (10, 12, 9), "case_b": (7, 5, 11)}
+    store, probs = tmp_path / name, {}
+    for case, shape in shapes.items():
+        probs[case] = softmax(rng.normal(scale=3, size=(3, *shape)))
+        cache.write_case(store, case, probs[case], provenance(dtype), {"teacher_forwards": 8})
+    cache.finalize(store, {c: [1, *s] for c, s in shapes.items()})
+    return store, probs
+
+
+@pytest.mark.parametrize("channels", [2, 3, 5, 14])
+def test_uint8_quantisation_keeps_sums_at_one_and_error_below_one_step(channels):
+    rng = np.random.default_rng(channels)
+    p = softmax(rng.normal(scale=4, size=(channels, 20, 30, 10)))
+    q = cache.encode(p, "uint8")
+    assert q.dtype == np.uint8
+    assert (q.sum(axis=0, dtype=np.int32) == 255).all()
+    decoded = q.astype(np.float32) / 255
+    assert np.abs(decoded - p).max() < 1 / 255
+    assert np.abs(decoded.sum(axis=0) - 1).max() < 1e-5
+
+
+def test_uint8_sigmoid_rounding_and_float16_round_trip():
+    rng = np.random.default_rng(1)
+    p = rng.random((2, 9, 9, 9), dtype=np.float32)
+    assert np.abs(cache.encode(p, "uint8", softmax=False) / 255 - p).max() <= 0.5 / 255 + 1e-7
+    half = cache.encode(p, "float16")
+    assert half.dtype == np.float16 and np.abs(half.astype(np.float32) - p).max() <= 2 ** -11
+
+
+def test_chunks_follow_the_patch_and_hold_every_class():
+    assert cache.chunk_shape((3, 100, 90, 20), [40, 56, 40]) == (3, 40, 56, 20)
+    assert cache.chunk_shape((4, 30, 200, 200), [128, 128]) == (4, 1, 128, 128)  # 2d: one slice per chunk
+
+
+def test_read_crop_pads_with_zeros_and_marks_valid_voxels(tmp_path):
+    store, probs = make_store(tmp_path)
+    reader = SoftLabelCache(store)
+    full = reader.read("case_a")
+    assert full.dtype == np.float32 and full.shape == (3, 10, 12, 9)
+    assert np.abs(full - probs["case_a"]).max() < 1 / 255
+    box = [[-3, 5], [4, 16], [2, 9]]  # reaches outside along x (before) and y (after)
+    crop = reader.read_crop("case_a", box)
+    assert crop.shape == (4, 8, 12, 7) and crop.dtype == np.float32
+    np.testing.assert_array_equal(crop[:3, 3:, :8, :], full[:, 0:5, 4:12, 2:9])
+    assert (crop[:3, :3] == 0).all() and (crop[:3, :, 8:] == 0).all()
+    valid = np.zeros((8, 12, 7), np.float32)
+    valid[3:, :8, :] = 1
+    np.testing.assert_array_equal(crop[3], valid)
+    assert (reader.read_crop("case_a", [[20, 24], [0, 2], [0, 2]]) == 0).all()  # entirely outside
+
+
+def test_check_names_every_mismatch(tmp_path):
+    store, _ = make_store(tmp_path)
+    reader = SoftLabelCache(store)
+    reader.check(temperature=3.0, labels={"background": 0, "a": 1, "b": 2}, data_identifier="nnUNetPlans_3d_fullres",
+                 shapes={"case_a": [1, 10, 12, 9]})
+    with pytest.raises(CacheError) as info:
+        reader.check(temperature=2.0, labels={"background": 0, "a": 1}, data_identifier="nnUNetPlans_2d",
+                     shapes={"case_a": [1, 10, 12, 8], "case_z": [1, 4, 4, 4]})
+    message = str(info.value)
+    assert "temperature: the cache was made with T = 3.0, expected T = 2.0" in message
+    assert "labels: the cache has" in message and "grid: the cache is on 'nnUNetPlans_3d_fullres'" in message
+    assert "case case_a: cache shape [10, 12, 9] != preprocessed [10, 12, 8]" in message
+    assert "case case_z: not in the cache" in message
+    with pytest.raises(CacheError, match="case 'case_z' is not in the soft-label cache"):
+        reader.read_crop("case_z", [[0, 1]] * 3)
+
+
+def test_reader_refuses_an_unfinished_store_and_an_incomplete_case(tmp_path):
+    store = tmp_path / "c.zarr"
+    p = softmax(np.random.default_rng(0).normal(size=(3, 6, 6, 6)))
+    cache.write_case(store, "case_a", p, provenance())
+    with pytest.raises(CacheError, match=r"no root zarr.json \(1 case arrays present"):
+        SoftLabelCache(store)
+    with pytest.raises(CacheError, match=r"case_b: missing"):
+        cache.finalize(store, {"case_a": [1, 6, 6, 6], "case_b": [1, 6, 6, 6]})
+    assert not (store / "zarr.json").exists()
+
+    cache.write_case(store, "case_b", p, provenance())
+    cache.finalize(store, {"case_a": [1, 6, 6, 6], "case_b": [1, 6, 6, 6]})
+    # a case whose completeness flag is false (as if its writer died before the flag) is refused
+    meta = store / "case_b" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["fastkd_softlabels"]["complete"] = False
+    meta.write_text(json.dumps(doc))
+    reader = SoftLabelCache(store)
+    reader.read_crop("case_a", [[0, 6]] * 3)
+    with pytest.raises(CacheError, match="case case_b is incomplete"):
+        reader.read_crop("case_b", [[0, 6]] * 3)
+    assert not cache.is_current(store, "case_b", provenance(), (3, 6, 6, 6))
+    assert cache.is_current(store, "case_a", provenance(), (3, 6, 6, 6))
+    assert not cache.is_current(store, "case_a", provenance(temperature=2.0), (3, 6, 6, 6))
+    with pytest.raises(CacheError, match="case_b: not marked complete"):
+        cache.finalize(store, {"case_a": [1, 6, 6, 6], "case_b": [1, 6, 6, 6]})
+
+
+def test_finalize_rejects_mixed_settings_and_wrong_shapes(tmp_path):
+    store = tmp_path / "c.zarr"
+    p = softmax(np.random.default_rng(0).normal(size=(3, 6, 6, 6)))
+    cache.write_case(store, "case_a", p, provenance())
+    cache.write_case(store, "case_b", p, provenance(temperature=1.0))
+    with pytest.raises(CacheError) as info:
+        cache.finalize(store, {"case_a": [1, 6, 6, 6], "case_b": [1, 6, 6, 6], "case_c": [1, 6, 6, 6]})
+    message = str(info.value)
+    assert "case_b: written with other settings than case_a (temperature differ)" in message
+    assert "case_c: missing" in message
+    with pytest.raises(CacheError, match=r"case_a: shape \[3, 6, 6, 6\] does not match the preprocessed case \[1, 6, 6, 7\]"):
+        cache.finalize(store, {"case_a": [1, 6, 6, 7]})
+
+
+def test_rewriting_a_case_replaces_it_atomically(tmp_path):
+    store, _ = make_store(tmp_path)
+    new = softmax(np.random.default_rng(5).normal(size=(3, 10, 12, 9)))
+    (cache.partial_dir(store) / "case_a.1234-dead").mkdir(parents=True)  # left by a killed writer
+    cache.write_case(store, "case_a", new, provenance())
+    assert list(cache.partial_dir(store).iterdir()) == []
+    cache.finalize(store, {"case_a": [1, 10, 12, 9], "case_b": [1, 7, 5, 11]})
+    assert not cache.partial_dir(store).exists()
+    assert np.abs(SoftLabelCache(store).read("case_a") - new).max() < 1 / 255
+
+
+def flip_a_byte(store: Path, case: str) -> Path:
+    chunk = sorted(p for p in (store / case / "c").rglob("*") if p.is_file())[0]
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    return chunk
+
+
+def test_a_flipped_byte_fails_verify_and_the_reader_naming_the_case(tmp_path):
+    store, _ = make_store(tmp_path)
+    assert cache.verify(store, preprocessed_folder=tmp_path) == [
+        f"case_a: no preprocessed {tmp_path}/case_a.b2nd", f"case_b: no preprocessed {tmp_path}/case_b.b2nd"]
+    flip_a_byte(store, "case_b")
+    problems = cache.verify(store, preprocessed_folder=tmp_path)
+    assert any(p.startswith("case_b: unreadable") and "checksum" in p for p in problems), problems
+    assert not any(p.startswith("case_a: unreadable") for p in problems)
+    with pytest.raises(CacheError, match=r"case case_b is corrupt .*checksum"):
+        SoftLabelCache(store).read_crop("case_b", [[0, 4]] * 3)
+
+    run = subprocess.run([str(BIN / "fastkd"), "cache", "verify", str(store), "--preprocessed", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert run.returncode == 1
+    assert "fastkd cache verify: error:" in run.stderr and "case_b: unreadable" in run.stderr
+
+
+def test_verify_checks_sums_and_preprocessed_shapes(tmp_path):
+    import blosc2
+
+    store, _ = make_store(tmp_path, dtype="float16")
+    folder = tmp_path / "nnUNetPlans_3d_fullres"
+    folder.mkdir()
+    blosc2.asarray(np.zeros((1, 10, 12, 9), np.float32), urlpath=str(folder / "case_a.b2nd"), mode="w")
+    blosc2.asarray(np.zeros((1, 7, 5, 12), np.float32), urlpath=str(folder / "case_b.b2nd"), mode="w")
+    assert cache.verify(store, folder) == ["case_b: shape [7, 5, 11] != preprocessed [7, 5, 12]"]
+
+    import zarr
+
+    array = zarr.open_array(str(store / "case_a"), mode="r+")
+    array[0, 0, 0, :3] = np.float16(0.9)  # three voxels no longer sum to one
+    array[1, 1, 1, 1] = np.float16(np.nan)
+    problems = cache.verify(store, folder)
+    assert "case_a: 1 non-finite values" in problems
+    array[1, 1, 1, 1] = np.float16(0)
+    assert "case_a: 4 voxels whose probabilities do not sum to 1" in cache.verify(store, folder)
+
+
+def test_tensorstore_reads_the_store_bit_identically(tmp_path):
+    import tensorstore as ts
+    import zarr
+
+    for dtype in ("uint8", "float16"):
+        store, _ = make_store(tmp_path, dtype=dtype, name=f"{dtype}.zarr")
+        for case in ("case_a", "case_b"):
+            ours = zarr.open_array(str(store / case), mode="r")[...]
+            theirs = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(store / case)}}).result()
+            got = theirs.read().result()
+            assert got.dtype == ours.dtype and got.shape == ours.shape
+            assert got.tobytes() == ours.tobytes()
+
+
+def test_info_reports_size_compression_and_provenance(tmp_path):
+    store, _ = make_store(tmp_path)
+    report = cache.info(store)
+    assert report["complete"] and report["n_cases"] == 2 and report["expected_cases"] == 2
+    assert report["logical_bytes"] == 3 * (10 * 12 * 9 + 7 * 5 * 11)
+    assert report["float32_bytes"] == 4 * report["logical_bytes"]
+    assert report["bytes"] > 0 and report["teacher_forwards"] == 16
+    run = subprocess.run([str(BIN / "fastkd"), "cache", "info", str(store), "--cases"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "complete:      yes" in run.stdout and "case_b" in run.stdout and "uint8" in run.stdout
+
+    (store / "zarr.json").unlink()
+    assert not cache.info(store)["complete"]
+    run = subprocess.run([str(BIN / "fastkd"), "cache", "info", str(tmp_path / "nope.zarr")], capture_output=True, text=True)
+    assert run.returncode == 1 and "nope.zarr does not exist" in run.stderr
+
+
+@pytest.mark.parametrize("n_cases,n_shards", [(1, 1), (5, 2), (12, 5), (200, 7), (13, 13)])
+def test_shards_cover_every_case_exactly_once(n_cases, n_shards):
+    cases = [f"c{i:03d}" for i in range(n_cases)][::-1]
+    shards = [shard_cases(cases, n_shards, s) for s in range(n_shards)]
+    flat = [c for shard in shards for c in shard]
+    assert sorted(flat) == sorted(cases) and len(flat) == len(set(flat))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_shard_arguments_are_checked():
+    with pytest.raises(Exception, match=r"softlabels.shards = 3: must be between 1 and the number of cases \(2\)"):
+        shard_cases(["a", "b"], 3, 0)
+    with pytest.raises(Exception, match=r"shard = 2: must be between 0 and 1"):
+        shard_cases(["a", "b"], 2, 2)

@@ -1,0 +1,65 @@
+"""Helpers for tests that run the real Snakemake workflow on a copy of it in a temporary directory."""
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+HIPPOCAMPUS = REPO.parent / "shared" / "datasets" / "Dataset004_Hippocampus"
+BIN = Path(sys.executable).parent
+
+# A schedule small enough for CI: one epoch of two iterations, one validation iteration.
+TINY = {
+    "dataset": {"demo": {"n_cases": 5}},
+    "plans": {"num_processes": 1},
+    "teachers": {"folds": [0], "schedule": {"epochs": 1, "iterations_per_epoch": 2, "val_iterations_per_epoch": 1,
+                                            "batch_size": 2, "save_every": 1}},
+    "resources": {"plan_preprocess": {"threads": 1}, "train_teacher": {"threads": 2}},
+}
+
+
+def env():
+    e = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    return e
+
+
+def workdir(tmp_path: Path, override: dict | None = None, name: str = "wf") -> Path:
+    wd = tmp_path / name
+    wd.mkdir()
+    shutil.copy(REPO / "Snakefile", wd)
+    shutil.copy(REPO / "config.yaml", wd)
+    shutil.copytree(REPO / "workflow", wd / "workflow", ignore=shutil.ignore_patterns("__pycache__"))
+    (wd / "test.yaml").write_text(yaml.safe_dump(override or {}))
+    return wd
+
+
+def snakemake(wd: Path, *args, check=True) -> subprocess.CompletedProcess:
+    run = subprocess.run([str(BIN / "snakemake"), "--configfile", "test.yaml", *args], cwd=wd, env=env(),
+                         capture_output=True, text=True)
+    if check and run.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({run.returncode}):\n{run.stdout}\n{run.stderr}")
+    return run
+
+
+def job_counts(output: str) -> dict[str, int]:
+    table = output.split("Job stats:", 1)[1]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m.group(1) != "total"}
+
+
+def nnunet_env(wd: Path) -> dict:
+    """``env()`` plus nnU-Net's folders of the workflow copy ``wd`` (for running commands by hand)."""
+    e = env()
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        e[key] = str(wd / key)
+    return e
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -1,0 +1,73 @@
+# Soft-label cache: every teacher fold runs once per case (nnU-Net's sliding window), the tempered
+# fold-averaged probabilities go to one Zarr store. Cases are split into shards, one job each (each
+# loads the teachers once); each case is written atomically, and the store's root is written last by
+# softlabels_finalize, once every case is in. Layout: fastkd/cache.py.
+
+
+rule softlabels_shard:
+    input:
+        teachers=teacher_targets(),
+        manifest=P.preprocess_manifest(TEACHER_CFG),
+        cases=lambda w: shard_inputs(w.shard),
+    output:
+        marker=P.softlabel_shard("{shard}"),
+    wildcard_constraints:
+        shard=r"\d+",
+    params:
+        store=q(P.softlabel_cache),
+        weights=" ".join(str(s["weight"]) for s in P.teacher_sets),
+        temperature=config["distillation"]["temperature"],
+        step=config["softlabels"]["step_size"],
+        mirroring="" if config["softlabels"]["mirroring"] else "--disable-mirroring",
+        dtype=config["softlabels"]["dtype"],
+        device=config["softlabels"]["device"],
+    log:
+        P.log("softlabels_shard", "{shard}"),
+    benchmark:
+        P.benchmark("softlabels_shard", "{shard}")
+    threads: rule_resources("softlabels")["threads"]
+    resources:
+        mem_mb=rule_resources("softlabels")["mem_mb"],
+        runtime=rule_resources("softlabels")["runtime"],
+        gpu=1 if config["softlabels"]["device"] == "cuda" else 0,
+    shell:
+        "fastkd softlabels -o {params.store} -t {input.teachers} -w {params.weights} -m {input.manifest}"
+        " -T {params.temperature} --step-size {params.step} {params.mirroring} --dtype {params.dtype}"
+        f" --shard {{wildcards.shard}}/{N_SHARDS} --device {{params.device}} --threads {{threads}}"
+        " --marker {output.marker} > {log} 2>&1"
+
+
+rule softlabels_finalize:
+    input:
+        shards=[P.softlabel_shard(i) for i in range(1, N_SHARDS + 1)],
+        manifest=P.preprocess_manifest(TEACHER_CFG),
+    output:
+        root=P.softlabel_cache_root,
+    params:
+        store=q(P.softlabel_cache),
+    log:
+        P.log("softlabels_finalize"),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "fastkd cache finalize {params.store} -m {input.manifest} > {log} 2>&1"
+
+
+rule softlabels_preview:
+    input:
+        root=P.softlabel_cache_root,
+    output:
+        png=report(P.softlabel_preview, caption="../report/softlabels.rst", category="Soft-label cache"),
+    params:
+        store=q(P.softlabel_cache),
+        case=CASES[0],
+    log:
+        P.log("softlabels_preview"),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "fastkd cache show {params.store} {params.case} -o {output.png} > {log} 2>&1"
