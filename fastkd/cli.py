@@ -41,7 +41,9 @@ def _cmd_config(args) -> None:
                 **{f"preprocess manifest ({c})": p.preprocess_manifest(c) for c in config["plans"]["configurations"]},
                 "teacher folder": p.teacher_folder,
                 **{f"teacher fold {f}": p.teacher_checkpoint(f) for f in config["teachers"]["folds"]},
-                "teacher manifest": p.teacher_manifest}
+                **{f"teacher manifest ({s['name']})": p.teacher_manifest_of(s["name"]) for s in p.teacher_sets},
+                "soft-label cache": p.softlabel_cache,
+                "soft-label preview": p.softlabel_preview}
         for key, value in rows.items():
             print(f"# {key}: {value}")
 

@@ -21,6 +21,7 @@ missing. The store layout is described in :mod:`fastkd.cache`.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -46,14 +47,10 @@ def shard_cases(cases, n_shards: int, shard: int) -> list[str]:
 
 
 def _configuration(plans: dict, name: str) -> dict:
-    """A plans configuration with ``inherits_from`` resolved (as nnU-Net's PlansManager does)."""
-    configurations = plans["configurations"]
-    cfg = dict(configurations[name])
-    while "inherits_from" in cfg:
-        parent = dict(configurations[cfg.pop("inherits_from")])
-        parent.update(cfg)
-        cfg = parent
-    return cfg
+    """A plans configuration with ``inherits_from`` resolved, by nnU-Net's own PlansManager."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    return dict(PlansManager(plans).get_configuration(name).configuration)
 
 
 def grid_differences(teacher_plans: dict, teacher_cfg: str, grid_plans: dict, grid_cfg: str) -> list[str]:
@@ -84,8 +81,25 @@ def check_teachers(teachers: list[dict], grid_plans: dict, grid_cfg: str, grid_d
             + "\nuse teachers planned on the same data (e.g. nnU-Net default and ResEnc plans share nnUNetPlans_3d_fullres)")
 
 
+def tiles_per_case(spatial_shape, patch_size, step_size: float) -> int:
+    """Sliding-window tiles nnU-Net's predictor runs on a case (2d: per slice along the first axis)."""
+    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+
+    tiles = 1
+    if len(patch_size) < len(spatial_shape):
+        tiles, spatial_shape = spatial_shape[0], spatial_shape[1:]
+    padded = [max(s, p) for s, p in zip(spatial_shape, patch_size)]  # smaller cases are padded to the patch
+    for steps in compute_steps_for_sliding_window(padded, list(patch_size), step_size):
+        tiles *= len(steps)
+    return tiles
+
+
 class TeacherEnsemble:
-    """Every fold of every teacher folder, loaded once, each predicting through nnU-Net's predictor."""
+    """Every fold of every teacher folder, loaded once, each predicting through nnU-Net's predictor.
+
+    Each fold keeps its own network on the device (as nnU-Net's predictor would after loading its
+    weights), so nothing is reloaded or copied per case.
+    """
 
     def __init__(self, teachers: list[dict], weights: list[float], step_size: float, mirroring: bool, device: str):
         import torch
@@ -97,7 +111,7 @@ class TeacherEnsemble:
             raise FastkdError("softlabels.device = 'cuda' but torch sees no CUDA GPU; use 'cpu' or run on a GPU node")
         self.device = torch.device(device)
         total = float(sum(weights))
-        self.members = []  # (predictor, [state dicts], weight per fold)
+        self.members = []  # (predictor of the teacher folder, [network per fold], weight per fold)
         for t, weight in zip(teachers, weights):
             for fold, entry in t["folds"].items():
                 if sha256(entry["checkpoint"]) != entry["sha256"]:
@@ -108,10 +122,15 @@ class TeacherEnsemble:
                                         verbose=False, allow_tqdm=False)
             predictor.initialize_from_trained_model_folder(t["model_folder"], use_folds=[int(f) for f in t["folds"]],
                                                            checkpoint_name=t["checkpoint"])
-            self.members.append((predictor, predictor.list_of_parameters, weight / total / len(t["folds"])))
+            networks = []
+            for params in predictor.list_of_parameters:
+                network = copy.deepcopy(predictor.network)
+                network.load_state_dict(params)
+                networks.append(network.to(self.device).eval())
+            predictor.list_of_parameters = None  # the networks hold the weights now
+            self.members.append((predictor, networks, weight / total / len(networks)))
         first = self.members[0][0]
         self.label_manager = first.label_manager
-        self.patch_size = list(first.configuration_manager.patch_size)
         self.mirror_axes = list(first.allowed_mirroring_axes or []) if mirroring else []
 
     @property
@@ -125,19 +144,13 @@ class TeacherEnsemble:
         return [names.get(i, str(i)) for i in self.label_manager.all_labels]
 
     def forwards_per_case(self, spatial_shape) -> tuple[int, int]:
-        """(tiles, network forward passes) of one case over all folds: tiles x mirror passes x folds."""
-        from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
-
-        patch = self.patch_size
-        tiles = 1
-        if len(patch) < len(spatial_shape):  # 2d: every slice along the first axis
-            tiles, spatial_shape = spatial_shape[0], spatial_shape[1:]
-        padded = [max(s, p) for s, p in zip(spatial_shape, patch)]
-        for steps in compute_steps_for_sliding_window(padded, patch, self.members[0][0].tile_step_size):
-            tiles *= len(steps)
-        passes = 2 ** len(self.mirror_axes)  # the identity and every combination of flips
-        folds = sum(len(params) for _, params, _ in self.members)
-        return tiles, tiles * passes * folds
+        """(tiles of the first teacher, network forward passes of all folds) for one case."""
+        tiles = [tiles_per_case(spatial_shape, p.configuration_manager.patch_size, p.tile_step_size)
+                 for p, _, _ in self.members]
+        forwards = sum(
+            n * 2 ** (len(p.allowed_mirroring_axes or []) if p.use_mirroring else 0) * len(networks)
+            for n, (p, networks, _) in zip(tiles, self.members))  # identity + every combination of flips
+        return tiles[0], forwards
 
     def predict(self, data: np.ndarray, temperature: float) -> np.ndarray:
         """Weighted mean over folds of the tempered probabilities, float32 (C, x, y, z)."""
@@ -146,9 +159,9 @@ class TeacherEnsemble:
         x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
         total = None
         with torch.inference_mode():
-            for predictor, parameters, weight in self.members:
-                for params in parameters:
-                    predictor.network.load_state_dict(params)
+            for predictor, networks, weight in self.members:
+                for network in networks:
+                    predictor.network = network
                     logits = predictor.predict_sliding_window_return_logits(x).float() / temperature
                     probs = torch.softmax(logits, 0) if self.softmax else torch.sigmoid(logits)
                     total = probs.mul_(weight) if total is None else total.add_(probs, alpha=weight)

@@ -246,3 +246,13 @@ def test_shard_arguments_are_checked():
         shard_cases(["a", "b"], 3, 0)
     with pytest.raises(Exception, match=r"shard = 2: must be between 0 and 1"):
         shard_cases(["a", "b"], 2, 2)
+
+
+def test_region_based_soft_labels_are_rounded_per_channel_and_not_summed(tmp_path):
+    store = tmp_path / "regions.zarr"
+    p = np.random.default_rng(3).random((2, 6, 7, 8), dtype=np.float32)  # independent sigmoid channels
+    prov = provenance(activation="sigmoid", channels=("region0:[1, 2]", "region1:[2]"))
+    cache.write_case(store, "case_a", p, prov)
+    cache.finalize(store, {"case_a": [1, 6, 7, 8]})
+    assert np.abs(SoftLabelCache(store).read("case_a") - p).max() <= 0.5 / 255 + 1e-6
+    assert cache.verify(store, tmp_path) == [f"case_a: no preprocessed {tmp_path}/case_a.b2nd"]
