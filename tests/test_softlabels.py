@@ -177,7 +177,8 @@ def test_teachers_on_another_grid_are_refused(tmp_path):
     def plans(name, spacing, data_identifier="nnUNetPlans_3d_fullres"):
         return {"plans_name": name, "transpose_forward": [0, 1, 2], "configurations": {"3d_fullres": {
             "data_identifier": data_identifier, "spacing": spacing, "normalization_schemes": ["ZScoreNormalization"],
-            "use_mask_for_norm": [False]}}}
+            "use_mask_for_norm": [False],
+            "architecture": {"network_class_name": "PlainConvUNet", "arch_kwargs": {}, "_kw_requires_import": []}}}}
 
     labels = {"background": 0, "a": 1}
     grid = plans("nnUNetPlans", [1, 1, 1])
