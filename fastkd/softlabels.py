@@ -36,6 +36,16 @@ from fastkd.errors import FastkdError
 GRID_KEYS = ("data_identifier", "spacing", "transpose_forward", "normalization_schemes", "use_mask_for_norm")
 
 
+def read_json(path: str | Path, what: str, hint: str) -> dict:
+    """A JSON input of a step, or a clear error naming it and how it is made."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FastkdError(f"{what} {path} does not exist ({hint})") from None
+    except ValueError as e:
+        raise FastkdError(f"{what} {path} is not valid JSON ({e}); {hint}") from None
+
+
 def shard_cases(cases, n_shards: int, shard: int) -> list[str]:
     """The cases of shard ``shard`` of ``n_shards``: every n-th of the sorted cases (balanced, disjoint)."""
     cases = sorted(cases)
@@ -230,8 +240,8 @@ def fill_cache(store: str | Path, teacher_manifests: list[str | Path], preproces
     weights = list(weights) if weights else [1.0] * len(teacher_manifests)
     if len(weights) != len(teacher_manifests) or min(weights) <= 0:
         raise FastkdError(f"weights = {weights}: need one weight > 0 per teacher manifest ({len(teacher_manifests)})")
-    pm = json.loads(Path(preprocess_manifest).read_text())
-    teachers = [json.loads(Path(m).read_text()) for m in teacher_manifests]
+    pm = read_json(preprocess_manifest, "preprocess manifest", "written by `fastkd plan-preprocess --manifests`")
+    teachers = [read_json(m, "teacher manifest", "written by `fastkd teachers FOLDER -o`") for m in teacher_manifests]
     preprocessed_root = os.environ.get("nnUNet_preprocessed")
     if not preprocessed_root:
         raise FastkdError("nnUNet_preprocessed is not set (Snakemake sets it from the config; export it by hand)")
@@ -241,6 +251,10 @@ def fill_cache(store: str | Path, teacher_manifests: list[str | Path], preproces
     dataset_json = json.loads((dataset_folder / "dataset.json").read_text())
     check_teachers(teachers, grid_plans, pm["configuration"], dataset_json)
     cases = shard_cases(pm["cases"], n_shards, shard)
+    missing = [c for c in cases if not (case_folder / f"{c}.b2nd").is_file()]
+    if missing:
+        raise FastkdError(f"preprocessed cases missing in {case_folder}: {', '.join(missing)} "
+                          "(rerun plan_preprocess, or check nnUNet_preprocessed)")
 
     cache.invalidate(store)  # the store is being changed: it must not open as complete until finalize
     ensemble = TeacherEnsemble(teachers, weights, step_size, mirroring, device)
@@ -275,7 +289,7 @@ def fill_cache(store: str | Path, teacher_manifests: list[str | Path], preproces
 
 def finalize_cache(store: str | Path, preprocess_manifest: str | Path) -> dict:
     """Check every case of the preprocess manifest is in the store, then write the store's root."""
-    pm = json.loads(Path(preprocess_manifest).read_text())
+    pm = read_json(preprocess_manifest, "preprocess manifest", "written by `fastkd plan-preprocess --manifests`")
     folder = None
     if os.environ.get("nnUNet_preprocessed"):
         folder = Path(os.environ["nnUNet_preprocessed"]) / pm["dataset_name"] / pm["data_identifier"]

@@ -256,3 +256,20 @@ def test_region_based_soft_labels_are_rounded_per_channel_and_not_summed(tmp_pat
     cache.finalize(store, {"case_a": [1, 6, 7, 8]})
     assert np.abs(SoftLabelCache(store).read("case_a") - p).max() <= 0.5 / 255 + 1e-6
     assert cache.verify(store, tmp_path) == [f"case_a: no preprocessed {tmp_path}/case_a.b2nd"]
+
+
+def test_softlabels_command_names_bad_inputs_and_writes_nothing(tmp_path):
+    manifest = tmp_path / "pm.json"
+    manifest.write_text("{not json")
+    store = tmp_path / "c.zarr"
+    base = [str(BIN / "fastkd"), "softlabels", "-o", str(store)]
+    run = subprocess.run(base + ["-t", str(tmp_path / "teachers.json"), "-m", str(manifest)], capture_output=True, text=True)
+    assert run.returncode == 1 and f"preprocess manifest {manifest} is not valid JSON" in run.stderr
+    manifest.write_text("{}")
+    run = subprocess.run(base + ["-t", str(tmp_path / "teachers.json"), "-m", str(manifest)], capture_output=True, text=True)
+    assert run.returncode == 1 and f"teacher manifest {tmp_path / 'teachers.json'} does not exist" in run.stderr
+    run = subprocess.run(base + ["-t", "a", "-m", "b", "--shard", "3/2"], capture_output=True, text=True)
+    assert run.returncode == 2 and "--shard: '3/2': need 1 <= I <= N" in run.stderr
+    run = subprocess.run(base + ["-t", "a", "-m", "b", "-T", "0"], capture_output=True, text=True)
+    assert run.returncode == 1 and "temperature = 0.0: must be > 0" in run.stderr
+    assert not store.exists()
