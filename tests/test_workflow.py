@@ -135,9 +135,9 @@ def test_teachers_trained_elsewhere_are_validated_and_reused(trained, tmp_path):
 
     wd = workdir(tmp_path, {"dataset": {"raw": str(raw)}, "plans": {"num_processes": 1},
                             "teachers": {"model_folder": str(folder), "folds": [0]}}, name="reuse")
-    assert job_counts(snakemake(wd, "-n", "--cores", "1", "teachers").stdout) == {
-        "plan_preprocess": 1, "teacher_manifest": 1, "teachers": 1}
-    snakemake(wd, "--cores", "1", "teachers")
+    assert job_counts(snakemake(wd, "-n", "--cores", "1", "preprocessed", "teachers").stdout) == {
+        "plan_preprocess": 1, "teacher_manifest": 1, "preprocessed": 1, "teachers": 1}
+    snakemake(wd, "--cores", "1", "preprocessed", "teachers")
     manifest = json.loads((wd / "fastkd_work" / ds / "teachers" / f"{folder.name}.json").read_text())
     assert manifest["model_folder"] == str(folder)
     assert manifest["folds"]["0"]["sha256"] == sha256(folder / "fold_0" / "checkpoint_final.pth")
