@@ -122,13 +122,21 @@ def _compressors(dtype: str) -> list:
 
 
 # -- writing -------------------------------------------------------------------------------------
-def case_attrs(store: str | Path, case: str) -> dict | None:
-    """The ``fastkd_softlabels`` attributes of a case in the store, or None if it is not there."""
-    meta = Path(store) / case / "zarr.json"
+def _node_attrs(node: Path) -> dict | None:
     try:
-        return json.loads(meta.read_text())["attributes"][ATTR]
+        return json.loads((node / "zarr.json").read_text())["attributes"][ATTR]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def case_attrs(store: str | Path, case: str) -> dict | None:
+    """The ``fastkd_softlabels`` attributes of a case in the store, or None if it is not there."""
+    return _node_attrs(Path(store) / case)
+
+
+def root_attrs(store: str | Path) -> dict | None:
+    """The store's root attributes, or None before finalize wrote them."""
+    return _node_attrs(Path(store))
 
 
 def is_current(store: str | Path, case: str, provenance: dict, shape: tuple[int, ...]) -> bool:
@@ -356,9 +364,7 @@ def info(store: str | Path) -> dict:
     store = Path(store)
     if not store.is_dir():
         raise CacheError(f"{store} does not exist (give the path of a soft-label cache *.zarr)")
-    root = None
-    if (store / "zarr.json").is_file():
-        root = json.loads((store / "zarr.json").read_text()).get("attributes", {}).get(ATTR)
+    root = root_attrs(store)
     cases, provenance = {}, (root or {}).get("provenance")
     for case in _case_dirs(store):
         attrs = case_attrs(store, case) or {}
@@ -436,9 +442,7 @@ def verify(store: str | Path, preprocessed_folder: str | Path | None = None, tol
     if not store.is_dir():
         raise CacheError(f"{store} does not exist (give the path of a soft-label cache *.zarr)")
     problems = []
-    root = None
-    if (store / "zarr.json").is_file():
-        root = json.loads((store / "zarr.json").read_text()).get("attributes", {}).get(ATTR)
+    root = root_attrs(store)
     if not root or not root.get("complete"):
         problems.append("(store): not finalized (no complete root zarr.json); its soft-label jobs have not finished")
     present = _case_dirs(store)
@@ -518,7 +522,7 @@ def show(store: str | Path, case: str, out: str | Path, preprocessed_folder: str
     def take(volume):  # (x, y, z) -> 2-D slice, shown with the first remaining axis vertical
         return np.take(volume, index, axis=axis)
 
-    root = json.loads((store / "zarr.json").read_text())["attributes"][ATTR] if (store / "zarr.json").is_file() else {}
+    root = root_attrs(store) or {}
     folder = Path(preprocessed_folder or root.get("preprocessed_folder") or "")
     panels = []
     if (folder / f"{case}.b2nd").is_file():
