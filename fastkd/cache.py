@@ -337,7 +337,7 @@ class SoftLabelCache:
         channel (1 inside the volume, 0 outside). Boxes may reach outside the volume, as nnU-Net's
         ``get_bbox`` produces them.
         """
-        shape = self.cases[case][1:] if case in self.cases else self.array(case).shape[1:]
+        shape = self.array(case).shape[1:]
         sizes = [int(hi) - int(lo) for lo, hi in bbox]
         out = np.zeros((self.num_channels + 1, *sizes), dtype=np.float32)
         lo = [max(int(b[0]), 0) for b in bbox]
