@@ -351,21 +351,9 @@ def bench_loading(store: Path, boxes: list, trainer, iterations: int, warmup: in
 
 
 # -- 4. teacher forwards --------------------------------------------------------------------------
-def forwards_per_case(spatial_shape, patch: list[int], step_size: float, passes: int, folds: int) -> int:
-    """Tiles x mirror passes x folds, as fastkd.softlabels.TeacherEnsemble.forwards_per_case counts them."""
-    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
-
-    tiles, spatial_shape = 1, list(spatial_shape)
-    if len(patch) < len(spatial_shape):  # 2d: every slice along the first axis
-        tiles, spatial_shape = spatial_shape[0], spatial_shape[1:]
-    padded = [max(s, p) for s, p in zip(spatial_shape, patch)]
-    for steps in compute_steps_for_sliding_window(padded, patch, step_size):
-        tiles *= len(steps)
-    return tiles * passes * folds
-
-
 def bench_forwards(store: Path, pm: dict) -> dict:
     from fastkd.cache import SoftLabelCache
+    from fastkd.softlabels import tiles_per_case
 
     cache = SoftLabelCache(store)
     p = cache.provenance
@@ -373,7 +361,8 @@ def bench_forwards(store: Path, pm: dict) -> dict:
     passes = 2 ** len(p["mirror_axes"])
 
     def count(cases):
-        return sum(forwards_per_case(pm["cases"][c]["shape"][1:], p["patch_size"], p["step_size"], passes, folds)
+        # tiles x mirror passes x folds per case, as the soft-label job counts them
+        return sum(tiles_per_case(pm["cases"][c]["shape"][1:], p["patch_size"], p["step_size"]) * passes * folds
                    for c in cases)
 
     measured = cache.attrs["teacher_forwards"]
