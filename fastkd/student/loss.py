@@ -1,0 +1,242 @@
+"""The knowledge-distillation loss: student logits against the teacher ensemble's cached soft labels.
+
+The soft labels ``p`` are the teachers' tempered probabilities (``softmax(logits / T)``, or per-region
+``sigmoid(logits / T)`` for region-based datasets; :mod:`fastkd.softlabels`) at full resolution. The
+student's logits ``z`` are tempered the same way. With ``x = z / T``, ``m`` the mask of counted voxels
+(nnU-Net's ignore label and padding excluded) and ``N_s`` the number of counted voxels at scale ``s``::
+
+    loss = sum_s w_s * T^2 * KL_s  +  soft_dice * SD  +  cauchy_schwarz * CS
+
+KL per deep-supervision scale ``s`` (``p_s`` = ``p`` area-downsampled to the scale's shape)::
+
+    softmax mode: KL_s = 1/N_s sum_{v: m_v} sum_c p_c * (log p_c - log_softmax(x)_c)
+    region mode:  KL_s = 1/N_s sum_{v: m_v} sum_r [ p_r (log p_r - log sigmoid(x_r))
+                                                   + (1-p_r) (log(1-p_r) - log sigmoid(-x_r)) ]
+
+``0 log 0 = 0`` (``torch.xlogy``): uint8-quantised teacher probabilities are often exactly 0. Region
+mode is one Bernoulli KL per region (never a softmax across regions), computed stably as
+``BCE-with-logits(x, p) - H(p)``. The ``T^2`` factor (Hinton et al. 2015) keeps the gradient's size
+independent of ``T``. ``w_s`` are used as given: the trainer passes nnU-Net's normalised deep
+supervision weights (``2^-s``, lowest resolution 0, sum 1), so the KD term is on the same scale as
+nnU-Net's DC+CE deep-supervision loss. Scales of weight 0 are not computed at all.
+
+Unlike FastnnUNet (KD on the full-resolution output only, ``F.kl_div(reduction='mean')``), we apply KD
+at every weighted deep-supervision scale and average over counted voxels only; ``reduction='mean'`` also
+divides by the number of classes C, so FastnnUNet's KD term at the same alpha is C times smaller.
+
+Downsampling. The teacher probabilities at a coarser scale are the mean of ``p`` over the counted
+voxels of each block (area interpolation, :func:`downsample_soft`), so they still sum to 1 and ignored
+voxels never leak into them. The mask is downsampled nearest-exact (:func:`downsample_mask`), exactly as
+nnU-Net's ``DownsampleSegForDSTransform`` downsamples the target that its own loss masks with.
+
+Optional terms, on the full-resolution output only, with ``q = softmax(x)`` (per-region ``sigmoid(x)``):
+
+- Soft Dice (nnU-Net batch-Dice style: sums over batch and counted voxels, mean over channels ``K``)::
+
+      SD = 1 - 1/|K| sum_{c in K} (2 sum q_c p_c + eps) / (sum q_c^2 + sum p_c^2 + eps),  eps = 1e-5
+
+  ``K`` excludes the background channel 0 in softmax mode (nnU-Net's ``do_bg=False``); all regions in
+  region mode (nnU-Net uses ``do_bg=True`` for regions). The denominator is squared (V-Net form), not
+  nnU-Net's ``sum q + sum p``: against a *soft* target the linear form is not 1 at ``q = p``
+  (``sum p^2 / sum p < 1``) and is maximised by hardening ``q``, whereas
+  ``2 <q,p> / (|q|^2 + |p|^2) <= 1`` with equality exactly at ``q = p``. For one-hot targets the two agree.
+- Cauchy-Schwarz divergence, per voxel over the class axis, averaged over counted voxels::
+
+      D_CS(p, q) = -log( sum_c p_c q_c / sqrt(sum_c p_c^2 * sum_c q_c^2) )
+                 = -log(sum_c p_c q_c + eps) + 1/2 log(sum_c p_c^2 + eps) + 1/2 log(sum_c q_c^2 + eps)
+
+  with ``eps = 1e-7`` (0 at ``q = p`` also with eps; finite when the supports are disjoint). In region
+  mode, per region on the Bernoulli vectors ``[p_r, 1-p_r]`` and ``[q_r, 1-q_r]``, summed over regions
+  (like the region KL). Related system 004 ("UNet distillation", a Hybrid Distillation Loss) only names
+  its terms (classification loss + Dice loss + Cauchy-Schwarz divergence); it gives no formula, weights
+  or axis. The definition above is the standard CS divergence ``-log(<p,q> / (|p| |q|))`` applied to
+  each voxel's class distribution; temperature, masking, the region form and the log-sum form with eps
+  are our choices. It is >= 0 and 0 only when q is proportional to p (for distributions: q = p).
+
+Neither optional term carries ``T^2``. Everything is computed in float32 with autocast disabled, so fp16
+logits from a CUDA autocast forward are fine; gradients flow to the logits only (``soft`` is detached).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+#: smoothing of the soft Dice ratio (nnU-Net's trainer uses 1e-5 too)
+DICE_EPS = 1e-5
+#: keeps the logs of the Cauchy-Schwarz divergence finite
+CS_EPS = 1e-7
+
+
+def downsample_soft(soft: torch.Tensor, shape: Sequence[int], mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Area-downsample probabilities ``(B, C, *spatial)`` to ``shape`` (the same tensor if already there).
+
+    Each output voxel is the mean of its input block (``F.interpolate(mode="area")``, i.e. adaptive
+    average pooling), so per-voxel sums over C are preserved. With ``mask`` ((B, 1, *spatial) bool) the
+    mean is over the block's counted voxels only; values at uncounted voxels (even NaN) do not matter,
+    and a block with no counted voxel becomes 0.
+    """
+    shape = tuple(int(s) for s in shape)
+    if tuple(soft.shape[2:]) == shape:
+        return soft if mask is None else torch.where(mask, soft, 0.0)
+    if mask is None:
+        return F.interpolate(soft, size=shape, mode="area")
+    total = F.interpolate(torch.where(mask, soft, 0.0), size=shape, mode="area")
+    share = F.interpolate(mask.to(soft.dtype), size=shape, mode="area")
+    return total / share.clamp_min(torch.finfo(soft.dtype).tiny)
+
+
+def downsample_mask(mask: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Nearest-exact downsampling of a (B, 1, *spatial) bool mask, as nnU-Net's DownsampleSegForDSTransform
+    downsamples the target (so KD counts the voxels nnU-Net's own loss counts at that scale)."""
+    shape = tuple(int(s) for s in shape)
+    if tuple(mask.shape[2:]) == shape:
+        return mask
+    return F.interpolate(mask.float(), size=shape, mode="nearest-exact") > 0.5
+
+
+def kd_mask_from_target(target0: torch.Tensor, ignore_label: int | None, regions: bool) -> torch.Tensor | None:
+    """The voxels KD counts, from nnU-Net's full-resolution training target (``batch['target'][0]``
+    under deep supervision), or None when every voxel counts (no ignore label).
+
+    - Labels: target (B, 1, *spatial) of label values; counted = ``target != ignore_label``
+      (as in nnU-Net's ``DC_and_CE_loss``).
+    - Regions: nnU-Net's ``ConvertSegmentationToRegionsTransform`` makes a bool target with one channel
+      per region, plus a last channel ``seg == ignore_label`` when the dataset has an ignore label
+      (``regions + [ignore_label]`` in ``get_training_transforms``); without one there is no extra
+      channel. Counted = ``~target[:, -1:]`` (as in ``DC_and_BCE_loss(use_ignore_label=True)``; any
+      dtype, nonzero meaning ignored).
+
+    Returns (B, 1, *spatial) bool.
+    """
+    if ignore_label is None:
+        return None
+    if regions:
+        return ~target0[:, -1:].bool()
+    if target0.shape[1] != 1:
+        raise ValueError(f"label target must have shape (B, 1, *spatial), got {tuple(target0.shape)}")
+    return target0 != ignore_label
+
+
+def _masked_mean(per_voxel: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of (B, 1, *spatial) values over counted voxels; 0 when none counts (never NaN)."""
+    if mask is None:
+        return per_voxel.mean()
+    return torch.where(mask, per_voxel, 0.0).sum() / mask.sum().clamp_min(1)
+
+
+def _kl(x: torch.Tensor, p: torch.Tensor, regions: bool) -> torch.Tensor:
+    """Per-voxel KL(p || act(x)) summed over channels, (B, 1, *spatial)."""
+    if regions:
+        bce = F.binary_cross_entropy_with_logits(x, p, reduction="none")
+        per_channel = bce + torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p)
+    else:
+        per_channel = torch.xlogy(p, p) - p * F.log_softmax(x, dim=1)
+    return per_channel.sum(1, keepdim=True)
+
+
+def _soft_dice(q: torch.Tensor, p: torch.Tensor, mask: torch.Tensor | None, regions: bool) -> torch.Tensor:
+    """1 - batch soft Dice (squared denominator) between student q and teacher p; see module docstring."""
+    if not regions:
+        q, p = q[:, 1:], p[:, 1:]
+    if mask is not None:
+        q = torch.where(mask, q, 0.0)
+    axes = [0, *range(2, q.ndim)]
+    intersect = (q * p).sum(axes)
+    denominator = (q * q).sum(axes) + (p * p).sum(axes)
+    return 1 - ((2 * intersect + DICE_EPS) / (denominator + DICE_EPS)).mean()
+
+
+def _cauchy_schwarz(q: torch.Tensor, p: torch.Tensor, regions: bool) -> torch.Tensor:
+    """Per-voxel Cauchy-Schwarz divergence, (B, 1, *spatial); see module docstring."""
+    if regions:
+        pq = p * q + (1 - p) * (1 - q)
+        pp = p * p + (1 - p) * (1 - p)
+        qq = q * q + (1 - q) * (1 - q)
+    else:
+        pq, pp, qq = (p * q).sum(1, keepdim=True), (p * p).sum(1, keepdim=True), (q * q).sum(1, keepdim=True)
+    cs = -torch.log(pq + CS_EPS) + 0.5 * torch.log(pp + CS_EPS) + 0.5 * torch.log(qq + CS_EPS)
+    return cs.sum(1, keepdim=True)
+
+
+class KDLoss(torch.nn.Module):
+    """``sum_s w_s T^2 KL_s + soft_dice * SD + cauchy_schwarz * CS`` (formulas in the module docstring).
+
+    ``ds_weights``: one weight per deep-supervision output, highest resolution first (nnU-Net's
+    normalised weights); None = a single output with weight 1. ``regions``: sigmoid (region-based)
+    outputs and soft labels instead of softmax.
+    """
+
+    def __init__(self, temperature: float, ds_weights: Sequence[float] | None = None, regions: bool = False,
+                 soft_dice: float = 0.0, cauchy_schwarz: float = 0.0):
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature = {temperature}: must be > 0")
+        weights = (1.0,) if ds_weights is None else tuple(float(w) for w in ds_weights)
+        if not weights or any(not w >= 0 for w in weights) or not any(w > 0 for w in weights):
+            raise ValueError(f"ds_weights = {ds_weights}: must be non-negative with at least one > 0")
+        for name, value in (("soft_dice", soft_dice), ("cauchy_schwarz", cauchy_schwarz)):
+            if not value >= 0:
+                raise ValueError(f"{name} = {value}: must be >= 0")
+        self.temperature = float(temperature)
+        self.ds_weights = weights
+        self.regions = regions
+        self.soft_dice = float(soft_dice)
+        self.cauchy_schwarz = float(cauchy_schwarz)
+
+    def forward(self, outputs, soft: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """outputs: student logits, a Tensor (B, C, *sp) or a list of them, one per deep-supervision scale,
+        highest resolution first (as nnU-Net's network returns them).
+        soft: teacher probabilities (B, C, *sp) at full resolution; softmax mode: they sum to 1 over C;
+        region mode: each channel an independent probability in [0, 1].
+        mask: optional (B, 1, *sp) bool at full resolution, True = voxel counts; None = all voxels.
+        Returns a float32 scalar."""
+        outputs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+        self._check(outputs, soft, mask)
+        T = self.temperature
+        with torch.autocast(soft.device.type, enabled=False):
+            # clamp: resampled soft labels may overshoot [0, 1] by ~1e-7, and log of a negative is NaN
+            p = soft.detach().float().clamp(0, 1)
+            if mask is not None:
+                p = torch.where(mask, p, 0.0)
+            loss = torch.zeros((), dtype=torch.float32, device=soft.device)
+            for w, z in zip(self.ds_weights, outputs):
+                if w == 0:
+                    continue
+                shape = z.shape[2:]
+                m = None if mask is None else downsample_mask(mask, shape)
+                p_s = downsample_soft(p, shape, mask)
+                loss = loss + w * T * T * _masked_mean(_kl(z.float() / T, p_s, self.regions), m)
+            if self.soft_dice or self.cauchy_schwarz:
+                x = outputs[0].float() / T
+                q = torch.sigmoid(x) if self.regions else torch.softmax(x, dim=1)
+                if self.soft_dice:
+                    loss = loss + self.soft_dice * _soft_dice(q, p, mask, self.regions)
+                if self.cauchy_schwarz:
+                    loss = loss + self.cauchy_schwarz * _masked_mean(_cauchy_schwarz(q, p, self.regions), mask)
+        return loss
+
+    def _check(self, outputs: list, soft: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if len(outputs) != len(self.ds_weights):
+            raise ValueError(f"{len(outputs)} student outputs but {len(self.ds_weights)} ds_weights "
+                             f"{list(self.ds_weights)}: need one weight per deep-supervision output")
+        full = outputs[0]
+        if soft.shape != full.shape:
+            raise ValueError(f"soft labels have shape {tuple(soft.shape)} but the full-resolution student output "
+                             f"has {tuple(full.shape)}: they must match (B, C, *spatial)")
+        if not soft.is_floating_point():
+            raise ValueError(f"soft labels have dtype {soft.dtype}: must be probabilities in a float dtype")
+        if not self.regions and full.shape[1] < 2:
+            raise ValueError(f"softmax mode needs at least 2 channels, got output shape {tuple(full.shape)}")
+        for i, z in enumerate(outputs[1:], 1):
+            if z.shape[:2] != full.shape[:2] or z.ndim != full.ndim \
+                    or any(a > b for a, b in zip(z.shape[2:], full.shape[2:])):
+                raise ValueError(f"student output {i} has shape {tuple(z.shape)}, not a downsampled version of "
+                                 f"output 0 {tuple(full.shape)}: same B and C, no larger spatial size")
+        if mask is not None:
+            expected = (full.shape[0], 1, *full.shape[2:])
+            if tuple(mask.shape) != expected or mask.dtype != torch.bool:
+                raise ValueError(f"mask has shape {tuple(mask.shape)} and dtype {mask.dtype} but the student "
+                                 f"output has {tuple(full.shape)}: need bool {expected}")
