@@ -1,0 +1,108 @@
+"""nnU-Net's training data loader, plus the cached soft labels of every patch it samples.
+
+:class:`KDDataLoader` is nnU-Net's own ``nnUNetDataLoader``: same case sampling, same foreground
+oversampling, same boxes (half-open voxel ranges in the preprocessed grid that may reach outside the
+volume). It hooks three points of the parent's batch loop instead of copying it:
+
+- ``get_indices``: remembers the batch's case keys;
+- ``get_bbox``: remembers each sample's box (the parent discards it after cropping);
+- the transforms: a wrapper reads the same box from the soft-label cache
+  (:meth:`fastkd.cache.SoftLabelCache.read_crop`, float32 probabilities plus a "valid" channel, zero
+  outside the volume) and hands it to nnU-Net's augmentation as ``regression_target``.
+
+batchgeneratorsv2 resamples ``regression_target`` on the same grid as image and segmentation in every
+spatial transform (rotation, scaling, elastic in DA5, mirroring, transposes, pseudo-2D), and its
+intensity-only and segmentation-only transforms leave it alone: the soft labels move exactly with the
+segmentation and are never blurred, noised or gamma-corrected. After augmentation the padding (where
+``valid`` < 1) is given to the background class (softmax caches; region caches stay 0 = "not in the
+region"), values are clamped to [0, 1] because trilinear weights overshoot by ~1e-7, and the valid
+channel is dropped. The batch gains ``batch["softlabels"]``: float32 ``(B, C, *patch)``.
+
+The cache is opened lazily in each process, so nnU-Net's augmentation workers (forked) each hold
+their own reader.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+
+
+class _SoftLabelTransforms:
+    """Calls nnU-Net's transforms with the current sample's soft labels as ``regression_target``."""
+
+    def __init__(self, loader: "KDDataLoader", transforms):
+        self.loader = loader
+        self.transforms = transforms
+
+    def __call__(self, **sample):
+        loader = self.loader
+        soft = torch.from_numpy(loader.cache.read_crop(str(loader.keys[loader.sample]), loader.box))
+        if loader.patch_size_was_2d:  # as the parent does with image and segmentation
+            soft = soft[:, 0]
+        if self.transforms is not None:
+            sample = self.transforms(**sample, regression_target=soft)
+            soft = sample.pop("regression_target")
+        else:
+            sample = dict(sample)
+        loader.softlabels.append(finish_softlabels(soft, loader.softmax))
+        return sample
+
+
+def finish_softlabels(soft: torch.Tensor, softmax: bool) -> torch.Tensor:
+    """(C + 1, ...) augmented probabilities + valid channel -> (C, ...) probabilities.
+
+    Padding (valid < 1) becomes background for softmax caches, so each voxel still sums to one.
+    """
+    probs, valid = soft[:-1], soft[-1]
+    if softmax:
+        probs = probs.clone()
+        probs[0] += 1 - valid
+    return probs.clamp_(0, 1)
+
+
+class KDDataLoader(nnUNetDataLoader):
+    """``nnUNetDataLoader`` whose batches also carry the cached soft labels of each sampled box.
+
+    ``cache_path``: a complete soft-label cache on the same preprocessed grid (checked by the trainer).
+    ``softmax``: whether the cache holds softmax probabilities (else per-region sigmoids).
+    """
+
+    def __init__(self, *args, cache_path: str, softmax: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cache_path = str(cache_path)
+        self.softmax = softmax
+        self.transforms = _SoftLabelTransforms(self, self.transforms)
+        self._cache, self._cache_pid = None, None
+        self.keys, self.sample, self.box, self.softlabels = [], -1, None, []
+
+    @property
+    def cache(self):
+        if self._cache_pid != os.getpid():
+            from fastkd.cache import SoftLabelCache
+
+            self._cache, self._cache_pid = SoftLabelCache(self.cache_path), os.getpid()
+        return self._cache
+
+    def get_indices(self):
+        self.keys = list(super().get_indices())
+        self.sample, self.softlabels = -1, []
+        return self.keys
+
+    def get_bbox(self, *args, **kwargs):
+        lbs, ubs = super().get_bbox(*args, **kwargs)
+        self.sample += 1
+        self.box = [[int(lo), int(hi)] for lo, hi in zip(lbs, ubs)]
+        return lbs, ubs
+
+    def generate_train_batch(self):
+        batch = super().generate_train_batch()
+        if len(self.softlabels) != len(batch["keys"]):
+            raise RuntimeError(f"KDDataLoader: {len(self.softlabels)} soft-label crops for a batch of "
+                               f"{len(batch['keys'])}; nnUNetDataLoader's batch loop changed (expected one "
+                               "get_bbox and one transforms call per sample)")
+        batch["softlabels"] = torch.stack(self.softlabels)
+        self.softlabels = []
+        return batch
