@@ -12,6 +12,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/teachers.smk"
 include: "workflow/rules/softlabels.smk"
+include: "workflow/rules/student.smk"
 
 
 rule all:
@@ -34,3 +35,8 @@ rule teachers:
 rule softlabels:
     input:
         softlabel_targets(),
+
+
+rule student:
+    input:
+        student_targets(),

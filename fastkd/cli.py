@@ -80,6 +80,32 @@ def _cmd_train_teacher(args) -> None:
     print(f"teacher fold {args.fold} done: {folder}")
 
 
+def _fold(text: str):
+    if text == "all":
+        return "all"
+    try:
+        fold = int(text)
+    except ValueError:
+        fold = -1
+    if fold not in range(5):
+        raise argparse.ArgumentTypeError(f"{text!r}: a fold is 0-4 or 'all'")
+    return fold
+
+
+def _cmd_train_student(args) -> None:
+    from fastkd.student.train import make_settings, train_student
+
+    _set_threads(args.threads)
+    settings = make_settings(cache=args.cache, temperature=args.temperature, alpha=args.alpha, epochs=args.epochs,
+                             iterations_per_epoch=args.iterations, val_iterations_per_epoch=args.val_iterations,
+                             batch_size=args.batch_size, save_every=args.save_every, rotate_every=args.rotate_every,
+                             soft_dice=args.soft_dice, cauchy_schwarz=args.cauchy_schwarz,
+                             validation_mirroring=not args.no_validation_mirroring)
+    folder = train_student(args.dataset, args.plans, args.configuration, args.fold, settings, da5=args.da5,
+                           device=args.device, num_gpus=args.num_gpus, resume=not args.no_resume)
+    print(f"student fold {args.fold} done: {folder}")
+
+
 def _cmd_teachers(args) -> None:
     from fastkd.teachers import validate_model_folder, write_manifest
 
@@ -137,6 +163,35 @@ def _cmd_cache_show(args) -> None:
     print(f"wrote {out}")
 
 
+def _cmd_student_plans(args) -> None:
+    from fastkd.student.plans import derive_student_plans, load_plans, write_student_plans
+
+    out = args.output
+    if out is None:  # beside the teacher plans, named after the plans: where nnU-Net looks for them
+        name = derive_student_plans(load_plans(args.teacher_plans), args.r, args.block_strategy)["plans_name"]
+        out = args.teacher_plans.parent / f"{name}.json"
+    plans = write_student_plans(args.teacher_plans, out, args.r, args.block_strategy)
+    print(f"student plans {plans['plans_name']}: {out}")
+
+
+def _cmd_student_info(args) -> None:
+    from fastkd.student.plans import derive_student_plans, format_info, load_plans
+
+    teacher = load_plans(args.teacher_plans)
+    if args.student is not None:
+        if args.block_strategy != "keep":
+            raise FastkdError(f"-bs {args.block_strategy} derives a student; --student {args.student} is one already")
+        student = load_plans(args.student)
+    else:
+        student = derive_student_plans(teacher, 2 if args.r is None else args.r, args.block_strategy)
+    dataset_json = args.dataset_json or args.teacher_plans.parent / "dataset.json"
+    if not dataset_json.is_file():
+        raise FastkdError(f"no dataset.json at {dataset_json} (needed for the input and output channels); "
+                          "give one with --dataset-json")
+    with open(dataset_json) as f:
+        print(format_info(teacher, student, json.load(f), args.configurations))
+
+
 def _shard(text: str) -> tuple[int, int]:
     """``I/N`` (1-based shard I of N) -> (I - 1, N)."""
     try:
@@ -150,6 +205,7 @@ def _shard(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     from fastkd import __version__
+    from fastkd.student.plans import BLOCK_STRATEGIES
 
     parser = argparse.ArgumentParser(prog="fastkd", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"fastkd {__version__}")
@@ -197,6 +253,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch and nnU-Net worker pools)")
     p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint_latest.pth left by a killed run")
     p.set_defaults(func=_cmd_train_teacher)
+
+    p = sub.add_parser("train-student", help="train one student fold on patches + cached soft labels (+ final validation)")
+    p.add_argument("-d", "--dataset", required=True, help="nnU-Net dataset id or name")
+    p.add_argument("-p", "--plans", required=True, help="student plans name (written by `fastkd student plans`)")
+    p.add_argument("-c", "--configuration", default="3d_fullres")
+    p.add_argument("-f", "--fold", type=_fold, default=0, help="0-4, or 'all' to train on every case (default 0)")
+    p.add_argument("--cache", default=None, help="soft-label cache (a complete Zarr store); not needed with -a 0")
+    p.add_argument("-T", "--temperature", type=float, default=3.0, help="KD temperature; must equal the cache's")
+    p.add_argument("-a", "--alpha", type=float, default=0.3, help="KD weight in [0, 1]; 0 = no-KD baseline")
+    p.add_argument("--soft-dice", type=float, default=0.0, help="weight of a soft Dice term against the soft labels")
+    p.add_argument("--cauchy-schwarz", type=float, default=0.0, help="weight of a Cauchy-Schwarz divergence term")
+    p.add_argument("--epochs", type=int, default=1000)
+    p.add_argument("--iterations", type=int, default=250, help="training iterations per epoch")
+    p.add_argument("--val-iterations", type=int, default=50, help="validation iterations per epoch")
+    p.add_argument("--batch-size", type=int, default=None, help="override the plans' batch size")
+    p.add_argument("--save-every", type=int, default=5, help="write checkpoint_latest.pth every N epochs")
+    p.add_argument("--rotate-every", type=int, default=0,
+                   help="rotate the training split every N epochs: fold f trains on split (f + epoch // N) %% 5 (0 = off)")
+    p.add_argument("--da5", action="store_true", help="nnU-Net's DA5 augmentation")
+    p.add_argument("--no-validation-mirroring", action="store_true", help="final validation without test-time mirroring")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
+    p.add_argument("--num-gpus", type=int, default=1, help="nnU-Net's multi-GPU (DDP) mode, CUDA only")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (torch and nnU-Net worker pools)")
+    p.add_argument("--no-resume", action="store_true", help="start over instead of continuing a checkpoint of the same settings")
+    p.set_defaults(func=_cmd_train_student)
 
     p = sub.add_parser("teachers", help="validate an nnU-Net teacher model folder; with -o write its manifest")
     p.add_argument("folder", type=Path, help="model folder Trainer__Plans__configuration")
@@ -248,13 +329,37 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("store", type=Path)
     c.add_argument("-m", "--preprocess-manifest", type=Path, required=True)
     c.set_defaults(func=_cmd_cache_finalize)
+
+    p = sub.add_parser("student", help="student plans (narrower teacher plans) and their size and cost")
+    student_sub = p.add_subparsers(dest="student_command", required=True, metavar="ACTION")
+    c = student_sub.add_parser("plans", help="write the student plans of a teacher plans file")
+    c.add_argument("teacher_plans", type=Path, help="teacher plans JSON, e.g. nnUNet_preprocessed/<ds>/nnUNetPlans.json")
+    c.add_argument("-r", "--reduction-factor", dest="r", type=int, required=True,
+                   help="divide features_per_stage by r (floor 8)")
+    c.add_argument("-bs", "--block-strategy", choices=BLOCK_STRATEGIES, default="keep",
+                   help="ResEnc blocks per stage: reduce | keep | increase | adaptive (default keep)")
+    c.add_argument("-o", "--output", type=Path, default=None,
+                   help="student plans JSON to write (default: <student plans name>.json beside the teacher plans)")
+    c.set_defaults(func=_cmd_student_plans)
+    c = student_sub.add_parser("info", help="teacher vs student parameters and GFLOPs per patch")
+    c.add_argument("teacher_plans", type=Path, help="teacher plans JSON")
+    group = c.add_mutually_exclusive_group()
+    group.add_argument("-r", "--reduction-factor", dest="r", type=int, default=None,
+                       help="derive the student with this r (default 2)")
+    group.add_argument("--student", type=Path, default=None, help="compare this existing student plans JSON instead")
+    c.add_argument("-bs", "--block-strategy", choices=BLOCK_STRATEGIES, default="keep",
+                   help="ResEnc blocks per stage when deriving (default keep)")
+    c.add_argument("--dataset-json", type=Path, default=None,
+                   help="dataset.json for input/output channels (default: the one beside the teacher plans)")
+    c.add_argument("-c", "--configurations", nargs="+", default=None, help="configurations (default: all)")
+    c.set_defaults(func=_cmd_student_info)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name in ("n_cases", "seed", "epochs", "iterations", "val_iterations", "batch_size", "save_every",
-                 "threads", "num_processes"):
+                 "threads", "num_processes", "num_gpus"):
         value = getattr(args, name, None)
         if value is not None and value < (0 if name == "seed" else 1):
             print(f"fastkd {args.command}: error: --{name.replace('_', '-')} = {value}: must be "
@@ -263,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except FastkdError as e:
-        command = " ".join(filter(None, [args.command, getattr(args, "cache_command", None)]))
+        command = " ".join(filter(None, [args.command, getattr(args, "cache_command", None),
+                                         getattr(args, "student_command", None)]))
         print(f"fastkd {command}: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -237,6 +237,58 @@ class Paths:
     def softlabel_preview(self) -> Path:
         return self.work / self.dataset_name / "softlabels" / f"{self.softlabel_name}.preview.png"
 
+    # -- students --------------------------------------------------------------------------------
+    @property
+    def teachers_are_resenc(self) -> bool:
+        if self.external_plans:
+            from fastkd.student.plans import is_resenc
+
+            return is_resenc(self.external_plans, self.config["teachers"]["configuration"])
+        return self.config["plans"]["planner"].startswith("ResEnc")
+
+    @property
+    def student_block_strategy(self) -> str | None:
+        """The ResEnc block strategy, or None for plain teachers (where it does not apply)."""
+        return self.config["student"]["block_strategy"] if self.teachers_are_resenc else None
+
+    def student_plans_name(self, r: int | str) -> str:
+        """``r`` may be the Snakemake wildcard ``"{r}"``: the name then carries it as a pattern."""
+        from fastkd.student.plans import student_plans_name
+
+        if str(r) == "{r}":
+            return student_plans_name(self.plans_name, 1, self.student_block_strategy).replace("_fastkdR1", "_fastkdR{r}")
+        return student_plans_name(self.plans_name, int(r), self.student_block_strategy)
+
+    def student_plans_file(self, r: int | str) -> Path:
+        """Student plans beside the teachers' (nnU-Net looks there); never used to preprocess."""
+        return self.preprocessed_dataset / f"{self.student_plans_name(r)}.json"
+
+    def student_folder(self, r: int | str, kd: bool = True) -> Path:
+        """nnU-Net model folder of the r-student (``kd=False``: the no-KD baseline)."""
+        from fastkd.student import trainer_name
+
+        trainer = trainer_name(kd, self.config["student"]["augmentation"] == "da5")
+        return (self.nnunet_results / self.dataset_name
+                / f"{trainer}__{self.student_plans_name(r)}__{self.config['teachers']['configuration']}")
+
+    def student_checkpoint(self, r: int | str, fold: int | str, kd: bool = True) -> Path:
+        return self.student_folder(r, kd) / f"fold_{fold}" / "checkpoint_final.pth"
+
+    def student_validation_summary(self, r: int | str, fold: int | str, kd: bool = True) -> Path:
+        return self.student_folder(r, kd) / f"fold_{fold}" / "validation" / "summary.json"
+
+    @property
+    def student_kinds(self) -> list[bool]:
+        """Which students the config asks for: True = distilled (alpha > 0), False = no-KD baseline."""
+        alpha, baseline = self.config["distillation"]["alpha"], self.config["student"]["baseline"]
+        return [True, False] if alpha > 0 and baseline else [alpha > 0]
+
+    def student_targets(self) -> list[Path]:
+        """Checkpoint and validation summary of every student: each r, fold and kind."""
+        return [path for r in self.config["distillation"]["reduction_factors"] for fold in self.config["student"]["folds"]
+                for kd in self.student_kinds
+                for path in (self.student_checkpoint(r, fold, kd), self.student_validation_summary(r, fold, kd))]
+
     # -- bookkeeping -----------------------------------------------------------------------------
     def log(self, rule: str, name: str = "all") -> Path:
         return self.work / "logs" / rule / f"{self.dataset_name}__{name}.log"

@@ -17,6 +17,8 @@ TEACHER_CFG = config["teachers"]["configuration"]
 TRAIN_TEACHERS = config["teachers"]["model_folder"] is None
 TEACHER_SETS = {s["name"]: s for s in P.teacher_sets}  # the teachers, then teachers.extra
 N_SHARDS = config["softlabels"]["shards"]
+STUDENT = config["student"]
+STUDENT_GPUS = STUDENT["num_gpus"] if STUDENT["device"] == "cuda" else 0
 
 
 def q(value):
@@ -39,6 +41,24 @@ def shard_inputs(shard):
     return [P.preprocessed_case(TEACHER_CFG, c) for c in shard_cases(CASES, N_SHARDS, int(shard) - 1)]
 
 
+def student_args(r, kd):
+    """`fastkd train-student` arguments of the r-student (kd) or its no-KD baseline, all from the config."""
+    schedule = STUDENT["schedule"]
+    args = [
+        f"-d {P.dataset_id} -p {P.student_plans_name(r)} -c {TEACHER_CFG}",
+        f"-T {config['distillation']['temperature']} -a {config['distillation']['alpha'] if kd else 0}",
+        f"--cache {q(P.softlabel_cache)}" if kd else "",
+        f"--soft-dice {STUDENT['soft_dice']} --cauchy-schwarz {STUDENT['cauchy_schwarz']}" if kd else "",
+        f"--epochs {schedule['epochs']} --iterations {schedule['iterations_per_epoch']}",
+        f"--val-iterations {schedule['val_iterations_per_epoch']} --save-every {schedule['save_every']}",
+        f"--rotate-every {schedule['rotate_every']}",
+        f"--batch-size {schedule['batch_size']}" if schedule["batch_size"] else "",
+        "--da5" if STUDENT["augmentation"] == "da5" else "",
+        f"--device {STUDENT['device']} --num-gpus {STUDENT['num_gpus']}",
+    ]
+    return " ".join(a for a in args if a)
+
+
 def preprocess_targets():
     return [P.preprocess_manifest(c) for c in config["plans"]["configurations"]]
 
@@ -51,5 +71,9 @@ def softlabel_targets():
     return [P.softlabel_cache_root, P.softlabel_preview]
 
 
+def student_targets():
+    return P.student_targets()
+
+
 def all_targets():
-    return preprocess_targets() + teacher_targets() + softlabel_targets()
+    return preprocess_targets() + teacher_targets() + softlabel_targets() + student_targets()

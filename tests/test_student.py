@@ -1,0 +1,266 @@
+"""The student trainer: settings, the combined loss's dispatch, and real runs on the demo.
+
+Slow tests use the session fixture ``trained`` (demo -> preprocessing -> one teacher fold -> soft-label
+cache through Snakemake). Each trains into its own reduction factor or fold so they do not share a
+model folder.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+import yaml
+
+from wf import BIN, nnunet_env, snakemake
+
+DS = "Dataset900_FastkdDemo"
+
+
+def _env(wd):
+    e = nnunet_env(wd)
+    e.update(nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1")
+    return e
+
+
+# -- fast -----------------------------------------------------------------------------------------
+def test_trainer_names_match_the_classes():
+    from fastkd.student import trainer_name
+    from fastkd.student.trainer import TRAINERS, trainer_class
+
+    for kd in (True, False):
+        for da5 in (True, False):
+            assert trainer_class(kd, da5).__name__ == trainer_name(kd, da5)
+            assert trainer_class(kd, da5).requires_kd is kd
+    assert set(TRAINERS) == {"nnUNetTrainerFastKD", "nnUNetTrainerFastKD_DA5", "nnUNetTrainerFastKDNoKD",
+                             "nnUNetTrainerFastKDNoKD_DA5"}
+    from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerDA5 import nnUNetTrainerDA5
+
+    assert issubclass(trainer_class(True, True), nnUNetTrainerDA5)
+    assert not issubclass(trainer_class(True, False), nnUNetTrainerDA5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"alpha": 1.5}, "alpha = 1.5: must be in [0, 1]"),
+    ({"temperature": 0}, "temperature = 0: must be > 0"),
+    ({"epochs": 0}, "epochs = 0: must be an integer >= 1"),
+    ({"val_iterations_per_epoch": 0}, "val_iterations_per_epoch = 0"),
+    ({"rotate_every": -1}, "rotate_every = -1"),
+    ({"batch_size": 0}, "batch_size = 0"),
+    ({"soft_dice": -1}, "soft_dice = -1"),
+    ({"cache": None}, "needs a soft-label cache"),
+])
+def test_settings_errors_name_the_value(kwargs, message):
+    from fastkd.errors import FastkdError
+    from fastkd.student.train import make_settings
+
+    args = {"cache": "/x.zarr", "temperature": 3.0, "alpha": 0.3, **kwargs}
+    with pytest.raises(FastkdError) as e:
+        make_settings(**args)
+    assert message in str(e.value)
+
+
+def test_baseline_settings_need_no_cache():
+    from fastkd.student.train import make_settings
+
+    s = make_settings(cache="/somewhere.zarr", temperature=3.0, alpha=0.0)
+    assert s["cache"] is None and s["alpha"] == 0.0 and s["save_every"] == 5 and s["validation_mirroring"]
+
+
+def test_checkpoints_of_other_settings_are_moved_aside(tmp_path):
+    from fastkd.student.train import make_settings, prepare_fold_folder
+
+    fold = tmp_path / "fold_0"
+    a = make_settings(cache=None, temperature=3.0, alpha=0.0, epochs=3)
+    assert prepare_fold_folder(fold, a) is False
+    (fold / "checkpoint_latest.pth").write_text("x")
+    assert prepare_fold_folder(fold, a) is True  # same settings: resume
+    b = make_settings(cache=None, temperature=3.0, alpha=0.0, epochs=4)
+    assert prepare_fold_folder(fold, b) is False  # other settings: never continued
+    assert not (fold / "checkpoint_latest.pth").exists()
+    assert (fold / "previous_settings" / "checkpoint_latest.pth").read_text() == "x"
+    assert json.loads((fold / "previous_settings" / "fastkd_student.json").read_text())["epochs"] == 3
+    assert json.loads((fold / "fastkd_student.json").read_text())["epochs"] == 4
+
+
+class _Recorder(torch.nn.Module):
+    def __init__(self, value):
+        super().__init__()
+        self.value, self.calls = value, []
+
+    def forward(self, *args):
+        self.calls.append(args)
+        return torch.tensor(self.value)
+
+
+def test_distillation_loss_mixes_hard_and_kd_only_when_soft_labels_ride_along():
+    from fastkd.student.trainer import DistillationLoss
+
+    hard, kd = _Recorder(2.0), _Recorder(10.0)
+    loss = DistillationLoss(hard, kd, alpha=0.25, ignore_label=None, regions=False, deep_supervision=True)
+    outputs = [torch.zeros(1, 3, 4, 4, 4), torch.zeros(1, 3, 2, 2, 2)]
+    targets = [torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 1, 2, 2, 2)]
+    soft = torch.full((1, 3, 4, 4, 4), 1 / 3)
+    assert loss(outputs, targets).item() == 2.0  # the validation step: nnU-Net's loss alone
+    assert not kd.calls
+    assert loss(outputs, [*targets, soft]).item() == pytest.approx(0.75 * 2.0 + 0.25 * 10.0)
+    assert len(hard.calls[-1][1]) == 2  # the hard loss never sees the soft labels
+    assert kd.calls[-1][1] is soft and kd.calls[-1][2] is None  # no ignore label: no mask
+    ignore = DistillationLoss(hard, kd, alpha=0.5, ignore_label=2, regions=False, deep_supervision=True)
+    targets[0][0, 0, 0, 0, 0] = 2
+    ignore(outputs, [*targets, soft])
+    mask = kd.calls[-1][2]
+    assert mask.shape == (1, 1, 4, 4, 4) and not mask[0, 0, 0, 0, 0] and mask.sum() == 63
+
+
+def test_student_paths_follow_the_config(tmp_path):
+    from fastkd.config import validate_config
+    from fastkd.paths import Paths
+
+    config = validate_config({"dataset": {"raw": "demo"}, "distillation": {"reduction_factors": [2, 4]},
+                              "student": {"folds": [0, "all"], "augmentation": "da5"}}, base_dir=tmp_path)
+    p = Paths(config)
+    assert p.student_plans_name(4) == "nnUNetPlans_fastkdR4"
+    assert p.student_plans_name("{r}") == "nnUNetPlans_fastkdR{r}"
+    assert str(p.student_checkpoint(4, "all", kd=False)).endswith(
+        f"{DS}/nnUNetTrainerFastKDNoKD_DA5__nnUNetPlans_fastkdR4__3d_fullres/fold_all/checkpoint_final.pth")
+    assert len(p.student_targets()) == 2 * 2 * 2 * 2  # r x folds x (kd, baseline) x (checkpoint, summary)
+
+
+# -- slow: real nnU-Net -----------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def students(trained):
+    """``snakemake student`` on the fixture: r = 2, fold 1, distilled + baseline, 2 tiny epochs."""
+    config = yaml.safe_load((trained / "test.yaml").read_text())
+    config.setdefault("student", {})["folds"] = [1]
+    (trained / "test.yaml").write_text(yaml.safe_dump(config))
+    run = snakemake(trained, "--cores", "2", "student")
+    return trained, run
+
+
+@pytest.mark.slow
+def test_snakemake_trains_stock_nnunet_students(students):
+    wd, run = students
+    assert "train_student" in run.stderr and "train_baseline" in run.stderr
+    results = wd / "nnUNet_results" / DS
+    kd_fold = results / "nnUNetTrainerFastKD__nnUNetPlans_fastkdR2__3d_fullres" / "fold_1"
+    base_fold = results / "nnUNetTrainerFastKDNoKD__nnUNetPlans_fastkdR2__3d_fullres" / "fold_1"
+    for fold in (kd_fold, base_fold):
+        ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+        assert ckpt["trainer_name"] == "nnUNetTrainer" and ckpt["current_epoch"] == 2
+        summary = json.loads((fold / "validation" / "summary.json").read_text())
+        assert set(summary["mean"]) == {"1", "2"} and "Dice" in summary["mean"]["1"]
+        assert not list(fold.glob("*.partial"))
+    kd_settings = json.loads((kd_fold / "fastkd_student.json").read_text())
+    assert kd_settings["alpha"] == 0.3 and kd_settings["temperature"] == 3.0 and kd_settings["cache"].endswith(".zarr")
+    assert json.loads((base_fold / "fastkd_student.json").read_text())["alpha"] == 0.0
+    losses = json.loads((kd_fold / "kd_losses.json").read_text())
+    assert [r["epoch"] for r in losses] == [0, 1] and all(r["kd_loss"] > 0 for r in losses)
+    assert not (base_fold / "kd_losses.json").exists()
+    teacher = json.loads((wd / "nnUNet_preprocessed" / DS / "nnUNetPlans.json").read_text())
+    student = json.loads((kd_fold.parent / "plans.json").read_text())
+    arch = lambda p: p["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]  # noqa: E731
+    assert arch(student)["features_per_stage"] == [max(f // 2, 8) for f in arch(teacher)["features_per_stage"]]
+    assert student["configurations"]["3d_fullres"]["data_identifier"] == "nnUNetPlans_3d_fullres"
+    again = snakemake(wd, "--cores", "2", "student")
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_stock_nnunet_predict_runs_the_student(students, tmp_path):
+    wd, _ = students
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "demo_000_0000.nii.gz").symlink_to(wd / "nnUNet_raw" / DS / "imagesTr" / "demo_000_0000.nii.gz")
+    run = subprocess.run([str(BIN / "nnUNetv2_predict"), "-i", str(inp), "-o", str(tmp_path / "out"), "-d", "900",
+                          "-c", "3d_fullres", "-f", "1", "-tr", "nnUNetTrainerFastKD", "-p", "nnUNetPlans_fastkdR2",
+                          "-device", "cpu", "-npp", "1", "-nps", "1"], env=_env(wd), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "out" / "demo_000.nii.gz").is_file()
+    code = ("from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor\n"
+            "import sys, torch\n"
+            "p = nnUNetPredictor(device=torch.device('cpu'))\n"
+            "p.initialize_from_trained_model_folder(sys.argv[1], (1,), 'checkpoint_final.pth')\n"
+            "print(type(p.network).__name__, p.network.encoder.stages[0][0].convs[0].conv.out_channels)\n")
+    folder = wd / "nnUNet_results" / DS / "nnUNetTrainerFastKDNoKD__nnUNetPlans_fastkdR2__3d_fullres"
+    run = subprocess.run([str(BIN / "python"), "-c", code, str(folder)], env=_env(wd), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[-2:] == ["PlainConvUNet", "16"]
+
+
+def _train_student(wd, *args, **popen):
+    cmd = [str(BIN / "fastkd"), "train-student", "-d", "900", "-c", "3d_fullres", "--batch-size", "2",
+           "--val-iterations", "1", *args]
+    return subprocess.Popen(cmd, env=_env(wd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def _cache(wd):
+    return next((wd / "fastkd_work" / DS / "softlabels").glob("*.zarr"))
+
+
+@pytest.mark.slow
+def test_temperature_must_match_the_cache(students):
+    wd, _ = students
+    run = _train_student(wd, "-p", "nnUNetPlans_fastkdR2", "-f", "2", "--cache", str(_cache(wd)), "-T", "2",
+                         "--epochs", "1", "--iterations", "1")
+    out, _ = run.communicate(timeout=300)
+    assert run.returncode == 1, out
+    assert "temperature: the cache was made with T = 3.0, expected T = 2.0" in out
+    assert "Traceback" not in out
+    fold = wd / "nnUNet_results" / DS / "nnUNetTrainerFastKD__nnUNetPlans_fastkdR2__3d_fullres" / "fold_2"
+    assert not (fold / "checkpoint_final.pth").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_mid_epoch(students):
+    """Killed during epoch 2 (after checkpoint_latest of epoch 1): the rerun continues at epoch 2."""
+    wd, _ = students
+    plans = wd / "nnUNet_preprocessed" / DS / "nnUNetPlans_fastkdR4.json"
+    subprocess.run([str(BIN / "fastkd"), "student", "plans", str(wd / "nnUNet_preprocessed" / DS / "nnUNetPlans.json"),
+                    "-r", "4", "-o", str(plans)], check=True, env=_env(wd), capture_output=True)
+    args = ["-p", "nnUNetPlans_fastkdR4", "-f", "0", "--cache", str(_cache(wd)), "--epochs", "4", "--iterations", "4",
+            "--save-every", "1"]
+    fold = wd / "nnUNet_results" / DS / "nnUNetTrainerFastKD__nnUNetPlans_fastkdR4__3d_fullres" / "fold_0"
+    run = _train_student(wd, *args, start_new_session=True)
+    deadline = time.time() + 300
+    # wait for epoch 2 to start: checkpoint_latest (epoch 1 done) exists and the log names epoch 2
+    while time.time() < deadline:
+        logs = sorted(fold.glob("training_log_*.txt"))
+        if logs and "Epoch 2" in logs[-1].read_text() and (fold / "checkpoint_latest.pth").exists():
+            break
+        assert run.poll() is None, run.stdout.read()
+        time.sleep(0.2)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    latest = torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+    assert latest["current_epoch"] == 2 and latest["optimizer_state"]["state"]
+    assert not (fold / "checkpoint_final.pth").exists()
+    rerun = _train_student(wd, *args)
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out
+    assert "resuming" in out and "at epoch 2" in out
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 4
+    log = sorted(fold.glob("training_log_*.txt"))[-1].read_text()
+    assert "Epoch 0\n" not in log and "Epoch 2" in log and "Epoch 3" in log
+    # nnU-Net's poly schedule continues where it stopped: epoch 2 of 4 -> 0.01 * (1 - 2/4) ** 0.9
+    assert f"Current learning rate: {round(0.01 * 0.5 ** 0.9, 5)}" in log
+    assert [r["epoch"] for r in json.loads((fold / "kd_losses.json").read_text())] == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_fold_rotation_really_rotates_the_split(students):
+    wd, _ = students
+    run = _train_student(wd, "-p", "nnUNetPlans_fastkdR2", "-f", "3", "--cache", str(_cache(wd)), "--epochs", "2",
+                         "--iterations", "1", "--rotate-every", "1")
+    out, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, out
+    fold = wd / "nnUNet_results" / DS / "nnUNetTrainerFastKD__nnUNetPlans_fastkdR2__3d_fullres" / "fold_3"
+    log = sorted(fold.glob("training_log_*.txt"))[-1].read_text()
+    assert "fold rotation: epoch 1 trains on split 4 (was 3)" in log
+    splits = json.loads((wd / "nnUNet_preprocessed" / DS / "splits_final.json").read_text())
+    assert "Desired fold for training: 3" in log and "Desired fold for training: 4" in log
+    assert splits[3]["train"] != splits[4]["train"]
