@@ -48,7 +48,7 @@ def _cmd_config(args) -> None:
             print(f"# {key}: {value}")
 
 
-def _set_threads(threads: int, min_da_workers: int = 0) -> None:
+def set_threads(threads: int, min_da_workers: int = 0) -> None:
     """Bound every pool nnU-Net starts by the job's threads (unless the user set them explicitly)."""
     da_workers = int(os.environ.setdefault("nnUNet_n_proc_DA", str(max(threads - 1, 0))))
     os.environ["nnUNet_n_proc_DA"] = str(max(da_workers, min_da_workers))
@@ -62,7 +62,7 @@ def _cmd_plan_preprocess(args) -> None:
     from fastkd.preprocess import plan_preprocess
 
     # nnU-Net's planner sizes torch's thread pool by nnUNet_n_proc_DA and fails on 0
-    _set_threads(args.num_processes, min_da_workers=1)
+    set_threads(args.num_processes, min_da_workers=1)
     plans = plan_preprocess(args.dataset_id, args.raw_source, args.configurations, args.manifests,
                             planner_class=args.planner, teacher_folder=args.plans_from,
                             num_processes=args.num_processes, gpu_memory_target_gb=args.gpu_memory_target)
@@ -72,7 +72,7 @@ def _cmd_plan_preprocess(args) -> None:
 def _cmd_train_teacher(args) -> None:
     from fastkd.teachers import train_teacher
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     folder = train_teacher(args.dataset, args.configuration, args.fold, args.plans, args.trainer,
                            epochs=args.epochs, iterations_per_epoch=args.iterations,
                            val_iterations_per_epoch=args.val_iterations, batch_size=args.batch_size,
@@ -80,7 +80,7 @@ def _cmd_train_teacher(args) -> None:
     print(f"teacher fold {args.fold} done: {folder}")
 
 
-def _fold(text: str):
+def fold_arg(text: str):
     if text == "all":
         return "all"
     try:
@@ -95,7 +95,7 @@ def _fold(text: str):
 def _cmd_train_student(args) -> None:
     from fastkd.student.train import make_settings, train_student
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     settings = make_settings(cache=args.cache, temperature=args.temperature, alpha=args.alpha, epochs=args.epochs,
                              iterations_per_epoch=args.iterations, val_iterations_per_epoch=args.val_iterations,
                              batch_size=args.batch_size, save_every=args.save_every, rotate_every=args.rotate_every,
@@ -120,7 +120,7 @@ def _cmd_teachers(args) -> None:
 def _cmd_softlabels(args) -> None:
     from fastkd.softlabels import fill_cache
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     shard, n_shards = args.shard
     summary = fill_cache(args.output, args.teachers, args.preprocess_manifest, args.temperature, weights=args.weights,
                          step_size=args.step_size, mirroring=not args.disable_mirroring, dtype=args.dtype,
@@ -192,6 +192,13 @@ def _cmd_student_info(args) -> None:
         print(format_info(teacher, student, json.load(f), args.configurations))
 
 
+def _cmd_student_report(args) -> None:
+    from fastkd.student.report import write_report
+
+    rows = write_report(args.models, args.output, args.tsv, args.title)
+    print(f"wrote {args.output} and {args.tsv} ({len(rows)} models)")
+
+
 def _shard(text: str) -> tuple[int, int]:
     """``I/N`` (1-based shard I of N) -> (I - 1, N)."""
     try:
@@ -258,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--dataset", required=True, help="nnU-Net dataset id or name")
     p.add_argument("-p", "--plans", required=True, help="student plans name (written by `fastkd student plans`)")
     p.add_argument("-c", "--configuration", default="3d_fullres")
-    p.add_argument("-f", "--fold", type=_fold, default=0, help="0-4, or 'all' to train on every case (default 0)")
+    p.add_argument("-f", "--fold", type=fold_arg, default=0, help="0-4, or 'all' to train on every case (default 0)")
     p.add_argument("--cache", default=None, help="soft-label cache (a complete Zarr store); not needed with -a 0")
     p.add_argument("-T", "--temperature", type=float, default=3.0, help="KD temperature; must equal the cache's")
     p.add_argument("-a", "--alpha", type=float, default=0.3, help="KD weight in [0, 1]; 0 = no-KD baseline")
@@ -330,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-m", "--preprocess-manifest", type=Path, required=True)
     c.set_defaults(func=_cmd_cache_finalize)
 
-    p = sub.add_parser("student", help="student plans (narrower teacher plans) and their size and cost")
+    p = sub.add_parser("student", help="student plans (narrower teacher plans), their size and cost, reports")
     student_sub = p.add_subparsers(dest="student_command", required=True, metavar="ACTION")
     c = student_sub.add_parser("plans", help="write the student plans of a teacher plans file")
     c.add_argument("teacher_plans", type=Path, help="teacher plans JSON, e.g. nnUNet_preprocessed/<ds>/nnUNetPlans.json")
@@ -353,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset.json for input/output channels (default: the one beside the teacher plans)")
     c.add_argument("-c", "--configurations", nargs="+", default=None, help="configurations (default: all)")
     c.set_defaults(func=_cmd_student_info)
+    c = student_sub.add_parser("report", help="PNG of training curves + Dice table (and a TSV) of trained folds")
+    c.add_argument("models", nargs="+", help="LABEL=FOLD_FOLDER, e.g. KD=nnUNet_results/<ds>/<model>/fold_0")
+    c.add_argument("-o", "--output", type=Path, required=True, help="PNG to write")
+    c.add_argument("--tsv", type=Path, required=True, help="Dice table (TSV) to write")
+    c.add_argument("--title", default="")
+    c.set_defaults(func=_cmd_student_report)
     return parser
 
 
