@@ -283,11 +283,16 @@ class Paths:
         alpha, baseline = self.config["distillation"]["alpha"], self.config["student"]["baseline"]
         return [True, False] if alpha > 0 and baseline else [alpha > 0]
 
+    def student_report(self, r: int | str, suffix: str = "png") -> Path:
+        """Training curves and Dice table of teachers, students and baselines of one r (png or tsv)."""
+        return self.work / self.dataset_name / "student" / f"{self.student_plans_name(r)}.report.{suffix}"
+
     def student_targets(self) -> list[Path]:
         """Checkpoint and validation summary of every student: each r, fold and kind."""
-        return [path for r in self.config["distillation"]["reduction_factors"] for fold in self.config["student"]["folds"]
-                for kd in self.student_kinds
-                for path in (self.student_checkpoint(r, fold, kd), self.student_validation_summary(r, fold, kd))]
+        rs = self.config["distillation"]["reduction_factors"]
+        return [path for r in rs for fold in self.config["student"]["folds"] for kd in self.student_kinds
+                for path in (self.student_checkpoint(r, fold, kd), self.student_validation_summary(r, fold, kd))] \
+            + [self.student_report(r) for r in rs]
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def log(self, rule: str, name: str = "all") -> Path:

@@ -86,6 +86,25 @@ def test_checkpoints_of_other_settings_are_moved_aside(tmp_path):
     assert json.loads((fold / "fastkd_student.json").read_text())["epochs"] == 4
 
 
+def test_report_needs_finished_validation(tmp_path):
+    from fastkd.errors import FastkdError
+    from fastkd.student.report import write_report
+
+    fold = tmp_path / "fold_0"
+    (fold / "validation").mkdir(parents=True)
+    with pytest.raises(FastkdError, match="validation/summary.json is missing"):
+        write_report([f"KD={fold}"], tmp_path / "r.png", tmp_path / "r.tsv")
+    (fold / "validation" / "summary.json").write_text(json.dumps(
+        {"mean": {"1": {"Dice": 0.5}, "2": {"Dice": 0.25}}, "foreground_mean": {"Dice": 0.375}}))
+    (fold / "kd_losses.json").write_text(json.dumps([{"epoch": 0, "hard_loss": 1.0, "kd_loss": 2.0}]))
+    rows = write_report([f"KD={fold}"], tmp_path / "r.png", tmp_path / "r.tsv")
+    assert rows[0]["kd_loss"] == [2.0]
+    assert (tmp_path / "r.tsv").read_text() == "model\tDice 1\tDice 2\tmean\nKD\t0.5000\t0.2500\t0.3750\n"
+    assert (tmp_path / "r.png").stat().st_size > 0
+    with pytest.raises(FastkdError, match="LABEL=FOLD_FOLDER"):
+        write_report([str(fold)], tmp_path / "r.png", tmp_path / "r.tsv")
+
+
 class _Recorder(torch.nn.Module):
     def __init__(self, value):
         super().__init__()
@@ -127,7 +146,8 @@ def test_student_paths_follow_the_config(tmp_path):
     assert p.student_plans_name("{r}") == "nnUNetPlans_fastkdR{r}"
     assert str(p.student_checkpoint(4, "all", kd=False)).endswith(
         f"{DS}/nnUNetTrainerFastKDNoKD_DA5__nnUNetPlans_fastkdR4__3d_fullres/fold_all/checkpoint_final.pth")
-    assert len(p.student_targets()) == 2 * 2 * 2 * 2  # r x folds x (kd, baseline) x (checkpoint, summary)
+    # r x folds x (kd, baseline) x (checkpoint, summary), plus one report per r
+    assert len(p.student_targets()) == 2 * 2 * 2 * 2 + 2
 
 
 # -- slow: real nnU-Net -----------------------------------------------------------------------------
@@ -165,6 +185,10 @@ def test_snakemake_trains_stock_nnunet_students(students):
     arch = lambda p: p["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]  # noqa: E731
     assert arch(student)["features_per_stage"] == [max(f // 2, 8) for f in arch(teacher)["features_per_stage"]]
     assert student["configurations"]["3d_fullres"]["data_identifier"] == "nnUNetPlans_3d_fullres"
+    tsv = (wd / "fastkd_work" / DS / "student" / "nnUNetPlans_fastkdR2.report.tsv").read_text().splitlines()
+    assert tsv[0] == "model\tDice 1\tDice 2\tmean"
+    assert [line.split("\t")[0] for line in tsv[1:]] == ["KD r2 fold 1", "no-KD r2 fold 1"]  # teacher fold 1 not trained
+    assert (wd / "fastkd_work" / DS / "student" / "nnUNetPlans_fastkdR2.report.png").stat().st_size > 10_000
     again = snakemake(wd, "--cores", "2", "student")
     assert "Nothing to be done" in again.stdout + again.stderr
 

@@ -59,6 +59,17 @@ def student_args(r, kd):
     return " ".join(a for a in args if a)
 
 
+def student_report_models(r):
+    """LABEL=FOLD_FOLDER of the r-students, their baselines and the teachers of the same folds (trained here)."""
+    models = []
+    for fold in STUDENT["folds"]:
+        if TRAIN_TEACHERS and fold in config["teachers"]["folds"]:
+            models.append(f"teacher fold {fold}={P.teacher_checkpoint(fold).parent}")
+        for kd in P.student_kinds:
+            models.append(f"{'KD' if kd else 'no-KD'} r{r} fold {fold}={P.student_checkpoint(r, fold, kd).parent}")
+    return models
+
+
 def preprocess_targets():
     return [P.preprocess_manifest(c) for c in config["plans"]["configurations"]]
 

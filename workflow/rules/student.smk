@@ -74,3 +74,27 @@ rule train_baseline:
         gpu=STUDENT_GPUS,
     shell:
         "fastkd train-student {params.args} -f {wildcards.fold} --threads {threads} > {log} 2>&1"
+
+
+# Per r: training curves and the final validation Dice of the teachers (folds trained here), the
+# distilled students and the baselines, side by side, for the Snakemake report.
+rule student_report:
+    input:
+        students=lambda w: [P.student_validation_summary(w.r, f, kd) for f in STUDENT["folds"] for kd in P.student_kinds],
+        teachers=[P.teacher_validation_summary(f) for f in STUDENT["folds"] if TRAIN_TEACHERS and f in config["teachers"]["folds"]],
+    output:
+        png=report(P.student_report("{r}"), caption="../report/student.rst", category="Students"),
+        tsv=P.student_report("{r}", "tsv"),
+    wildcard_constraints:
+        r=r"\d+",
+    params:
+        models=lambda w: " ".join(q(m) for m in student_report_models(w.r)),
+        title=lambda w: q(f"{P.dataset_name}: students r = {w.r}"),
+    log:
+        P.log("student_report", "r{r}"),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "fastkd student report {params.models} -o {output.png} --tsv {output.tsv} --title {params.title} > {log} 2>&1"

@@ -1,0 +1,98 @@
+"""One picture per reduction factor: training curves and the Dice table of teachers, students, baselines.
+
+Inputs are nnU-Net fold folders (``fold_<f>`` of any model folder): the curves come from the logger
+nnU-Net stores in ``checkpoint_final.pth`` (train/validation loss and pseudo-Dice per epoch) and, for
+distilled students, fastkd's ``kd_losses.json`` (hard and KD part of the training loss); the table
+comes from nnU-Net's final validation, ``validation/summary.json`` (Dice per class on the fold's
+validation cases). The table is also written as TSV (one row per model, one column per class, then
+the foreground mean).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fastkd.errors import FastkdError
+
+
+def _label(text: str) -> tuple[str, Path]:
+    if "=" not in text:
+        raise FastkdError(f"{text!r}: expected LABEL=FOLD_FOLDER (e.g. student=nnUNet_results/.../fold_0)")
+    label, folder = text.split("=", 1)
+    return label, Path(folder)
+
+
+def load_model(label: str, fold_folder: Path) -> dict:
+    """Curves and Dice of one trained fold; errors name the missing file."""
+    import torch
+
+    summary = fold_folder / "validation" / "summary.json"
+    if not summary.is_file():
+        raise FastkdError(f"{label}: {summary} is missing (the fold's final validation has not run)")
+    s = json.loads(summary.read_text())
+    row = {"label": label, "dice": {k: v["Dice"] for k, v in s["mean"].items()},
+           "mean": s["foreground_mean"]["Dice"]}
+    checkpoint = fold_folder / "checkpoint_final.pth"
+    if checkpoint.is_file():
+        log = torch.load(checkpoint, map_location="cpu", weights_only=False)["logging"]
+        row["train_loss"] = [float(v) for v in log["train_losses"]]
+        row["val_loss"] = [float(v) for v in log["val_losses"]]
+        row["pseudo_dice"] = [float(v) for v in log["mean_fg_dice"]]
+    parts = fold_folder / "kd_losses.json"
+    if parts.is_file():
+        row["kd_loss"] = [r["kd_loss"] for r in json.loads(parts.read_text())]
+    return row
+
+
+def dice_table(rows: list[dict]) -> str:
+    classes = sorted({c for r in rows for c in r["dice"]}, key=lambda c: (len(c), c))
+    lines = ["\t".join(["model", *[f"Dice {c}" for c in classes], "mean"])]
+    for r in rows:
+        lines.append("\t".join([r["label"], *[f"{r['dice'].get(c, float('nan')):.4f}" for c in classes],
+                                f"{r['mean']:.4f}"]))
+    return "\n".join(lines) + "\n"
+
+
+def write_report(models: list[str], out_png: str | Path, out_tsv: str | Path, title: str = "") -> list[dict]:
+    """``models``: ``LABEL=FOLD_FOLDER`` each. Writes the PNG and the TSV; returns the rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fastkd.io import atomic_write_text
+
+    if not models:
+        raise FastkdError("no models given (LABEL=FOLD_FOLDER ...)")
+    rows = [load_model(*_label(m)) for m in models]
+    table = dice_table(rows)
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5), gridspec_kw={"width_ratios": [1, 1, 1.3]})
+    for r in rows:
+        if "train_loss" in r:
+            line, = axes[0].plot(r["train_loss"], marker="o", ms=3, label=f"{r['label']} train")
+            axes[0].plot(r["val_loss"], ls=":", color=line.get_color(), label=f"{r['label']} val")
+            if "kd_loss" in r:
+                axes[0].plot(r["kd_loss"], ls="--", color=line.get_color(), label=f"{r['label']} KD part")
+            axes[1].plot(r["pseudo_dice"], marker="o", ms=3, color=line.get_color(), label=r["label"])
+    axes[0].set(title="loss per epoch", xlabel="epoch")
+    axes[1].set(title="validation pseudo-Dice (foreground mean)", xlabel="epoch", ylim=(0, 1))
+    for ax in axes[:2]:
+        ax.legend(fontsize=7)
+    cells = [line.split("\t") for line in table.strip().split("\n")]
+    axes[2].axis("off")
+    axes[2].set_title("final validation Dice (nnU-Net summary.json)")
+    t = axes[2].table(cellText=cells[1:], colLabels=cells[0], loc="center")
+    t.auto_set_font_size(False)
+    t.set_fontsize(8)
+    t.scale(1, 1.4)
+    fig.suptitle(title)
+    fig.tight_layout()
+    out_png, out_tsv = Path(out_png), Path(out_tsv)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(out_png)
+    atomic_write_text(out_tsv, table)
+    return rows
