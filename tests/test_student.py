@@ -135,6 +135,17 @@ def test_distillation_loss_mixes_hard_and_kd_only_when_soft_labels_ride_along():
     assert mask.shape == (1, 1, 4, 4, 4) and not mask[0, 0, 0, 0, 0] and mask.sum() == 63
 
 
+def test_multi_gpu_needs_cuda_gpus():
+    from fastkd.errors import FastkdError
+    from fastkd.student.train import make_settings, train_student
+
+    settings = make_settings(cache=None, temperature=3.0, alpha=0.0)
+    with pytest.raises(FastkdError, match="num_gpus = 2 needs device = 'cuda' and 2 visible GPUs"):
+        train_student(900, "nnUNetPlans_fastkdR2", "3d_fullres", 0, settings, device="cpu", num_gpus=2)
+    with pytest.raises(FastkdError, match="fold = 7: must be 0-4 or 'all'"):
+        train_student(900, "nnUNetPlans_fastkdR2", "3d_fullres", 7, settings)
+
+
 def test_student_paths_follow_the_config(tmp_path):
     from fastkd.config import validate_config
     from fastkd.paths import Paths
@@ -288,3 +299,19 @@ def test_fold_rotation_really_rotates_the_split(students):
     splits = json.loads((wd / "nnUNet_preprocessed" / DS / "splits_final.json").read_text())
     assert "Desired fold for training: 3" in log and "Desired fold for training: 4" in log
     assert splits[3]["train"] != splits[4]["train"]
+
+
+@pytest.mark.slow
+def test_baseline_with_da5_on_all_cases(students):
+    """alpha 0 needs no cache; DA5 and fold 'all' train for real into their own stock folder."""
+    wd, _ = students
+    run = _train_student(wd, "-p", "nnUNetPlans_fastkdR2", "-f", "all", "-a", "0", "--da5", "--epochs", "1",
+                         "--iterations", "1")
+    out, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, out
+    fold = wd / "nnUNet_results" / DS / "nnUNetTrainerFastKDNoKD_DA5__nnUNetPlans_fastkdR2__3d_fullres" / "fold_all"
+    assert (fold / "validation" / "summary.json").is_file()
+    log = sorted(fold.glob("training_log_*.txt"))[-1].read_text()
+    assert "This split has" not in log  # fold 'all': nnU-Net trains and validates on every case
+    assert torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["fastkd"]["trainer"] \
+        == "nnUNetTrainerFastKDNoKD_DA5"
