@@ -173,7 +173,7 @@ def test_softlabels_follow_the_segmentation_through_nnunet_augmentation(demo, tr
         fg_agree += (hard[fg] == target[fg]).sum().item()
         fg_total += fg.sum().item()
         for j, (case, box) in enumerate(dl.samples):
-            plain = centre_crop(finish_softlabels(torch.from_numpy(reader.read_crop(case, box)), True), patch)
+            plain = centre_crop(finish_softlabels(torch.from_numpy(reader.read_crop(case, box)[:-1]), True), patch)
             plain = plain.argmax(0)
             moved.append((plain != target[j]).float().mean().item())
     fraction, fg_fraction = agree / total, fg_agree / fg_total
@@ -230,7 +230,7 @@ def test_intensity_transforms_leave_softlabels_alone(demo):
         seed(4)
         batch = next(dl)
         for j, (case, box) in enumerate(dl.samples):
-            expected = finish_softlabels(torch.from_numpy(reader.read_crop(case, box)), True)
+            expected = finish_softlabels(torch.from_numpy(reader.read_crop(case, box)[:-1]), True)
             assert torch.equal(batch["softlabels"][j], expected)  # exactly the cache crop (+ padding = background)
             seg = batch["target"][j, 0]
             assert torch.equal(batch["softlabels"][j].argmax(0)[seg >= 0], seg[seg >= 0].long())
@@ -261,14 +261,14 @@ def test_2d_patches_on_3d_data(demo):
 
 # -- 6: finish_softlabels --------------------------------------------------------------------------
 def test_finish_softlabels_fills_padding_for_softmax_only_and_clamps():
-    probs = torch.tensor([[0.2, 0.0, 1.0 + 1e-7], [0.3, 0.0, -1e-7], [0.0, 0.0, 0.0]])
-    valid = torch.tensor([[0.5, 0.0, 1.0]])
-    soft = torch.cat([probs, valid])[:, :, None, None]  # (C + 1, 3, 1, 1)
-    before = soft.clone()
-    out = finish_softlabels(soft, softmax=True)
-    assert out.shape == (3, 3, 1, 1) and torch.equal(soft, before)  # the input is not modified
+    # voxel 0 half outside the volume (sum 0.5), voxel 1 outside, voxel 2 inside with overshoot
+    probs = torch.tensor([[0.2, 0.0, 1.0 + 1e-7], [0.3, 0.0, -1e-7], [0.0, 0.0, 0.0]])[:, :, None, None]
+    before = probs.clone()
+    out = finish_softlabels(probs, softmax=True)
+    assert out.shape == (3, 3, 1, 1) and torch.equal(probs, before)  # the input is not modified
     torch.testing.assert_close(out[:, :, 0, 0], torch.tensor([[0.7, 1.0, 1.0], [0.3, 0.0, 0.0], [0.0, 0.0, 0.0]]))
-    regions = finish_softlabels(soft.clone(), softmax=False)
+    torch.testing.assert_close(out.sum(0), torch.ones(3, 1, 1))
+    regions = finish_softlabels(probs, softmax=False)
     torch.testing.assert_close(regions[:, :, 0, 0], torch.tensor([[0.2, 0.0, 1.0], [0.3, 0.0, 0.0], [0.0, 0.0, 0.0]]))
     assert regions.min() >= 0 and regions.max() <= 1
 

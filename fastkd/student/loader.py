@@ -7,16 +7,21 @@ volume). It hooks three points of the parent's batch loop instead of copying it:
 - ``get_indices``: remembers the batch's case keys;
 - ``get_bbox``: remembers each sample's box (the parent discards it after cropping);
 - the transforms: a wrapper reads the same box from the soft-label cache
-  (:meth:`fastkd.cache.SoftLabelCache.read_crop`, float32 probabilities plus a "valid" channel, zero
-  outside the volume) and hands it to nnU-Net's augmentation as ``regression_target``.
+  (:meth:`fastkd.cache.SoftLabelCache.read_crop`: float32 probabilities, zero outside the volume) and
+  hands it to nnU-Net's augmentation as ``regression_target``.
 
 batchgeneratorsv2 resamples ``regression_target`` on the same grid as image and segmentation in every
 spatial transform (rotation, scaling, elastic in DA5, mirroring, transposes, pseudo-2D), and its
 intensity-only and segmentation-only transforms leave it alone: the soft labels move exactly with the
-segmentation and are never blurred, noised or gamma-corrected. After augmentation the padding (where
-``valid`` < 1) is given to the background class (softmax caches; region caches stay 0 = "not in the
-region"), values are clamped to [0, 1] because trilinear weights overshoot by ~1e-7, and the valid
-channel is dropped. The batch gains ``batch["softlabels"]``: float32 ``(B, C, *patch)``.
+segmentation and are never blurred, noised or gamma-corrected. After augmentation the padding is given
+to the background class (softmax caches; region caches stay 0 = "not in the region") and values are
+clamped to [0, 1] because trilinear weights overshoot by ~1e-7. The batch gains
+``batch["softlabels"]``: float32 ``(B, C, *patch)``.
+
+The reader's "valid" channel is not augmented: inside the volume a voxel's probabilities sum to one
+and the padding is zero, and every spatial transform interpolates linearly, so after augmentation the
+sum over classes *is* the valid fraction. ``1 - sum`` goes to the background, which is what carrying
+the valid channel would give, for one channel less through the costliest transform.
 
 The cache is opened lazily in each process, so nnU-Net's augmentation workers (forked) each hold
 their own reader.
@@ -39,7 +44,7 @@ class _SoftLabelTransforms:
 
     def __call__(self, **sample):
         loader = self.loader
-        soft = torch.from_numpy(loader.cache.read_crop(str(loader.keys[loader.sample]), loader.box))
+        soft = torch.from_numpy(loader.cache.read_crop(str(loader.keys[loader.sample]), loader.box)[:-1])
         if loader.patch_size_was_2d:  # as the parent does with image and segmentation
             soft = soft[:, 0]
         if self.transforms is not None:
@@ -52,14 +57,14 @@ class _SoftLabelTransforms:
 
 
 def finish_softlabels(soft: torch.Tensor, softmax: bool) -> torch.Tensor:
-    """(C + 1, ...) augmented probabilities + valid channel -> (C, ...) probabilities.
+    """(C, ...) augmented probabilities -> (C, ...) probabilities in [0, 1].
 
-    Padding (valid < 1) becomes background for softmax caches, so each voxel still sums to one.
+    For softmax caches the padding (1 - the sum over classes) becomes background, so every voxel sums
+    to one; region caches are only clamped.
     """
-    probs, valid = soft[:-1], soft[-1]
+    probs = soft.clone()
     if softmax:
-        probs = probs.clone()
-        probs[0] += 1 - valid
+        probs[0] += 1 - probs.sum(0)
     return probs.clamp_(0, 1)
 
 
