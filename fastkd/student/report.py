@@ -78,7 +78,8 @@ def write_report(models: list[str], out_png: str | Path, out_tsv: str | Path, ti
     axes[0].set(title="loss per epoch", xlabel="epoch")
     axes[1].set(title="validation pseudo-Dice (foreground mean)", xlabel="epoch", ylim=(0, 1))
     for ax in axes[:2]:
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # models without a checkpoint have no curves
+            ax.legend(fontsize=7)
     cells = [line.split("\t") for line in table.strip().split("\n")]
     axes[2].axis("off")
     axes[2].set_title("final validation Dice (nnU-Net summary.json)")
