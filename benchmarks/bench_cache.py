@@ -60,16 +60,7 @@ SEED = 0
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--raw", type=Path, default=DEFAULT_RAW,
-                   help="nnU-Net raw dataset folder DatasetXXX_Name")
-    p.add_argument("--work", type=Path, default=Path("/tmp/fastkd_bench_cache"),
-                   help="work dir (nnU-Net folders, teachers, caches, logs, JSON); reused by later runs")
-    p.add_argument("--teachers", type=Path, default=None,
-                   help="existing nnU-Net model folder Trainer__Plans__3d_fullres with folds 0-4 "
-                        "(default: train 5 short folds in the work dir)")
-    p.add_argument("--teacher-epochs", type=int, default=2, help="epochs per fold of the short-trained teachers")
-    p.add_argument("--teacher-iterations", type=int, default=10, help="iterations per epoch of those teachers")
-    p.add_argument("--cases", type=int, default=20, help="benchmark cases: the first N of the sorted cases")
+    add_setup_arguments(p)
     p.add_argument("--repeats", type=int, default=2, help="interleaved (soft-label pass, stock predict) pairs")
     p.add_argument("--temperature", type=float, default=3.0, help="soft-label temperature")
     p.add_argument("--step-size", type=float, default=0.5, help="sliding-window step, fraction of the patch")
@@ -82,8 +73,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-iterations", type=int, default=5,
                    help="timed student iterations (after 2 warm-up), alternating with blocks of the reads")
     args = p.parse_args(argv)
-    for name in ("teacher_epochs", "teacher_iterations", "cases", "repeats", "threads", "reads",
-                 "reduction_factor", "train_iterations"):
+    check_setup_arguments(p, args)
+    for name in ("repeats", "threads", "reads", "reduction_factor", "train_iterations"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} = {getattr(args, name)}: must be >= 1")
+    return args
+
+
+def add_setup_arguments(p: argparse.ArgumentParser) -> None:
+    """The setup options every benchmark shares (data, work dir, teachers, cases)."""
+    p.add_argument("--raw", type=Path, default=DEFAULT_RAW,
+                   help="nnU-Net raw dataset folder DatasetXXX_Name")
+    p.add_argument("--work", type=Path, default=Path("/tmp/fastkd_bench_cache"),
+                   help="work dir shared by the benchmarks (nnU-Net folders, teachers, caches, logs, JSON)")
+    p.add_argument("--teachers", type=Path, default=None,
+                   help="existing nnU-Net model folder Trainer__Plans__3d_fullres with folds 0-4 "
+                        "(default: train 5 short folds in the work dir)")
+    p.add_argument("--teacher-epochs", type=int, default=2, help="epochs per fold of the short-trained teachers")
+    p.add_argument("--teacher-iterations", type=int, default=10, help="iterations per epoch of those teachers")
+    p.add_argument("--cases", type=int, default=20, help="benchmark cases: the first N of the sorted cases")
+
+
+def check_setup_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("teacher_epochs", "teacher_iterations", "cases"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} = {getattr(args, name)}: must be >= 1")
     if not (args.raw / "dataset.json").is_file():
@@ -92,7 +104,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.teachers is not None and len(args.teachers.resolve().name.split("__")) != 3:
         p.error(f"--teachers {args.teachers}: expected an nnU-Net model folder named Trainer__Plans__configuration "
                 "(stock nnUNetv2_predict finds models by those names)")
-    return args
 
 
 # -- subprocesses and environment -----------------------------------------------------------------

@@ -74,16 +74,7 @@ GOAL_STOCK, GOAL_ONLINE = 0.95, 4.0
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--raw", type=Path, default=bench_cache.DEFAULT_RAW,
-                   help="nnU-Net raw dataset folder DatasetXXX_Name")
-    p.add_argument("--work", type=Path, default=Path("/tmp/fastkd_bench_cache"),
-                   help="work dir, shared with bench_cache.py (nnU-Net folders, teachers, caches, logs, JSON)")
-    p.add_argument("--teachers", type=Path, default=None,
-                   help="existing nnU-Net model folder Trainer__Plans__3d_fullres with folds 0-4 "
-                        "(default: train 5 short folds in the work dir, as bench_cache.py does)")
-    p.add_argument("--teacher-epochs", type=int, default=2, help="epochs per fold of the short-trained teachers")
-    p.add_argument("--teacher-iterations", type=int, default=10, help="iterations per epoch of those teachers")
-    p.add_argument("--cases", type=int, default=20, help="training cases: the first N of the sorted cases")
+    bench_cache.add_setup_arguments(p)
     p.add_argument("--reduction-factor", type=int, default=2, help="student features_per_stage = max(f // r, 8)")
     p.add_argument("--iterations", type=int, default=10, help="timed iterations per block")
     p.add_argument("--warmup", type=int, default=2,
@@ -99,8 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="let nnU-Net torch.compile the students on CUDA (nnUNet_compile; off by default)")
     args = p.parse_args(argv)
-    for name in ("teacher_epochs", "teacher_iterations", "cases", "reduction_factor", "iterations", "repeats",
-                 "threads"):
+    bench_cache.check_setup_arguments(p, args)
+    for name in ("reduction_factor", "iterations", "repeats", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} = {getattr(args, name)}: must be >= 1")
     for name in ("warmup", "da_workers"):
@@ -110,11 +101,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--batch-size = {args.batch_size}: must be >= 1")
     if not args.temperature > 0 or not 0 < args.alpha <= 1:
         p.error(f"--temperature {args.temperature} must be > 0 and --alpha {args.alpha} in (0, 1]")
-    if not (args.raw / "dataset.json").is_file():
-        p.error(f"raw dataset {args.raw} not found (no dataset.json there); the default is "
-                "../shared/datasets/Dataset004_Hippocampus relative to the repository root; pass --raw DatasetXXX_Name")
-    if args.teachers is not None and len(args.teachers.resolve().name.split("__")) != 3:
-        p.error(f"--teachers {args.teachers}: expected an nnU-Net model folder named Trainer__Plans__configuration")
     return args
 
 
