@@ -104,6 +104,12 @@ def check_setup_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) 
     if args.teachers is not None and len(args.teachers.resolve().name.split("__")) != 3:
         p.error(f"--teachers {args.teachers}: expected an nnU-Net model folder named Trainer__Plans__configuration "
                 "(stock nnUNetv2_predict finds models by those names)")
+    from fastkd.dataset import parse_dataset_name
+
+    try:
+        args.dataset_id, _ = parse_dataset_name(args.raw.resolve().name)
+    except ValueError as e:
+        p.error(f"--raw: {e}")
 
 
 # -- subprocesses and environment -----------------------------------------------------------------
@@ -404,12 +410,7 @@ def row(figure: str, value: float, op: str | None = None, goal: float | None = N
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from fastkd.dataset import parse_dataset_name
-
-    try:
-        dataset_id, _ = parse_dataset_name(args.raw.resolve().name)
-    except ValueError as e:
-        sys.exit(f"bench_cache: --raw: {e}")
+    dataset_id = args.dataset_id
     args.work.mkdir(parents=True, exist_ok=True)
     env = nnunet_env(args.work.resolve(), args.threads)
     wall_start = time.perf_counter()

@@ -336,12 +336,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from fastkd.dataset import parse_dataset_name
-
-    try:
-        dataset_id, _ = parse_dataset_name(args.raw.resolve().name)
-    except ValueError as e:
-        sys.exit(f"bench_student: --raw: {e}")
+    dataset_id = args.dataset_id
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     wall_start = time.perf_counter()
