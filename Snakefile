@@ -1,5 +1,5 @@
 # fastkd: distil an nnU-Net v2 ensemble into one small student. This file is the table of contents;
-# every rule lives in workflow/rules/<stage>.smk and calls a `fastkd` subcommand.
+# every rule lives in workflow/rules/<stage>.smk and calls one `fastkd <stage> <action>` command.
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -8,7 +8,20 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
+
+
+# Every wildcard, constrained once: reduction factor, fold, soft-label shard, teacher folder.
+wildcard_constraints:
+    r=r"\d+",
+    fold=r"[0-4]|all",
+    shard=r"\d+",
+    teacher="|".join(re.escape(name) for name in TEACHER_SETS),
+
+
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/teachers.smk"
 include: "workflow/rules/softlabels.smk"

@@ -30,8 +30,8 @@ machine (the two timed commands of figure 1 interleaved), never an absolute timi
    extrapolated to every case of the dataset from the manifest shapes with the same formula.
 
 Setup (idempotent, reused from ``--work``): nnU-Net folders inside the work dir, ``fastkd
-plan-preprocess`` (skipped when its manifest exists), teachers (``--teachers FOLDER``, or 5 short folds
-trained by ``fastkd train-teacher``, skipping finished folds) and their manifest (``fastkd teachers``).
+preprocess run`` (skipped when its manifest exists), teachers (``--teachers FOLDER``, or 5 short folds
+trained by ``fastkd teachers train``, skipping finished folds) and their manifest (``fastkd teachers manifest``).
 Results: a table on stdout and ``<work>/bench_cache.json``; subprocess logs under ``<work>/logs/``.
 """
 
@@ -104,7 +104,7 @@ def check_setup_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) 
     if args.teachers is not None and len(args.teachers.resolve().name.split("__")) != 3:
         p.error(f"--teachers {args.teachers}: expected an nnU-Net model folder named Trainer__Plans__configuration "
                 "(stock nnUNetv2_predict finds models by those names)")
-    from fastkd.dataset import parse_dataset_name
+    from fastkd.nnunet import parse_dataset_name
 
     try:
         args.dataset_id, _ = parse_dataset_name(args.raw.resolve().name)
@@ -163,8 +163,8 @@ def setup_preprocessed(args, env: dict, dataset_id: int) -> Path:
     if manifest.is_file():
         print(f"setup: reusing the preprocessed dataset ({manifest})")
         return manifest
-    print("setup: planning and preprocessing (fastkd plan-preprocess) ...", flush=True)
-    cmd = fastkd_cmd("plan-preprocess", "-d", dataset_id, "--raw-source", args.raw.resolve(), "-c", CONFIGURATION,
+    print("setup: planning and preprocessing (fastkd preprocess run) ...", flush=True)
+    cmd = fastkd_cmd("preprocess", "run", "-d", dataset_id, "--raw-source", args.raw.resolve(), "-c", CONFIGURATION,
                      "--manifests", manifest, "-np", 2)
     if args.teachers is not None:  # the grid the given teachers were trained on
         cmd += ["--plans-from", str(args.teachers.resolve())]
@@ -193,7 +193,7 @@ def setup_teachers(args, env: dict, dataset_id: int, pm: dict) -> tuple[Path, Pa
                 continue
             print(f"setup: training short teacher fold {fold} ({args.teacher_epochs} epochs x "
                   f"{args.teacher_iterations} iterations) ...", flush=True)
-            seconds = run(fastkd_cmd("train-teacher", "-d", dataset_id, "-c", CONFIGURATION, "-f", fold,
+            seconds = run(fastkd_cmd("teachers", "train", "-d", dataset_id, "-c", CONFIGURATION, "-f", fold,
                                      "-p", pm["plans_name"], "--epochs", args.teacher_epochs,
                                      "--iterations", args.teacher_iterations, "--val-iterations", 1,
                                      "--batch-size", 2, "--save-every", 1, "--threads", args.threads),
@@ -201,7 +201,7 @@ def setup_teachers(args, env: dict, dataset_id: int, pm: dict) -> tuple[Path, Pa
             print(f"setup: fold {fold} trained in {seconds:.0f} s")
         short = True
     manifest = args.work / "teachers.json"
-    run(fastkd_cmd("teachers", folder, "-c", CONFIGURATION, "-f", *FOLDS, "-o", manifest), env,
+    run(fastkd_cmd("teachers", "manifest", folder, "-c", CONFIGURATION, "-f", *FOLDS, "-o", manifest), env,
         args.work / "logs" / "teachers.log")
     return folder, manifest, short
 
@@ -239,7 +239,7 @@ def bench_wall_time(args, env: dict, dataset_id: int, teacher_folder: Path, teac
         store = runs / f"softlabels_{i}.zarr"
         shutil.rmtree(store, ignore_errors=True)
         shutil.rmtree(store.with_name(store.name + ".partial"), ignore_errors=True)
-        cmd = fastkd_cmd("softlabels", "-o", store, "-t", teacher_manifest, "-m", case_manifest,
+        cmd = fastkd_cmd("softlabels", "fill", "-o", store, "-t", teacher_manifest, "-m", case_manifest,
                          "-T", args.temperature, "--step-size", args.step_size, "--dtype", args.dtype,
                          "--shard", "1/1", "--device", args.device, "--threads", args.threads)
         if args.disable_mirroring:

@@ -32,7 +32,11 @@ synchronised at its end): data loading, augmentation (in the workers, which comp
 CPU), transfer, forward, loss, backward and optimizer step, plus the teacher forwards for online. The
 loaders are shut down after each block (``_finish()``); nothing is checkpointed and no validation
 runs. Blocks run KD, stock, online in each of ``--repeats`` rounds (order reversed in odd rounds);
-each figure is the median of the per-round ratios, printed with the raw iterations/s.
+each figure is the median of the per-round ratios, printed with the raw iterations/s. The students
+run as in production: settings from :func:`fastkd.student.run.student_settings` on the config
+schema's defaults (with ``--temperature``, ``--alpha``, ``--batch-size``), and nnU-Net's
+``torch.compile`` of the student networks, which nnU-Net does on CUDA only, unless ``--no-compile``;
+compilation happens in a block's first step, so ``--warmup`` must be >= 1 then.
 
 Training cases: the first ``--cases`` sorted cases (default 20, the cases of ``bench_cache.py``).
 Every trainer trains with nnU-Net's ``fold = "all"`` on a benchmark-local ``nnUNet_preprocessed``
@@ -45,8 +49,8 @@ made by the same teachers at the same T; else copied from a matching complete st
 :func:`fastkd.softlabels.fill_cache` + :func:`fastkd.softlabels.finalize_cache`.
 
 Setup (idempotent, shared with ``bench_cache.py`` through ``--work``, by importing its functions):
-``fastkd plan-preprocess`` (skipped when its manifest exists) and the teachers (``--teachers
-FOLDER``, or 5 short folds trained by ``fastkd train-teacher``) with their manifest.
+``fastkd preprocess run`` (skipped when its manifest exists) and the teachers (``--teachers
+FOLDER``, or 5 short folds trained by ``fastkd teachers train``) with their manifest.
 Results: a table on stdout and ``<work>/bench_student.json``; trainer chatter in ``<work>/logs/``.
 """
 
@@ -87,8 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="nnUNet_n_proc_DA of every run (augmentation processes; 0 = in the training process)")
     p.add_argument("--temperature", type=float, default=3.0, help="distillation temperature")
     p.add_argument("--alpha", type=float, default=0.3, help="KD weight (the reference's default)")
-    p.add_argument("--compile", action="store_true",
-                   help="let nnU-Net torch.compile the students on CUDA (nnUNet_compile; off by default)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="no torch.compile of the students (nnUNet_compile=0); by default nnU-Net compiles them "
+                        "where it does in training, i.e. on CUDA")
     args = p.parse_args(argv)
     bench_cache.check_setup_arguments(p, args)
     for name in ("reduction_factor", "iterations", "repeats", "threads"):
@@ -97,6 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("warmup", "da_workers"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} = {getattr(args, name)}: must be >= 0")
+    if args.device == "cuda" and not args.no_compile and args.warmup < 1:
+        p.error("--warmup 0 on CUDA would time torch.compile's compilation (first step): use --warmup >= 1 "
+                "or --no-compile")
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"--batch-size = {args.batch_size}: must be >= 1")
     if not args.temperature > 0 or not 0 < args.alpha <= 1:
@@ -152,6 +160,7 @@ def setup_cache(args, store: Path, teacher_manifest: Path, case_manifest: Path, 
     ``preprocessed``: nnU-Net's folder of every case's ``<case>.b2nd`` (a copied store is verified
     against it)."""
     from fastkd.cache import verify
+    from fastkd.config import default
     from fastkd.softlabels import fill_cache, finalize_cache
 
     teacher = json.loads(teacher_manifest.read_text())
@@ -173,7 +182,8 @@ def setup_cache(args, store: Path, teacher_manifest: Path, case_manifest: Path, 
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"setup: computing the soft labels of {len(cases)} cases (fastkd.softlabels.fill_cache) ...", flush=True)
     start = time.perf_counter()
-    fill_cache(store, [teacher_manifest], case_manifest, args.temperature, device=args.device, progress=False)
+    fill_cache(store, [teacher_manifest], case_manifest, args.temperature, step_size=default("softlabels.step_size"),
+               mirroring=default("softlabels.mirroring"), dtype="uint8", device=args.device, progress=False)
     finalize_cache(store, case_manifest)
     return f"computed in {time.perf_counter() - start:.0f} s"
 
@@ -184,7 +194,7 @@ def online_trainer_class():
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from fastkd.student.trainer import nnUNetTrainerFastKD
+    from fastkd.student.trainers import nnUNetTrainerFastKD
 
     class nnUNetTrainerFastKDOnline(nnUNetTrainerFastKD):
         """Online distillation as the reference does it: every teacher fold on every augmented batch.
@@ -225,7 +235,7 @@ class Trainers:
         import torch
         from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
 
-        from fastkd.student.train import prepare_fold_folder, student_fold_folder
+        from fastkd.student.run import prepare_fold_folder, student_fold_folder
 
         self.dataset_name, self.plans_name, self.batch_size = dataset_name, plans_name, batch_size
         self.device, self.teachers = torch.device(device), teachers
@@ -244,9 +254,9 @@ class Trainers:
 
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-        from fastkd.student.train import _build_trainer
+        from fastkd.student.run import _build_trainer
 
-        if kind == "kd":  # exactly as `fastkd train-student` builds it
+        if kind == "kd":  # exactly as `fastkd student train` builds it
             return _build_trainer(self.dataset_name, self.plans_name, CONFIGURATION, "all", True, False,
                                   self.device, False)
         plans = dict(copy.deepcopy(self.plans), continue_training=False)
@@ -355,7 +365,8 @@ def main(argv=None) -> int:
     os.environ.update({"nnUNet_preprocessed": str(root / "nnUNet_preprocessed"),
                        "nnUNet_results": str(root / "nnUNet_results"),
                        "nnUNet_n_proc_DA": str(args.da_workers),
-                       "nnUNet_compile": "1" if (args.compile and args.device == "cuda") else "0"})
+                       # nnU-Net's default: compile, which it then does on CUDA only
+                       "nnUNet_compile": "0" if args.no_compile else "1"})
     source = Path(env["nnUNet_preprocessed"]) / pm["dataset_name"]
     dataset_folder = bench_preprocessed(root / "nnUNet_preprocessed", source, pm["plans_name"], pm["data_identifier"],
                                         cases)
@@ -365,7 +376,8 @@ def main(argv=None) -> int:
 
     from fastkd.softlabels import TeacherEnsemble
     from fastkd.student.plans import student_plans_name, write_student_plans
-    from fastkd.student.train import make_settings
+    from fastkd.config import fill_defaults, load_schema
+    from fastkd.student.run import student_settings
 
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_student: --device cuda but torch sees no CUDA GPU")
@@ -384,8 +396,10 @@ def main(argv=None) -> int:
     with open(log, "w") as f, contextlib.redirect_stdout(f):
         ensemble = TeacherEnsemble([teacher], [1.0], step_size=0.5, mirroring=False, device=args.device)
     networks = ensemble.members[0][1]  # one network per fold, eval mode, on the device
-    settings = make_settings(cache=store, temperature=args.temperature, alpha=args.alpha,
-                             batch_size=args.batch_size)
+    # production's settings: the config's defaults, with this run's T, alpha and batch size
+    config = fill_defaults({"distillation": {"temperature": args.temperature, "alpha": args.alpha},
+                            "student": {"schedule": {"batch_size": args.batch_size}}}, load_schema())
+    settings = student_settings(config, store, kd=True)
     trainers = Trainers(pm["dataset_name"], plans_name, settings, args.batch_size, args.device, networks)
 
     print(f"teachers: {teacher_folder} ({len(networks)} folds{', short-trained' if short else ''})")

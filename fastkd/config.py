@@ -10,11 +10,13 @@ exists, the teacher configuration is preprocessed, an external teacher folder ho
 from __future__ import annotations
 
 import copy
+import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonschema import Draft7Validator
 
 from fastkd.errors import FastkdError
 
@@ -71,6 +73,23 @@ def fill_defaults(instance: Any, schema: dict, root: dict | None = None) -> Any:
     return instance
 
 
+def _floats(instance: Any, schema: dict, root: dict) -> None:
+    """Numbers where the schema says number (not integer) become floats: 3 and 3.0 are one setting, so
+    the settings files and provenance written from configs, flags and ``--set`` compare equal."""
+    schema = _resolve(schema, root)
+    if isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        for item in instance:
+            _floats(item, schema["items"], root)
+    if not isinstance(instance, dict):
+        return
+    for key, sub in schema.get("properties", {}).items():
+        value = instance.get(key)
+        if _resolve(sub, root).get("type") == "number" and isinstance(value, int) and not isinstance(value, bool):
+            instance[key] = float(value)
+        elif isinstance(value, (dict, list)):
+            _floats(value, sub, root)
+
+
 def _coerce(value: str, schema: dict):
     """A string where the schema wants a number or boolean, as Snakemake's ``--config key=value`` passes
     nested values (``--config "distillation={'temperature': 2}"`` gives '2'): parse it as YAML."""
@@ -88,6 +107,103 @@ def _coerce(value: str, schema: dict):
     return parsed if ok else value
 
 
+def schema_node(key: str) -> dict:
+    """The schema of one dotted config key, e.g. ``distillation.temperature`` (``$ref`` resolved)."""
+    root = load_schema()
+    node = root
+    for part in key.split("."):
+        properties = _resolve(node, root).get("properties", {})
+        if part not in properties:
+            raise KeyError(f"{key!r} is not a fastkd config key")
+        node = properties[part]
+    return _resolve(node, root)
+
+
+def default(key: str) -> Any:
+    """The schema's default of a dotted config key: the one place a setting's default lives."""
+    return copy.deepcopy(schema_node(key)["default"])
+
+
+def check_values(values: dict[str, Any]) -> dict[str, Any]:
+    """Validate single settings (``{dotted key: value}``) by their schema entries; return them.
+
+    Library functions called outside a validated config (from the command line, a benchmark) check
+    their arguments here, so every value has one validator: the schema. Raises :class:`ConfigError`
+    naming each key, value and what would be valid.
+    """
+    problems = []
+    for key, value in values.items():
+        for error in Draft7Validator(schema_node(key)).iter_errors(value):
+            problems.append(_describe(error, key))
+    if problems:
+        raise ConfigError("invalid value(s):\n  - " + "\n  - ".join(problems))
+    return values
+
+
+def arg_type(key: str):
+    """An argparse ``type=`` for a flag that sets config key ``key``: parsed as YAML, checked by the schema.
+
+    For a list key (``teachers.folds``) each value of an ``nargs`` flag is checked as one item.
+    """
+    import argparse
+
+    node = schema_node(key)
+    item = node.get("type") == "array" and isinstance(node.get("items"), dict)
+    node = _resolve(node["items"], load_schema()) if item else node
+
+    def parse(text: str):
+        value = _coerce(text, node)
+        if isinstance(value, str) and value.lower() in ("null", "none"):
+            value = None
+        problems = [_describe(e, f"{key}[]" if item else key) for e in Draft7Validator(node).iter_errors(value)]
+        if problems:
+            raise argparse.ArgumentTypeError(problems[0])
+        return value
+
+    parse.__name__ = key  # argparse names the type in its messages
+    return parse
+
+
+def overrides(config: dict, prefix: str = "") -> list[str]:
+    """``KEY=VALUE`` of every leaf of a (partial) config, e.g. ``student.schedule.epochs=4``: what
+    :func:`parse_overrides` reads back (values as JSON, which is YAML)."""
+    pairs = []
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            pairs += overrides(value, f"{name}.")
+        else:
+            pairs.append(f"{name}={value if isinstance(value, str) else json.dumps(value)}")
+    return pairs
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["student.schedule.epochs=4", ...]`` -> a partial config; values are parsed as YAML, as
+    Snakemake's ``--config`` parses them, and unknown keys are named with the valid ones."""
+    config: dict = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"{pair!r}: expected KEY=VALUE, e.g. student.schedule.epochs=10")
+        try:
+            node = schema_node(key)
+        except KeyError:
+            raise ConfigError(f"{pair!r}: {key!r} is not a fastkd config key (see config.yaml)") from None
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            value = text
+        if isinstance(value, (int, float)) and "string" in ([node.get("type")] if isinstance(node.get("type"), str)
+                                                            else node.get("type", [])):
+            value = text
+        *parents, leaf = key.split(".")
+        target = config
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = value
+    return config
+
+
 def _key_name(path) -> str:
     name = ""
     for part in path:
@@ -95,9 +211,9 @@ def _key_name(path) -> str:
     return name or "(top level)"
 
 
-def _describe(error) -> str:
+def _describe(error, prefix: str = "") -> str:
     """One line per schema violation: key, value, and what would be valid."""
-    key = _key_name(error.absolute_path)
+    key = _key_name([*([prefix] if prefix else []), *error.absolute_path])
     value = error.instance
     v, expected = error.validator, error.validator_value
     shown = f"{value!r} ({type(value).__name__})"
@@ -142,8 +258,6 @@ def validate_config(config: dict, base_dir: str | Path | None = None, check_file
     ``check_files`` also checks the dataset folder and an external teacher folder on disk.
     Raises :class:`ConfigError` listing every problem.
     """
-    from jsonschema import Draft7Validator
-
     if not isinstance(config, dict):
         raise ConfigError(f"the config must be a mapping of keys to values, got {type(config).__name__}")
     schema = load_schema()
@@ -154,11 +268,12 @@ def validate_config(config: dict, base_dir: str | Path | None = None, check_file
         problems = _semantic_problems(config, Path(base_dir or "."), check_files)
     if problems:
         raise ConfigError("invalid fastkd config:\n  - " + "\n  - ".join(problems))
+    _floats(config, schema, schema)
     return config
 
 
 def _semantic_problems(config: dict, base_dir: Path, check_files: bool) -> list[str]:
-    from fastkd.dataset import DATASET_NAME_PATTERN
+    from fastkd.nnunet import DATASET_NAME_PATTERN
 
     problems = []
     plans, teachers = config["plans"], config["teachers"]
@@ -189,30 +304,52 @@ def _semantic_problems(config: dict, base_dir: Path, check_files: bool) -> list[
             problems.append(f"teachers.model_folder: {e}")
     if not problems:
         problems += _softlabel_problems(config, base_dir, check_files)
+    if not problems and check_files and not plans["preprocess"]:
+        problems += _preprocessed_problems(config, base_dir)
     return problems
 
 
+def _preprocessed_problems(config: dict, base_dir: Path) -> list[str]:
+    """``plans.preprocess: false``: nnU-Net must have preprocessed the dataset with the teachers' plans."""
+    from fastkd.nnunet import PLANNERS
+    from fastkd.paths import Paths
+
+    paths = Paths(config)
+    for configuration in config["plans"]["configurations"]:
+        data = base_dir / paths.preprocessed_dataset / paths.data_identifier(configuration)
+        missing = next((f for f in (base_dir / paths.plans_file, data) if not f.exists()), None)
+        if missing is not None:
+            planner = {plans: cls for cls, plans in PLANNERS.values()}.get(paths.plans_name, "<the teachers' planner>")
+            pl = "" if paths.plans_name == "nnUNetPlans" else f" -pl {planner}"
+            return [f"plans.preprocess = false: {missing} does not exist: {paths.dataset_name} is not preprocessed with "
+                    f"the teacher plans {paths.plans_name} ({configuration}); run `nnUNetv2_plan_and_preprocess -d "
+                    f"{paths.dataset_id} -c {configuration}{pl}` first, or let fastkd preprocess (plans.preprocess: "
+                    "true, the workflow's `snakemake preprocessed`)"]
+    return []
+
+
 def _softlabel_problems(config: dict, base_dir: Path, check_files: bool) -> list[str]:
-    """Extra teacher folders exist and share the teachers' preprocessed grid; no more shards than cases."""
-    from fastkd.dataset import raw_case_ids
-    from fastkd.paths import Paths, plans_data_identifier
-    from fastkd.teachers import TeacherFolderError, validate_model_folder
+    """Extra teacher folders exist and share the teachers' preprocessed grid; no more shards than cases;
+    student base plans exist beside the teachers' with the same grid."""
+    from fastkd.nnunet import data_identifier, raw_case_ids, read_plans
+    from fastkd.paths import Paths
+    from fastkd.teachers import TeacherFolderError, teacher_sets, validate_model_folder
 
     def resolve(path) -> Path:
         return base_dir / path  # an absolute path stays itself
 
     problems = []
     teachers = config["teachers"]
-    names = [s["name"] for s in Paths(config).teacher_sets]
+    names = [s["name"] for s in teacher_sets(config, Paths(config).teacher_folder)]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         problems.append(f"teachers.extra: teacher folders need distinct names (their manifests are named after "
                         f"them); repeated: {', '.join(repeated)}")
     if not check_files:
         return problems
-    if teachers["extra"]:
-        main = {**teachers, "model_folder": str(resolve(teachers["model_folder"]))} if teachers["model_folder"] else teachers
-        grid = Paths({**config, "teachers": main}).data_identifier(teachers["configuration"])
+    main = {**teachers, "model_folder": str(resolve(teachers["model_folder"]))} if teachers["model_folder"] else teachers
+    paths = Paths({**config, "teachers": main})
+    grid = paths.data_identifier(teachers["configuration"])
     for i, extra in enumerate(teachers["extra"]):
         configuration = extra["configuration"] or teachers["configuration"]
         try:
@@ -221,10 +358,29 @@ def _softlabel_problems(config: dict, base_dir: Path, check_files: bool) -> list
         except TeacherFolderError as e:
             problems.append(f"teachers.extra[{i}].model_folder: {e}")
             continue
-        theirs = plans_data_identifier(plans, configuration)
+        theirs = data_identifier(plans, configuration)
         if theirs != grid:
             problems.append(f"teachers.extra[{i}].model_folder: preprocessed as {theirs!r}, the teachers as {grid!r}; "
                             "the teachers of one soft-label cache must share the preprocessed grid")
+    base = config["student"]["plans"]
+    if base is not None:
+        file = resolve(paths.student_base_plans_file)
+        there = sorted(p.stem for p in file.parent.glob("*.json") if p.stem not in ("dataset", "dataset_fingerprint",
+                                                                                     "splits_final"))
+        if not file.is_file():
+            problems.append(f"student.plans = {base!r}: no plans {file} (plans there: {', '.join(there) or 'none'}); "
+                            f"name plans preprocessed beside the teachers', or null for the teachers' {paths.plans_name}")
+        else:
+            try:
+                theirs = data_identifier(read_plans(file), teachers["configuration"])
+            except FastkdError as e:
+                theirs = None
+                problems.append(f"student.plans = {base!r}: {e}")
+            if theirs is not None and theirs != grid:
+                problems.append(f"student.plans = {base!r}: its {teachers['configuration']} data is {theirs!r}, the "
+                                f"teachers' is {grid!r}; the student trains on the teachers' preprocessed data, where "
+                                f"the soft labels are, so its plans must share that data_identifier (e.g. "
+                                f"{paths.plans_name})")
     raw = config["dataset"]["raw"]
     try:
         n_cases = config["dataset"]["demo"]["n_cases"] if raw == "demo" else len(raw_case_ids(resolve(raw)))

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+
+from fastkd.errors import FastkdError
+
+
+def read_json(path: str | Path, what: str, hint: str):
+    """A JSON input, or a clear error naming it (``what``) and how it is made (``hint``)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FastkdError(f"{what} {path} does not exist ({hint})") from None
+    except ValueError as e:
+        raise FastkdError(f"{what} {path} is not valid JSON ({e}); {hint}") from None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -1,4 +1,5 @@
-"""nnU-Net planning and preprocessing, through nnU-Net's own API (fingerprint, planner, preprocessor).
+"""nnU-Net planning and preprocessing, through nnU-Net's own API (fingerprint, planner, preprocessor),
+or a dataset preprocessed already (``plans.preprocess: false``: ``nnUNetv2_plan_and_preprocess`` ran).
 
 What it writes besides nnU-Net's own files (plans, fingerprint, ``<data_identifier>/`` arrays):
 
@@ -20,8 +21,19 @@ import os
 import shutil
 from pathlib import Path
 
+from fastkd import nnunet
 from fastkd.errors import FastkdError
 from fastkd.io import atomic_write_text, package_version
+
+
+def training_cases(config: dict) -> list[str]:
+    """The cases the workflow preprocesses, known at parse time: the demo's from its config, a real
+    dataset's from its dataset.json (never from a checkpoint rule, so Snakemake tracks every case)."""
+    if config["dataset"]["raw"] == "demo":
+        from fastkd.demo_data import case_ids
+
+        return case_ids(config["dataset"]["demo"]["n_cases"])
+    return nnunet.raw_case_ids(config["dataset"]["raw"])
 
 
 def link_raw_dataset(source: Path, raw_dataset: Path) -> None:
@@ -42,12 +54,8 @@ def link_raw_dataset(source: Path, raw_dataset: Path) -> None:
 
 
 def _check_teacher_plans(teacher_folder: Path, raw_dataset: Path) -> dict:
-    with open(teacher_folder / "plans.json") as f:
-        plans = json.load(f)
-    with open(teacher_folder / "dataset.json") as f:
-        teacher_ds = json.load(f)
-    with open(raw_dataset / "dataset.json") as f:
-        raw_ds = json.load(f)
+    plans = nnunet.read_plans(teacher_folder / "plans.json")
+    teacher_ds, raw_ds = nnunet.read_dataset_json(teacher_folder), nnunet.read_dataset_json(raw_dataset)
     for key in ("labels", "channel_names"):
         if teacher_ds.get(key) != raw_ds.get(key):
             raise FastkdError(f"the teachers in {teacher_folder} were trained with {key} = {teacher_ds.get(key)}, "
@@ -55,9 +63,9 @@ def _check_teacher_plans(teacher_folder: Path, raw_dataset: Path) -> dict:
     return plans
 
 
-def plan_preprocess(dataset_id: int, raw_source: Path, configurations: list[str], manifests: list[Path],
-                    planner_class: str | None = "ExperimentPlanner", teacher_folder: Path | None = None,
-                    num_processes: int = 2, gpu_memory_target_gb: float | None = None) -> str:
+def plan_preprocess(dataset_id: int, raw_source: Path, configurations: list[str], manifests: list[Path], *,
+                    planner_class: str | None, teacher_folder: Path | None, num_processes: int,
+                    gpu_memory_target_gb: float | None) -> str:
     """Fingerprint, plan (or adopt an external teacher folder's plans), preprocess, split, write manifests.
 
     Needs the nnU-Net folder variables in ``os.environ``. Returns the plans name.
@@ -69,11 +77,9 @@ def plan_preprocess(dataset_id: int, raw_source: Path, configurations: list[str]
     from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from fastkd.dataset import dataset_name as make_name, parse_dataset_name, raw_case_ids
-
     raw_source = Path(raw_source)
-    _, name = parse_dataset_name(raw_source.name)
-    ds_name = make_name(dataset_id, name)
+    _, name = nnunet.parse_dataset_name(raw_source.name)
+    ds_name = nnunet.dataset_name(dataset_id, name)
     link_raw_dataset(raw_source, Path(nnUNet_raw) / ds_name)
     if convert_id_to_dataset_name(dataset_id) != ds_name:
         raise FastkdError(f"dataset id {dataset_id} resolves to {convert_id_to_dataset_name(dataset_id)}, not {ds_name}")
@@ -99,11 +105,35 @@ def plan_preprocess(dataset_id: int, raw_source: Path, configurations: list[str]
             "when the 3d_fullres patch cannot cover the median case)")
     preprocess([dataset_id], plans_name, configurations, [num_processes], verbose=False)
     # the raw dataset's cases, listed by nnU-Net (gt_segmentations/ keeps files of removed cases)
-    cases = raw_case_ids(Path(nnUNet_raw) / ds_name)
+    cases = nnunet.raw_case_ids(Path(nnUNet_raw) / ds_name)
     _write_splits(preprocessed, cases)
     for configuration, manifest in zip(configurations, manifests):
         write_manifest(preprocessed, plans_manager, configuration, cases, Path(manifest))
     return plans_name
+
+
+def adopt_preprocessed(dataset: str, plans_name: str, configurations: list[str], manifests: list[Path]) -> list[str]:
+    """A dataset nnU-Net preprocessed already: check every raw training case is there, write nnU-Net's
+    split if none exists, and the manifests. Nothing of nnU-Net's is rewritten. Returns the cases."""
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    if len(manifests) != len(configurations):
+        raise FastkdError(f"{len(configurations)} configuration(s) {configurations} but {len(manifests)} manifest path(s)")
+    preprocessed = Path(nnUNet_preprocessed) / dataset
+    plans_file = preprocessed / f"{plans_name}.json"
+    if not plans_file.is_file():
+        there = sorted(p.stem for p in preprocessed.glob("*Plans*.json")) if preprocessed.is_dir() else []
+        raise FastkdError(f"{plans_file} does not exist: {dataset} is not preprocessed with the plans {plans_name} "
+                          f"(plans there: {', '.join(there) or 'none'}); run nnUNetv2_plan_and_preprocess first, or "
+                          "let fastkd preprocess (plans.preprocess: true)")
+    plans_manager = PlansManager(nnunet.read_plans(plans_file))
+    cases = nnunet.raw_case_ids(Path(nnUNet_raw) / dataset)
+    _write_splits(preprocessed, cases)
+    for configuration, manifest in zip(configurations, manifests):
+        nnunet.configuration(plans_manager.plans, configuration)  # FastkdError naming the configurations
+        write_manifest(preprocessed, plans_manager, configuration, cases, Path(manifest))
+    return cases
 
 
 def _write_splits(preprocessed: Path, cases: list[str]) -> None:
@@ -130,8 +160,9 @@ def write_manifest(preprocessed: Path, plans_manager, configuration: str, cases:
             continue
         shapes[case] = {"shape": list(blosc2.open(str(image), mode="r").shape)}
     if missing:
-        raise FastkdError(f"preprocessing of {configuration} left no arrays for {len(missing)} case(s) in {folder}: "
-                          f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+        raise FastkdError(f"no preprocessed arrays of {configuration} for {len(missing)} case(s) in {folder}: "
+                          f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''} (preprocess them with "
+                          "nnUNetv2_plan_and_preprocess, or let fastkd preprocess)")
     manifest = {
         "dataset_name": plans_manager.dataset_name,
         "plans_name": plans_manager.plans_name,

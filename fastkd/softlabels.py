@@ -29,21 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fastkd import cache
+from fastkd import cache, nnunet
 from fastkd.errors import FastkdError
+from fastkd.io import read_json
 
 #: plans entries that must agree for two models to read the same preprocessed data
 GRID_KEYS = ("data_identifier", "spacing", "transpose_forward", "normalization_schemes", "use_mask_for_norm")
-
-
-def read_json(path: str | Path, what: str, hint: str) -> dict:
-    """A JSON input of a step, or a clear error naming it and how it is made."""
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise FastkdError(f"{what} {path} does not exist ({hint})") from None
-    except ValueError as e:
-        raise FastkdError(f"{what} {path} is not valid JSON ({e}); {hint}") from None
 
 
 def shard_cases(cases, n_shards: int, shard: int) -> list[str]:
@@ -56,16 +47,9 @@ def shard_cases(cases, n_shards: int, shard: int) -> list[str]:
     return cases[shard::n_shards]
 
 
-def _configuration(plans: dict, name: str) -> dict:
-    """A plans configuration with ``inherits_from`` resolved, by nnU-Net's own PlansManager."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    return dict(PlansManager(plans).get_configuration(name).configuration)
-
-
 def grid_differences(teacher_plans: dict, teacher_cfg: str, grid_plans: dict, grid_cfg: str) -> list[str]:
     """How a teacher's preprocessing differs from the grid the cache is written on (empty: same grid)."""
-    a, b = _configuration(teacher_plans, teacher_cfg), _configuration(grid_plans, grid_cfg)
+    a, b = nnunet.configuration(teacher_plans, teacher_cfg), nnunet.configuration(grid_plans, grid_cfg)
     a["transpose_forward"], b["transpose_forward"] = teacher_plans["transpose_forward"], grid_plans["transpose_forward"]
     return [f"{k}: teacher {a.get(k)} vs grid {b.get(k)}" for k in GRID_KEYS if a.get(k) != b.get(k)]
 
@@ -75,10 +59,7 @@ def check_teachers(teachers: list[dict], grid_plans: dict, grid_cfg: str, grid_d
     problems = []
     for t in teachers:
         folder = Path(t["model_folder"])
-        with open(folder / "plans.json") as f:
-            plans = json.load(f)
-        with open(folder / "dataset.json") as f:
-            dataset_json = json.load(f)
+        plans, dataset_json = nnunet.read_plans(folder / "plans.json"), nnunet.read_dataset_json(folder)
         diff = grid_differences(plans, t["configuration"], grid_plans, grid_cfg)
         if dataset_json["labels"] != grid_dataset_json["labels"]:
             diff.append(f"labels: teacher {dataset_json['labels']} vs dataset {grid_dataset_json['labels']}")
@@ -112,14 +93,12 @@ class TeacherEnsemble:
     """
 
     def __init__(self, teachers: list[dict], weights: list[float], step_size: float, mirroring: bool, device: str):
-        import torch
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+        from fastkd.device import torch_device
         from fastkd.teachers import sha256
 
-        if device == "cuda" and not torch.cuda.is_available():
-            raise FastkdError("softlabels.device = 'cuda' but torch sees no CUDA GPU; use 'cpu' or run on a GPU node")
-        self.device = torch.device(device)
+        self.device = torch_device(device, "softlabels.device")
         total = float(sum(weights))
         self.members = []  # (predictor of the teacher folder, [network per fold], weight per fold)
         for t, weight in zip(teachers, weights):
@@ -183,9 +162,7 @@ def provenance(teachers: list[dict], weights: list[float], grid_plans: dict, con
                dataset_json: dict, ensemble: TeacherEnsemble, temperature: float, step_size: float,
                mirroring: bool, dtype: str) -> dict:
     """What a case's soft labels depend on (identical for every case of one store)."""
-    from fastkd.paths import plans_data_identifier
-
-    cfg = _configuration(grid_plans, configuration)
+    cfg = nnunet.configuration(grid_plans, configuration)
     return {
         "format_version": cache.FORMAT_VERSION,
         "temperature": float(temperature),
@@ -203,7 +180,7 @@ def provenance(teachers: list[dict], weights: list[float], grid_plans: dict, con
         "dataset_name": grid_plans["dataset_name"],
         "plans_name": grid_plans["plans_name"],
         "configuration": configuration,
-        "data_identifier": plans_data_identifier(grid_plans, configuration),
+        "data_identifier": cfg["data_identifier"],
         "spacing": cfg["spacing"],
         "transpose_forward": grid_plans["transpose_forward"],
         "patch_size": cfg["patch_size"],
@@ -217,38 +194,37 @@ def provenance(teachers: list[dict], weights: list[float], grid_plans: dict, con
 
 
 def fill_cache(store: str | Path, teacher_manifests: list[str | Path], preprocess_manifest: str | Path,
-               temperature: float, weights: list[float] | None = None, step_size: float = 0.5,
-               mirroring: bool = True, dtype: str = "uint8", n_shards: int = 1, shard: int = 0,
-               device: str = "cpu", marker: str | Path | None = None, progress: bool = True) -> dict:
+               temperature: float, *, step_size: float, mirroring: bool, dtype: str, device: str,
+               weights: list[float] | None = None, n_shards: int = 1, shard: int = 0,
+               marker: str | Path | None = None, progress: bool = True) -> dict:
     """Compute and write the soft labels of one shard of the cases; return (and write to ``marker``) a summary.
 
     ``teacher_manifests``: from :func:`fastkd.teachers.write_manifest`, one per teacher folder.
     ``preprocess_manifest``: from :func:`fastkd.preprocess.plan_preprocess` (cases and shapes); the
     preprocessed arrays are read from ``nnUNet_preprocessed`` (environment) as nnU-Net does.
+    ``temperature``, ``step_size``, ``mirroring``, ``dtype``, ``device`` are checked by the config
+    schema (their ``distillation.*`` / ``softlabels.*`` keys).
     """
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from tqdm import tqdm
 
+    from fastkd.config import check_values
     from fastkd.io import atomic_write_text
 
-    if temperature <= 0:
-        raise FastkdError(f"temperature = {temperature}: must be > 0")
-    if dtype not in cache.DTYPES:
-        raise FastkdError(f"dtype = {dtype!r}: must be one of {', '.join(cache.DTYPES)}")
-    if not 0 < step_size <= 1:
-        raise FastkdError(f"step size = {step_size}: must be in (0, 1]")
+    check_values({"distillation.temperature": temperature, "softlabels.step_size": step_size,
+                  "softlabels.mirroring": mirroring, "softlabels.dtype": dtype, "softlabels.device": device})
     weights = list(weights) if weights else [1.0] * len(teacher_manifests)
     if len(weights) != len(teacher_manifests) or min(weights) <= 0:
         raise FastkdError(f"weights = {weights}: need one weight > 0 per teacher manifest ({len(teacher_manifests)})")
-    pm = read_json(preprocess_manifest, "preprocess manifest", "written by `fastkd plan-preprocess --manifests`")
-    teachers = [read_json(m, "teacher manifest", "written by `fastkd teachers FOLDER -o`") for m in teacher_manifests]
+    pm = read_json(preprocess_manifest, "preprocess manifest", "written by `fastkd preprocess run` or `fastkd preprocess manifest`")
+    teachers = [read_json(m, "teacher manifest", "written by `fastkd teachers manifest`") for m in teacher_manifests]
     preprocessed_root = os.environ.get("nnUNet_preprocessed")
     if not preprocessed_root:
         raise FastkdError("nnUNet_preprocessed is not set (Snakemake sets it from the config; export it by hand)")
     dataset_folder = Path(preprocessed_root) / pm["dataset_name"]
     case_folder = dataset_folder / pm["data_identifier"]
-    grid_plans = json.loads((dataset_folder / f"{pm['plans_name']}.json").read_text())
-    dataset_json = json.loads((dataset_folder / "dataset.json").read_text())
+    grid_plans = nnunet.read_plans(dataset_folder / f"{pm['plans_name']}.json")
+    dataset_json = nnunet.read_dataset_json(dataset_folder)
     check_teachers(teachers, grid_plans, pm["configuration"], dataset_json)
     cases = shard_cases(pm["cases"], n_shards, shard)
     missing = [c for c in cases if not (case_folder / f"{c}.b2nd").is_file()]
@@ -289,7 +265,7 @@ def fill_cache(store: str | Path, teacher_manifests: list[str | Path], preproces
 
 def finalize_cache(store: str | Path, preprocess_manifest: str | Path) -> dict:
     """Check every case of the preprocess manifest is in the store, then write the store's root."""
-    pm = read_json(preprocess_manifest, "preprocess manifest", "written by `fastkd plan-preprocess --manifests`")
+    pm = read_json(preprocess_manifest, "preprocess manifest", "written by `fastkd preprocess run` or `fastkd preprocess manifest`")
     folder = None
     if os.environ.get("nnUNet_preprocessed"):
         folder = Path(os.environ["nnUNet_preprocessed"]) / pm["dataset_name"] / pm["data_identifier"]

@@ -22,6 +22,7 @@ import json
 import sys
 from pathlib import Path
 
+from fastkd import nnunet
 from fastkd.errors import FastkdError
 from fastkd.io import atomic_write_text, package_version
 
@@ -30,11 +31,32 @@ class TeacherFolderError(FastkdError):
     """An nnU-Net model folder lacks what the config asks of it; the message lists what was found."""
 
 
-def _found_folds(folder: Path) -> dict[str, list[str]]:
-    return {
-        d.name: sorted(p.name for p in d.iterdir() if p.suffix == ".pth")
-        for d in sorted(folder.glob("fold_*")) if d.is_dir()
-    }
+def teacher_sets(config: dict, folder: Path) -> list[dict]:
+    """Every teacher folder of the soft-label ensemble: the teachers (in ``folder``), then ``teachers.extra``.
+
+    Each: ``name`` (folder name, also its manifest's), ``folder``, ``configuration``, ``folds``,
+    ``checkpoint``, ``weight``.
+    """
+    t = config["teachers"]
+    sets = [{"name": Path(folder).name, "folder": Path(folder), "configuration": t["configuration"],
+             "folds": t["folds"], "checkpoint": t["checkpoint"], "weight": t["weight"]}]
+    for extra in t["extra"]:
+        sets.append({"name": Path(extra["model_folder"]).name, "folder": Path(extra["model_folder"]),
+                     "configuration": extra["configuration"] or t["configuration"], "folds": extra["folds"],
+                     "checkpoint": extra["checkpoint"], "weight": extra["weight"]})
+    return sets
+
+
+def teacher_set_id(sets: list[dict]) -> str:
+    """Eight hex digits naming a teacher set (folders as spelled, configurations, folds, checkpoints, weights).
+
+    A retrained checkpoint keeps the id: its new sha256 reaches the cache through the teacher
+    manifest (a newer input reruns the soft-label jobs, which recompute every case whose recorded
+    checkpoint hashes differ).
+    """
+    key = [[str(s["folder"]), s["configuration"], sorted(s["folds"]), s["checkpoint"], float(s["weight"])]
+           for s in sets]
+    return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:8]
 
 
 def validate_model_folder(folder: str | Path, configuration: str, folds: list[int], checkpoint: str) -> dict:
@@ -51,18 +73,22 @@ def validate_model_folder(folder: str | Path, configuration: str, folds: list[in
     if missing_files:
         present = sorted(p.name for p in folder.iterdir())
         raise TeacherFolderError(f"{folder} lacks {', '.join(missing_files)} (found: {', '.join(present) or 'nothing'})")
-    with open(folder / "plans.json") as f:
-        plans = json.load(f)
-    if configuration not in plans.get("configurations", {}):
+    plans = nnunet.read_plans(folder / "plans.json")
+    if configuration not in plans["configurations"]:
         raise TeacherFolderError(
             f"{folder}/plans.json has no configuration {configuration!r} "
-            f"(it has: {', '.join(plans.get('configurations', {})) or 'none'}); set teachers.configuration")
-    found = _found_folds(folder)
+            f"(it has: {', '.join(plans['configurations']) or 'none'}); set teachers.configuration")
+    found = nnunet.found_folds(folder)
     problems = [f"fold_{f}/{checkpoint}" for f in folds if checkpoint not in found.get(f"fold_{f}", [])]
     if problems:
-        listing = "; ".join(f"{d}: {', '.join(c) or 'no checkpoint'}" for d, c in found.items()) or "no fold_X folders"
-        raise TeacherFolderError(f"{folder} is missing {', '.join(problems)} (found: {listing})")
+        raise TeacherFolderError(f"{folder} is missing {', '.join(problems)} (found: {nnunet.describe_folds(folder)})")
     return plans
+
+
+def folds_with(folder: str | Path, checkpoint: str) -> list[int]:
+    """The folds of a model folder that hold ``checkpoint``."""
+    found = nnunet.found_folds(folder)
+    return [f for f in range(5) if checkpoint in found.get(f"fold_{f}", [])]
 
 
 def sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -76,21 +102,17 @@ def sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 def write_manifest(folder: str | Path, configuration: str, folds: list[int], checkpoint: str, out: str | Path) -> dict:
     """Validate the teacher folder and write its manifest (atomically) to ``out``."""
     import fastkd
-    from fastkd.paths import plans_data_identifier
 
     folder = Path(folder).resolve()
     plans = validate_model_folder(folder, configuration, folds, checkpoint)
-    with open(folder / "dataset.json") as f:
-        dataset_json = json.load(f)
-    trainer = folder.name.split("__")[0]
     manifest = {
         "model_folder": str(folder),
-        "trainer": trainer,
+        "trainer": nnunet.model_folder_trainer(folder),
         "plans_name": plans["plans_name"],
         "configuration": configuration,
-        "data_identifier": plans_data_identifier(plans, configuration),
+        "data_identifier": nnunet.data_identifier(plans, configuration),
         "checkpoint": checkpoint,
-        "labels": dataset_json["labels"],
+        "labels": nnunet.read_dataset_json(folder)["labels"],
         "folds": {},
         "fastkd_version": fastkd.__version__,
         "nnunetv2_version": package_version("nnunetv2"),
@@ -102,32 +124,31 @@ def write_manifest(folder: str | Path, configuration: str, folds: list[int], che
     return manifest
 
 
-def train_teacher(dataset: str | int, configuration: str, fold: int, plans_name: str, trainer_name: str = "nnUNetTrainer",
-                  epochs: int = 1000, iterations_per_epoch: int = 250, val_iterations_per_epoch: int = 50,
-                  batch_size: int | None = None, save_every: int = 10, device: str = "cpu",
-                  resume: bool = True) -> Path:
+def train_teacher(dataset: str | int, configuration: str, fold: int, plans_name: str, trainer_name: str, *,
+                  schedule: dict, device: str, resume: bool = True) -> Path:
     """Train one teacher fold with nnU-Net's trainer and run its final validation.
 
-    ``resume``: continue from ``checkpoint_latest.pth`` if a killed run left one (written every
+    ``schedule``: the config's ``teachers.schedule`` block (epochs, iterations_per_epoch,
+    val_iterations_per_epoch, batch_size or None, save_every). ``resume``: continue from ``checkpoint_latest.pth`` if a killed run left one (written every
     ``save_every`` epochs), so a kill loses at most that many epochs. Returns the fold folder.
     Needs the nnU-Net folder variables in ``os.environ`` (see :meth:`fastkd.paths.Paths.nnunet_env`).
     """
-    import torch
     from nnunetv2.run.run_training import get_trainer_from_args
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise FastkdError("teachers.device = 'cuda' but torch sees no CUDA GPU; use 'cpu' or run on a GPU node")
+    from fastkd.device import torch_device
+
+    on = torch_device(device, "teachers.device")
 
     def make_trainer():
         trainer = get_trainer_from_args(str(dataset), configuration, fold, trainer_name, plans_name,
-                                        device=torch.device(device))
-        trainer.num_epochs = epochs
-        trainer.num_iterations_per_epoch = iterations_per_epoch
-        trainer.num_val_iterations_per_epoch = val_iterations_per_epoch
-        trainer.save_every = save_every
-        if batch_size is not None:
+                                        device=on)
+        trainer.num_epochs = schedule["epochs"]
+        trainer.num_iterations_per_epoch = schedule["iterations_per_epoch"]
+        trainer.num_val_iterations_per_epoch = schedule["val_iterations_per_epoch"]
+        trainer.save_every = schedule["save_every"]
+        if schedule["batch_size"] is not None:
             # the trainer's private copy of the configuration: plans.json keeps the planned batch size
-            trainer.configuration_manager.configuration["batch_size"] = batch_size
+            trainer.configuration_manager.configuration["batch_size"] = schedule["batch_size"]
         return trainer
 
     trainer = make_trainer()

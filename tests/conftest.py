@@ -2,6 +2,18 @@ import pytest
 
 from wf import TINY, snakemake, workdir
 
+#: fixtures that run real nnU-Net training through Snakemake (minutes on 2 cores)
+TRAINING_FIXTURES = {"trained", "students"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that trains through Snakemake is marked slow, so `pytest -m "not slow"` takes seconds."""
+    unmarked = [item.nodeid for item in items
+                if TRAINING_FIXTURES & set(item.fixturenames) and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError("tests that train through Snakemake must be marked @pytest.mark.slow: "
+                                + ", ".join(unmarked))
+
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):

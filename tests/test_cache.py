@@ -262,7 +262,7 @@ def test_softlabels_command_names_bad_inputs_and_writes_nothing(tmp_path):
     manifest = tmp_path / "pm.json"
     manifest.write_text("{not json")
     store = tmp_path / "c.zarr"
-    base = [str(BIN / "fastkd"), "softlabels", "-o", str(store)]
+    base = [str(BIN / "fastkd"), "softlabels", "fill", "-o", str(store)]
     run = subprocess.run(base + ["-t", str(tmp_path / "teachers.json"), "-m", str(manifest)], capture_output=True, text=True)
     assert run.returncode == 1 and f"preprocess manifest {manifest} is not valid JSON" in run.stderr
     manifest.write_text("{}")
@@ -271,5 +271,5 @@ def test_softlabels_command_names_bad_inputs_and_writes_nothing(tmp_path):
     run = subprocess.run(base + ["-t", "a", "-m", "b", "--shard", "3/2"], capture_output=True, text=True)
     assert run.returncode == 2 and "--shard: '3/2': need 1 <= I <= N" in run.stderr
     run = subprocess.run(base + ["-t", "a", "-m", "b", "-T", "0"], capture_output=True, text=True)
-    assert run.returncode == 1 and "temperature = 0.0: must be > 0" in run.stderr
+    assert run.returncode == 2 and "-T/--temperature: distillation.temperature = 0 (int): must be > 0" in run.stderr
     assert not store.exists()

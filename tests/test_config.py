@@ -2,6 +2,8 @@
 
 import copy
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,12 +136,18 @@ def test_teacher_configuration_must_be_preprocessed(tmp_path):
         validate_config({"teachers": {"configuration": "2d"}}, base_dir=tmp_path)
 
 
+#: the least an nnU-Net plans configuration holds for nnU-Net's PlansManager to read it
+ARCHITECTURE = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                "arch_kwargs": {"n_stages": 2, "features_per_stage": [32, 64]}, "_kw_requires_import": []}
+
+
 def make_teacher_folder(root: Path, folds, checkpoint="checkpoint_final.pth", configuration="3d_fullres",
                         name="nnUNetTrainer__nnUNetPlans__3d_fullres", data_identifier="nnUNetPlans_3d_fullres") -> Path:
     folder = root / name
     folder.mkdir(parents=True)
     (folder / "plans.json").write_text(json.dumps(
-        {"plans_name": name.split("__")[1], "configurations": {configuration: {"data_identifier": data_identifier}}}))
+        {"plans_name": name.split("__")[1],
+         "configurations": {configuration: {"data_identifier": data_identifier, "architecture": ARCHITECTURE}}}))
     (folder / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1}}))
     for f in folds:
         (folder / f"fold_{f}").mkdir()
@@ -189,14 +197,14 @@ def test_load_config_merges_files_in_order(tmp_path):
 def test_cli_config_exits_nonzero_with_the_message(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**copy.deepcopy(demo_config()), "distillation": {"temperature": -2}}))
-    run = subprocess.run([sys.executable, "-m", "fastkd.cli", "config", str(bad)], capture_output=True, text=True, cwd=tmp_path)
+    run = subprocess.run([sys.executable, "-m", "fastkd.cli", "config", "show", str(bad)], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 1
     assert "distillation.temperature = -2 (int): must be > 0" in run.stderr
     assert "Traceback" not in run.stderr
 
 
 def test_cli_config_prints_complete_config_and_paths(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "fastkd.cli", "config", str(REPO / "config.yaml"), "--paths"],
+    run = subprocess.run([sys.executable, "-m", "fastkd.cli", "config", "show", str(REPO / "config.yaml"), "--paths"],
                          capture_output=True, text=True, cwd=tmp_path, check=True)
     printed = yaml.safe_load(run.stdout)
     assert printed["teachers"]["checkpoint"] == "checkpoint_final.pth"
@@ -234,3 +242,66 @@ def test_strings_from_snakemake_command_line_become_numbers_and_booleans(tmp_pat
     assert config["softlabels"]["mirroring"] is False and config["softlabels"]["shards"] == 3
     with pytest.raises(ConfigError, match=r"softlabels.shards = '2.5' \(str\): expected integer"):
         validate_config({"softlabels": {"shards": "2.5"}}, base_dir=tmp_path)
+
+
+# -- one source per setting: defaults and checks come from the schema -------------------------------
+def test_defaults_come_from_the_schema():
+    from fastkd.config import default, load_schema
+
+    student = load_schema()["properties"]["student"]["properties"]
+    assert default("student.schedule.epochs") == student["schedule"]["properties"]["epochs"]["default"] == 1000
+    assert default("distillation.temperature") == 3.0
+    with pytest.raises(KeyError, match="'student.nope' is not a fastkd config key"):
+        default("student.nope")
+
+
+def test_command_line_flags_are_checked_by_the_schema():
+    import argparse
+
+    from fastkd.cli import build_parser
+    from fastkd.config import arg_type
+
+    assert arg_type("distillation.temperature")("2.5") == 2.5
+    assert arg_type("teachers.schedule.batch_size")("null") is None
+    assert arg_type("teachers.folds")("3") == 3  # a list key: each value of the flag is one item
+    for key, text, message in [("distillation.temperature", "0", "distillation.temperature = 0 (int): must be > 0"),
+                               ("teachers.folds", "7", "teachers.folds[] = 7 (int): must be <= 4"),
+                               ("softlabels.dtype", "int8", "must be one of: uint8, float16")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
+            arg_type(key)(text)
+    # argparse defaults are the schema's
+    args = build_parser().parse_args(["softlabels", "fill", "-o", "s", "-t", "t", "-m", "m"])
+    assert (args.temperature, args.step_size, args.dtype, args.device) == (3.0, 0.5, "uint8", "cpu")
+    args = build_parser().parse_args(["teachers", "train", "-d", "4", "-f", "0"])
+    assert (args.epochs, args.iterations, args.save_every, args.trainer) == (1000, 250, 10, "nnUNetTrainer")
+
+
+def test_overrides_round_trip_through_the_schema(tmp_path):
+    from fastkd.config import overrides, parse_overrides
+
+    subset = {"student": {"schedule": {"epochs": 4, "batch_size": None}, "augmentation": "da5", "plans": None,
+                          "resume": False}, "distillation": {"temperature": 2.0}}
+    pairs = overrides(subset)
+    assert "student.schedule.epochs=4" in pairs and "student.augmentation=da5" in pairs
+    assert parse_overrides(pairs) == subset
+    config = validate_config(parse_overrides(pairs), base_dir=tmp_path)
+    assert config["student"]["schedule"]["epochs"] == 4 and config["student"]["schedule"]["iterations_per_epoch"] == 250
+    with pytest.raises(ConfigError, match="'student.epochs' is not a fastkd config key"):
+        parse_overrides(["student.epochs=4"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_overrides(["student.schedule.epochs"])
+
+
+def test_one_thread_training_jobs_keep_an_augmentation_worker(monkeypatch):
+    from fastkd.cli import set_threads
+
+    for key in ("nnUNet_n_proc_DA", "nnUNet_def_n_proc"):
+        monkeypatch.delenv(key, raising=False)
+    set_threads(1, training=True)
+    assert os.environ["nnUNet_n_proc_DA"] == "1" and os.environ["nnUNet_def_n_proc"] == "1"
+    monkeypatch.delenv("nnUNet_n_proc_DA")
+    set_threads(1)  # soft labels and the like: no augmentation at all
+    assert os.environ["nnUNet_n_proc_DA"] == "0"
+    monkeypatch.setenv("nnUNet_n_proc_DA", "6")  # the user's choice wins
+    set_threads(1, training=True)
+    assert os.environ["nnUNet_n_proc_DA"] == "6"

@@ -25,6 +25,10 @@ def test_dependencies_follow_the_design():
     assert any(d.startswith("pytest") for d in extras["test"])
 
 
+#: how the rule envs install fastkd itself: from the workflow's source folder (common.smk sets it)
+FASTKD_FROM_SOURCE = "--no-deps -e ${FASTKD_SOURCE}"
+
+
 def test_env_files_agree_with_pyproject():
     declared = set(pyproject()["dependencies"])
     env_files = sorted((REPO / "envs").glob("*.yaml"))
@@ -34,14 +38,51 @@ def test_env_files_agree_with_pyproject():
         pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
         assert pip, env_file
         for requirement in pip:
-            assert requirement in declared, f"{env_file.name}: {requirement} differs from pyproject.toml"
+            if requirement != FASTKD_FROM_SOURCE:
+                assert requirement in declared, f"{env_file.name}: {requirement} differs from pyproject.toml"
+
+
+def test_every_rule_names_an_env_file_that_installs_fastkd(tmp_path):
+    """`snakemake --use-conda` needs a conda env per rule; conda channels are out of reach here, so the
+    env files are checked, not created (README: what was and was not run)."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
+
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    with SnakemakeApi(OutputSettings(quiet=True)) as api:
+        workflow = api.workflow(resource_settings=ResourceSettings(cores=1), config_settings=ConfigSettings(),
+                                snakefile=REPO / "Snakefile", workdir=tmp_path)._workflow
+        rules = {rule.name: rule for rule in workflow.rules}
+    assert {"demo_data", "plan_preprocess", "train_teacher", "teacher_manifest", "softlabels_shard",
+            "softlabels_finalize", "softlabels_preview", "student_plans", "student_info", "train_student",
+            "train_baseline", "student_report"} <= set(rules)
+    for name, rule in rules.items():
+        if rule.shellcmd is None:  # target rules run nothing
+            continue
+        assert rule.conda_env is not None, f"rule {name} names no conda env"
+        env_file = (REPO / "workflow" / "rules" / str(rule.conda_env)).resolve()
+        assert env_file.parent == REPO / "envs" and env_file.is_file(), (name, env_file)
+        pip = next(d["pip"] for d in yaml.safe_load(env_file.read_text())["dependencies"] if isinstance(d, dict))
+        assert FASTKD_FROM_SOURCE in pip, f"{env_file.name} does not install fastkd"
+
+
+def test_snakemake_lint_finds_nothing(tmp_path):
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    run = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "-s", str(REPO / "Snakefile"), "--lint"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
 
 
 def test_console_script_is_installed():
     fastkd = Path(sys.executable).parent / "fastkd"
     run = subprocess.run([str(fastkd), "--help"], capture_output=True, text=True, check=True)
-    for command in ("demo-data", "config", "plan-preprocess", "train-teacher", "teachers"):
-        assert command in run.stdout
+    for stage in ("demo", "config", "preprocess", "teachers", "softlabels", "cache", "student"):
+        assert stage in run.stdout
+    for stage, actions in {"demo": ["write"], "config": ["show"], "preprocess": ["run", "adopt"],
+                           "teachers": ["train", "check", "manifest"], "softlabels": ["fill", "finalize"],
+                           "cache": ["info", "verify", "show"], "student": ["plans", "info", "train", "report"]}.items():
+        run = subprocess.run([str(fastkd), stage, "--help"], capture_output=True, text=True, check=True)
+        assert all(action in run.stdout for action in actions), (stage, run.stdout)
 
 
 def test_schema_ships_inside_the_package():

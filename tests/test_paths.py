@@ -7,9 +7,11 @@ from types import SimpleNamespace
 import pytest
 
 from fastkd.config import validate_config
-from fastkd.paths import PLANNERS, Paths
+from fastkd.nnunet import PLANNERS
+from fastkd.paths import Paths
+from fastkd.preprocess import training_cases
 
-from test_config import make_teacher_folder
+from test_config import ARCHITECTURE, make_teacher_folder
 
 
 def paths_for(tmp_path, **override) -> Paths:
@@ -34,7 +36,7 @@ def test_demo_paths(tmp_path):
     assert p.teacher_manifest == Path("fastkd_work") / ds / "teachers" / "nnUNetTrainer__nnUNetPlans__3d_fullres.json"
     assert p.log("train_teacher", "fold_1") == Path("fastkd_work") / "logs" / "train_teacher" / f"{ds}__fold_1.log"
     assert p.benchmark("plan_preprocess").suffix == ".tsv"
-    assert p.case_ids == [f"demo_{i:03d}" for i in range(12)]
+    assert training_cases(p.config) == [f"demo_{i:03d}" for i in range(12)]
 
 
 def test_configured_folders_and_absolute_environment(tmp_path, monkeypatch):
@@ -48,7 +50,7 @@ def test_configured_folders_and_absolute_environment(tmp_path, monkeypatch):
     assert p.preprocess_manifest("3d_fullres").parts[0] == "w"
     assert p.nnunet_env() == {"nnUNet_raw": str(tmp_path / "r"), "nnUNet_preprocessed": "/abs/pp",
                               "nnUNet_results": str(tmp_path / "res")}
-    assert len(p.case_ids) == 6
+    assert len(training_cases(p.config)) == 6
 
 
 @pytest.mark.parametrize("planner", sorted(PLANNERS))
@@ -75,7 +77,7 @@ def test_external_teachers_provide_folder_and_plans(tmp_path):
     folder = make_teacher_folder(tmp_path / "elsewhere", folds=[0, 1])
     plans = json.loads((folder / "plans.json").read_text())
     plans["plans_name"] = "nnUNetResEncUNetLPlans"
-    plans["configurations"]["3d_fullres"] = {"data_identifier": "nnUNetPlans_3d_fullres"}
+    plans["configurations"]["3d_fullres"] = {"data_identifier": "nnUNetPlans_3d_fullres", "architecture": ARCHITECTURE}
     (folder / "plans.json").write_text(json.dumps(plans))
     p = paths_for(tmp_path, teachers={"model_folder": str(folder), "folds": [0, 1]})
     assert p.teacher_folder == folder
@@ -95,4 +97,4 @@ def test_real_dataset_cases_come_from_dataset_json(tmp_path):
     p = paths_for(tmp_path, dataset={"raw": str(raw)})
     assert p.dataset_name == "Dataset123_Elsewhere" and p.dataset_id == 123 and not p.is_demo
     assert p.raw_source == raw and p.raw_dataset == Path("nnUNet_raw") / "Dataset123_Elsewhere"
-    assert p.case_ids == ["demo_000", "demo_001", "demo_002", "demo_003"]
+    assert training_cases(p.config) == ["demo_000", "demo_001", "demo_002", "demo_003"]

@@ -12,7 +12,6 @@ from fastkd import reference_cli as rc
 from fastkd.cache import FORMAT_VERSION, finalize, write_case
 from fastkd.config import validate_config
 from fastkd.paths import Paths
-from fastkd.teachers import sha256
 from wf import BIN, nnunet_env
 
 DS = "Dataset900_FastkdDemo"
@@ -97,14 +96,15 @@ def test_defaults_equal_the_reference(fake):
     plan = resolve("-d_device", "cpu")
     cfg, s = plan.config, plan.settings
     assert (plan.configuration, plan.fold, plan.r) == ("3d_fullres", 0, 2)
-    assert (s["alpha"], s["temperature"], s["epochs"], s["rotate_every"]) == (0.3, 3.0, 1000, 0)
+    assert (s["alpha"], s["temperature"], s["schedule"]["epochs"], s["schedule"]["rotate_every"]) == (0.3, 3.0, 1000, 0)
     assert cfg["teachers"]["folds"] == [0, 1]  # auto-detected: fold_2 has no checkpoint_final.pth
     assert cfg["teachers"]["checkpoint"] == "checkpoint_final.pth"
     assert plan.teacher_folder.name == "nnUNetTrainer__nnUNetPlans__3d_fullres"
     assert cfg["softlabels"]["mirroring"] and s["validation_mirroring"]
     assert (plan.resume, plan.trainer, plan.num_gpus) == (False, "nnUNetTrainerFastKD", 1)
     # fastkd extras: nnU-Net's schedule, fastkd's cache defaults
-    schedule = (s["iterations_per_epoch"], s["val_iterations_per_epoch"], s["batch_size"], s["save_every"])
+    schedule = tuple(s["schedule"][k] for k in ("iterations_per_epoch", "val_iterations_per_epoch", "batch_size",
+                                                  "save_every"))
     assert schedule == (250, 50, None, 5)
     assert (cfg["softlabels"]["step_size"], cfg["softlabels"]["dtype"]) == (0.5, "uint8")
     assert plan.student_plans_name == "nnUNetPlans_fastkdR2"
@@ -117,10 +117,31 @@ def test_defaults_equal_the_reference(fake):
 def test_resenc_defaults_equal_the_reference(fake):
     plan = resolve("-d_device", "cpu", resenc=True)
     assert plan.teacher_folder.name == "nnUNetTrainer__nnUNetResEncUNetLPlans__3d_fullres"
+    # -spl nnUNetPlans, the reference's default: a plain U-Net student derived from those plans
+    assert plan.config["student"]["plans"] == "nnUNetPlans" and plan.student_plans_name == "nnUNetPlans_fastkdR2"
+    assert plan.settings["schedule"]["rotate_every"] == 0
+    assert resolve("-d_device", "cpu", "-rotate_folds", resenc=True).settings["schedule"]["rotate_every"] == 5
+    assert resolve("-d_device", "cpu", "-rotate_folds").settings["schedule"]["rotate_every"] == 400
+
+
+def test_resenc_default_with_only_resenc_plans_preprocessed(fake):
+    """Without nnUNetPlans the default -spl falls back to the teacher plans: a ResEnc student."""
+    (fake / "nnUNet_preprocessed" / DS / "nnUNetPlans.json").unlink()
+    plan = resolve("-d_device", "cpu", resenc=True)
+    assert plan.config["student"]["plans"] is None
     assert plan.block_strategy == "keep" and plan.student_plans_name == "nnUNetResEncUNetLPlans_fastkdR2keep"
-    assert plan.settings["rotate_every"] == 0
-    assert resolve("-d_device", "cpu", "-rotate_folds", resenc=True).settings["rotate_every"] == 5
-    assert resolve("-d_device", "cpu", "-rotate_folds").settings["rotate_every"] == 400
+
+
+def test_student_plans_flag_selects_the_base_plans(fake):
+    """-tpl L -spl M -r 2: the student is derived from the M plans (their network, /2), not from L."""
+    write_json(fake / "nnUNet_preprocessed" / DS / "nnUNetResEncUNetMPlans.json",
+               plans("nnUNetResEncUNetMPlans", resenc=True))
+    plan = resolve("-d_device", "cpu", "-tpl", "nnUNetResEncUNetLPlans", "-spl", "nnUNetResEncUNetMPlans", "-r", "2",
+                   resenc=True)
+    assert plan.teacher_folder.name == "nnUNetTrainer__nnUNetResEncUNetLPlans__3d_fullres"
+    assert plan.student_plans_name == "nnUNetResEncUNetMPlans_fastkdR2keep"
+    assert plan.paths.student_base_plans_file.name == "nnUNetResEncUNetMPlans.json"
+    assert plan.paths.plans_file.name == "nnUNetResEncUNetLPlans.json"  # the preprocessed grid is the teachers"
 
 
 def _get(plan, key):
@@ -134,7 +155,7 @@ def _get(plan, key):
     (["-a", "0.5"], {"settings.alpha": 0.5, "config.distillation.alpha": 0.5}),
     (["-temp", "2"], {"settings.temperature": 2.0, "cache": lambda p: "__T2__" in p.name}),
     (["-r", "4"], {"student_plans_name": "nnUNetPlans_fastkdR4", "config.distillation.reduction_factors": [4]}),
-    (["-e", "7"], {"settings.epochs": 7}),
+    (["-e", "7"], {"settings.schedule.epochs": 7}),
     (["-f", "all"], {"fold": "all", "model_folder": lambda p: p.name == "fold_all"}),
     (["-f", "3"], {"fold": 3, "model_folder": lambda p: p.name == "fold_3"}),
     (["-tf", "1"], {"config.teachers.folds": [1]}),
@@ -142,7 +163,7 @@ def _get(plan, key):
                                          "config.teachers.checkpoint": "checkpoint_latest.pth"}),
     (["-disable_mirroring"], {"config.softlabels.mirroring": False, "settings.validation_mirroring": False,
                               "cache": lambda p: "__nomirror__" in p.name}),
-    (["-rotate_folds", "-rotate_freq", "10"], {"settings.rotate_every": 10}),
+    (["-rotate_folds", "-rotate_freq", "10"], {"settings.schedule.rotate_every": 10}),
     (["--use_da5"], {"trainer": "nnUNetTrainerFastKD_DA5", "config.student.augmentation": "da5",
                      "model_folder": lambda p: p.parent.name.startswith("nnUNetTrainerFastKD_DA5__")}),
     (["-c_continue"], {"resume": True}),
@@ -152,8 +173,9 @@ def _get(plan, key):
     (["-d_device", "cuda", "-num_gpus", "2"], {"num_gpus": 2, "config.student.num_gpus": 2}),
     (["--iterations", "3", "--val-iterations", "2", "--batch-size", "4", "--save-every", "2", "--soft-dice", "0.1",
       "--cauchy-schwarz", "0.2", "--threads", "1"],
-     {"settings.iterations_per_epoch": 3, "settings.val_iterations_per_epoch": 2, "settings.batch_size": 4,
-      "settings.save_every": 2, "settings.soft_dice": 0.1, "settings.cauchy_schwarz": 0.2}),
+     {"settings.schedule.iterations_per_epoch": 3, "settings.schedule.val_iterations_per_epoch": 2,
+      "settings.schedule.batch_size": 4, "settings.schedule.save_every": 2, "settings.soft_dice": 0.1,
+      "settings.cauchy_schwarz": 0.2, "config.resources.train_student.threads": 1}),
     (["--step-size", "0.25", "--cache-dtype", "float16", "--work", "elsewhere"],
      {"cache": lambda p: str(p).startswith(f"elsewhere/{DS}/softlabels/") and "__step0.25__float16__" in p.name}),
 ])
@@ -165,8 +187,8 @@ def test_flag_maps_to_setting(fake, argv, expected):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["-bs", "adaptive"], "nnUNetResEncUNetLPlans_fastkdR2adaptive"),
-    (["-bs", "reduce", "-r", "4"], "nnUNetResEncUNetLPlans_fastkdR4reduce"),
+    (["-bs", "adaptive", "-spl", "nnUNetResEncUNetLPlans"], "nnUNetResEncUNetLPlans_fastkdR2adaptive"),
+    (["-bs", "reduce", "-r", "4", "-spl", "nnUNetResEncUNetLPlans"], "nnUNetResEncUNetLPlans_fastkdR4reduce"),
     (["-tpl", "nnUNetPlans"], "nnUNetPlans_fastkdR2"),
     (["-spl", "nnUNetResEncUNetLPlans"], "nnUNetResEncUNetLPlans_fastkdR2keep"),
 ])
@@ -206,43 +228,37 @@ def test_cuda_n_selects_that_gpu(fake, visible, requested, expected):
     assert plan.device == "cuda" and plan.environ == {"CUDA_VISIBLE_DEVICES": expected}
 
 
-# -- cache reuse by provenance -------------------------------------------------------------------
-def _store(path, plan, temperature=3.0, sha=None):
-    folds = plan.config["teachers"]["folds"]
-    prov = {"format_version": FORMAT_VERSION, "temperature": temperature, "activation": "softmax",
+# -- cache reuse ---------------------------------------------------------------------------------
+def _store(path, plan):
+    prov = {"format_version": FORMAT_VERSION, "temperature": 3.0, "activation": "softmax",
             "channels": ["background", "blob"], "labels": DATASET_JSON["labels"], "configuration": "3d_fullres",
             "data_identifier": "nnUNetPlans_3d_fullres", "patch_size": [16, 16, 16], "dtype": "uint8",
-            "scale": 1 / 255, "step_size": 0.5, "mirroring": True,
-            "teachers": [{"name": plan.teacher_folder.name, "model_folder": str(plan.teacher_folder.resolve()),
-                          "configuration": "3d_fullres", "folds": folds[::-1], "checkpoint": "checkpoint_final.pth",
-                          "sha256": sha or {str(f): sha256(plan.teacher_folder / f"fold_{f}/checkpoint_final.pth")
-                                            for f in folds}, "weight": 1.0}]}
+            "scale": 1 / 255, "step_size": 0.5, "mirroring": True}
     write_case(path, "demo_000", np.full((2, 2, 2, 2), 0.5, np.float32), prov)
     finalize(path, {"demo_000": [2, 2, 2]})
 
 
-def test_finds_a_complete_store_with_the_same_provenance_under_any_name(fake):
+def test_a_complete_store_of_the_same_settings_is_reused(fake):
+    """The store's name carries the teachers and settings; the workflow reuses it when it is complete."""
     plan = resolve("-d_device", "cpu")
-    hashes = {str(f): sha256(plan.teacher_folder / f"fold_{f}/checkpoint_final.pth") for f in (0, 1)}
-    softlabels = plan.cache.parent
-    assert rc.find_cache(plan, hashes) is None
-    _store(softlabels / "T2.zarr", plan, temperature=2.0)
-    _store(softlabels / "retrained.zarr", plan, sha={"0": "0" * 64, "1": "1" * 64})
-    assert rc.find_cache(plan, hashes) is None
-    (softlabels / "partial.zarr").mkdir()  # incomplete: never reused
-    _store(softlabels / "spelled_otherwise.zarr", plan)
-    assert rc.find_cache(plan, hashes) == softlabels / "spelled_otherwise.zarr"
-    assert rc.find_cache(resolve("-d_device", "cpu", "-a", "0"), hashes) is None
+    assert rc.cache_state(plan).startswith(f"build {plan.cache} (5 cases x 2 teacher fold(s)")
+    plan.cache.mkdir(parents=True)  # an unfinished store (no root): built again
+    assert rc.cache_state(plan).startswith("build ")
+    plan.cache.rmdir()
+    _store(plan.cache, plan)
+    assert rc.cache_state(plan).startswith(f"reuse {plan.cache} (complete")
+    assert rc.cache_state(resolve("-d_device", "cpu", "-temp", "2")).startswith("build ")
+    assert rc.cache_state(resolve("-d_device", "cpu", "-a", "0")).startswith("none: alpha = 0")
 
 
 # -- errors --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv, code, message", [
-    (["-a", "1.5"], 1, "-a/--alpha (distillation.alpha) = 1.5 (float): must be <= 1"),
-    (["-temp", "0"], 1, "-temp/--temperature (distillation.temperature) = 0.0 (float): must be > 0"),
-    (["-r", "0"], 1, "-r/--reduction_factor (distillation.reduction_factors[0]) = 0 (int): must be >= 1"),
-    (["-e", "0"], 1, "-e/--epochs (student.schedule.epochs) = 0 (int): must be >= 1"),
-    (["-a", "x"], 2, "argument -a/--alpha: invalid float value: 'x'"),
-    (["-tf", "7"], 2, "argument -tf/--teacher_folds: invalid choice: 7"),
+    (["-a", "1.5"], 2, "argument -a/--alpha: distillation.alpha = 1.5 (float): must be <= 1"),
+    (["-temp", "0"], 2, "argument -temp/--temperature: distillation.temperature = 0 (int): must be > 0"),
+    (["-r", "0"], 2, "argument -r/--reduction_factor: distillation.reduction_factors[] = 0 (int): must be >= 1"),
+    (["-e", "0"], 2, "argument -e/--epochs: student.schedule.epochs = 0 (int): must be >= 1"),
+    (["-a", "x"], 2, "argument -a/--alpha: distillation.alpha = 'x' (str): expected number"),
+    (["-tf", "7"], 2, "argument -tf/--teacher_folds: teachers.folds[] = 7 (int): must be <= 4"),
     (["-f", "5"], 2, "a fold is 0-4 or 'all'"),
     (["-c", "3d_cascade"], 2, "argument -c: invalid choice"),
     (["-d_device", "gpu"], 1, "-d_device 'gpu': must be cpu, cuda, cuda:N (e.g. cuda:1) or mps"),
@@ -272,7 +288,7 @@ def test_bad_values_exit_with_a_clear_message(fake, capsys, argv, code, message)
 @pytest.mark.parametrize("argv, message", [
     (["-bs", "sideways"], "argument -bs/--block_strategy: invalid choice: 'sideways'"),
     (["-tpl", "nnUNetPlans", "-bs", "reduce"], "-bs reduce: block strategies apply to ResEnc teachers"),
-    (["-spl", "nnUNetResEncUNetMPlans"], "-spl nnUNetResEncUNetMPlans: no plans"),
+    (["-spl", "nnUNetResEncUNetMPlans"], "-spl/--student_plans (student.plans) = 'nnUNetResEncUNetMPlans': no plans"),
 ])
 def test_bad_resenc_values(fake, capsys, argv, message):
     code, _, err = main(capsys, "-d", "900", "-d_device", "cpu", *argv, resenc=True)
@@ -331,16 +347,22 @@ def test_dry_run_prints_the_plan_and_writes_nothing(fake, capsys):
 
 
 def test_plan_says_whether_the_student_continues(fake):
+    from fastkd.student.run import fold_state
+
+    def state(plan):
+        return fold_state(plan.model_folder, plan.settings, plan.resume)
+
     plan = resolve("-d_device", "cpu", "-c_continue")
-    assert rc._student_start(plan, plan.settings) == "new"
+    assert state(plan) == "new"
     plan.model_folder.mkdir(parents=True)
     (plan.model_folder / "checkpoint_latest.pth").write_bytes(b"")
-    assert rc._student_start(plan, plan.settings).startswith("start over: its checkpoints were trained with other")
+    assert state(plan).startswith("start over: its checkpoints were trained with other")
     (plan.model_folder / "fastkd_student.json").write_text(json.dumps(plan.settings))
-    assert rc._student_start(plan, plan.settings) == "continue from checkpoint_latest.pth"
+    assert state(plan) == "continue from checkpoint_latest.pth"
+    assert f"{plan.model_folder} (continue from checkpoint_latest.pth)" in rc.describe(plan)
     again = resolve("-d_device", "cpu")
-    assert rc._student_start(again, again.settings) == \
-        "start over: without -c_continue, checkpoint_latest.pth will be deleted"
+    assert state(again) == \
+        "start over: without resuming, checkpoint_latest.pth move to previous_run/ once training starts"
 
 
 # -- a real run ----------------------------------------------------------------------------------

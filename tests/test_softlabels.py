@@ -112,7 +112,7 @@ def test_new_temperature_keeps_the_old_cache_and_reruns_only_soft_labels(trained
 def test_killed_writer_leaves_nothing_accepted_and_the_rerun_completes(trained, tmp_path):
     teacher_manifest, preprocess_manifest = manifests(trained)
     store = tmp_path / "killed.zarr"
-    command = [str(BIN / "fastkd"), "softlabels", "-o", str(store), "-t", str(teacher_manifest),
+    command = [str(BIN / "fastkd"), "softlabels", "fill", "-o", str(store), "-t", str(teacher_manifest),
                "-m", str(preprocess_manifest), "-T", "3", "--threads", "1"]
     job = subprocess.Popen(command, env=nnunet_env(trained), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
@@ -129,13 +129,13 @@ def test_killed_writer_leaves_nothing_accepted_and_the_rerun_completes(trained, 
         SoftLabelCache(store)
     verify = fastkd("cache", "verify", store, wd=trained, check=False)
     assert verify.returncode == 1 and "not finalized" in verify.stderr
-    finalize = fastkd("cache", "finalize", store, "-m", preprocess_manifest, wd=trained, check=False)
+    finalize = fastkd("softlabels", "finalize", store, "-m", preprocess_manifest, wd=trained, check=False)
     assert finalize.returncode == 1 and "demo_004: missing" in finalize.stderr
 
     rerun = subprocess.run(command, env=nnunet_env(trained), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert f"computed {5 - len(done)} cases, kept {len(done)} already cached" in rerun.stdout
-    fastkd("cache", "finalize", store, "-m", preprocess_manifest, wd=trained)
+    fastkd("softlabels", "finalize", store, "-m", preprocess_manifest, wd=trained)
     fastkd("cache", "verify", store, wd=trained)
     assert not store.with_name("killed.zarr.partial").exists()
     [reference] = stores(trained)

@@ -27,14 +27,21 @@ def _env(wd):
 
 
 # -- fast -----------------------------------------------------------------------------------------
+def _config(tmp_path, distillation=None, student=None):
+    from fastkd.config import validate_config
+
+    return validate_config({"dataset": {"raw": "demo"}, "distillation": distillation or {}, "student": student or {}},
+                           base_dir=tmp_path)
+
+
 def test_trainer_names_match_the_classes():
     from fastkd.student import trainer_name
-    from fastkd.student.trainer import TRAINERS, trainer_class
+    from fastkd.student.trainers import TRAINERS, trainer_class
 
     for kd in (True, False):
         for da5 in (True, False):
             assert trainer_class(kd, da5).__name__ == trainer_name(kd, da5)
-            assert trainer_class(kd, da5).requires_kd is kd
+            assert trainer_class(kd, da5).kd is kd
     assert set(TRAINERS) == {"nnUNetTrainerFastKD", "nnUNetTrainerFastKD_DA5", "nnUNetTrainerFastKDNoKD",
                              "nnUNetTrainerFastKDNoKD_DA5"}
     from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerDA5 import nnUNetTrainerDA5
@@ -43,47 +50,75 @@ def test_trainer_names_match_the_classes():
     assert not issubclass(trainer_class(True, False), nnUNetTrainerDA5)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"alpha": 1.5}, "alpha = 1.5: must be in [0, 1]"),
-    ({"temperature": 0}, "temperature = 0: must be > 0"),
-    ({"epochs": 0}, "epochs = 0: must be an integer >= 1"),
-    ({"val_iterations_per_epoch": 0}, "val_iterations_per_epoch = 0"),
-    ({"rotate_every": -1}, "rotate_every = -1"),
-    ({"batch_size": 0}, "batch_size = 0"),
-    ({"soft_dice": -1}, "soft_dice = -1"),
-    ({"cache": None}, "needs a soft-label cache"),
-])
-def test_settings_errors_name_the_value(kwargs, message):
-    from fastkd.errors import FastkdError
-    from fastkd.student.train import make_settings
+def test_settings_are_the_config_student_block_without_run_keys(tmp_path):
+    from fastkd.student.run import RUN_KEYS, student_settings
 
-    args = {"cache": "/x.zarr", "temperature": 3.0, "alpha": 0.3, **kwargs}
+    config = _config(tmp_path, {"temperature": 2.0, "alpha": 0.4},
+                     {"schedule": {"epochs": 7, "rotate_every": 2}, "validation_mirroring": False, "soft_dice": 0.5,
+                      "augmentation": "da5", "folds": [1, "all"]})
+    s = student_settings(config, tmp_path / "c.zarr", kd=True)
+    assert s == {"cache": str((tmp_path / "c.zarr").resolve()), "alpha": 0.4, "temperature": 2.0, "soft_dice": 0.5,
+                 "cauchy_schwarz": 0.0, "validation_mirroring": False,
+                 "schedule": {"epochs": 7, "iterations_per_epoch": 250, "val_iterations_per_epoch": 50,
+                              "batch_size": None, "save_every": 5, "rotate_every": 2}}
+    assert not set(RUN_KEYS) & set(s)
+    s["schedule"]["epochs"] = 1  # a copy: the config is not changed through the settings
+    assert config["student"]["schedule"]["epochs"] == 7
+    config["student"]["a_new_option"] = 3  # a new schema key flows into both students' settings
+    assert student_settings(config, tmp_path / "c.zarr", kd=True)["a_new_option"] == 3
+    assert student_settings(config, None, kd=False)["a_new_option"] == 3
+
+
+def test_baseline_settings_ignore_what_only_distillation_uses(tmp_path):
+    from fastkd.student.run import student_settings
+
+    a = _config(tmp_path, {"temperature": 2.0, "alpha": 0.3}, {"soft_dice": 0.0})
+    b = _config(tmp_path, {"temperature": 5.0, "alpha": 0.7}, {"soft_dice": 0.5, "cauchy_schwarz": 1.0})
+    base = student_settings(a, tmp_path / "t2.zarr", kd=False)
+    assert base == student_settings(b, tmp_path / "t5.zarr", kd=False)  # a T sweep does not retrain the baseline
+    assert base["cache"] is None and base["alpha"] == 0.0 and "temperature" not in base and "soft_dice" not in base
+    assert student_settings(a, tmp_path / "t2.zarr", kd=True) != student_settings(b, tmp_path / "t5.zarr", kd=True)
+
+
+@pytest.mark.parametrize("alpha, cache, message", [
+    (0.0, "/x.zarr", "distillation.alpha = 0: a KD student needs alpha > 0"),
+    (0.3, None, "distillation.alpha = 0.3 needs a soft-label cache"),
+])
+def test_kd_settings_errors_name_the_value(tmp_path, alpha, cache, message):
+    from fastkd.errors import FastkdError
+    from fastkd.student.run import student_settings
+
     with pytest.raises(FastkdError) as e:
-        make_settings(**args)
+        student_settings(_config(tmp_path, {"alpha": alpha}), cache, kd=True)
     assert message in str(e.value)
 
 
-def test_baseline_settings_need_no_cache():
-    from fastkd.student.train import make_settings
-
-    s = make_settings(cache="/somewhere.zarr", temperature=3.0, alpha=0.0)
-    assert s["cache"] is None and s["alpha"] == 0.0 and s["save_every"] == 5 and s["validation_mirroring"]
-
-
 def test_checkpoints_of_other_settings_are_moved_aside(tmp_path):
-    from fastkd.student.train import make_settings, prepare_fold_folder
+    from fastkd.student.run import prepare_fold_folder, student_settings
 
     fold = tmp_path / "fold_0"
-    a = make_settings(cache=None, temperature=3.0, alpha=0.0, epochs=3)
+    a = student_settings(_config(tmp_path, student={"schedule": {"epochs": 3}}), None, kd=False)
     assert prepare_fold_folder(fold, a) is False
     (fold / "checkpoint_latest.pth").write_text("x")
     assert prepare_fold_folder(fold, a) is True  # same settings: resume
-    b = make_settings(cache=None, temperature=3.0, alpha=0.0, epochs=4)
+    b = student_settings(_config(tmp_path, student={"schedule": {"epochs": 4}}), None, kd=False)
     assert prepare_fold_folder(fold, b) is False  # other settings: never continued
     assert not (fold / "checkpoint_latest.pth").exists()
     assert (fold / "previous_settings" / "checkpoint_latest.pth").read_text() == "x"
-    assert json.loads((fold / "previous_settings" / "fastkd_student.json").read_text())["epochs"] == 3
-    assert json.loads((fold / "fastkd_student.json").read_text())["epochs"] == 4
+    assert json.loads((fold / "previous_settings" / "fastkd_student.json").read_text())["schedule"]["epochs"] == 3
+    assert json.loads((fold / "fastkd_student.json").read_text())["schedule"]["epochs"] == 4
+    (fold / "checkpoint_latest.pth").write_text("y")
+    assert prepare_fold_folder(fold, a) is False  # and again: the earlier move is kept, not overwritten
+    assert (fold / "previous_settings" / "checkpoint_latest.pth").read_text() == "x"
+    assert (fold / "previous_settings.1" / "checkpoint_latest.pth").read_text() == "y"
+
+
+def _summary(fold, note=None):
+    (fold / "validation").mkdir(parents=True, exist_ok=True)
+    summary = {"mean": {"1": {"Dice": 0.5}, "2": {"Dice": 0.25}}, "foreground_mean": {"Dice": 0.375}}
+    if note is not None:
+        summary["fastkd"] = note
+    (fold / "validation" / "summary.json").write_text(json.dumps(summary))
 
 
 def test_report_needs_finished_validation(tmp_path):
@@ -94,15 +129,94 @@ def test_report_needs_finished_validation(tmp_path):
     (fold / "validation").mkdir(parents=True)
     with pytest.raises(FastkdError, match="validation/summary.json is missing"):
         write_report([f"KD={fold}"], tmp_path / "r.png", tmp_path / "r.tsv")
-    (fold / "validation" / "summary.json").write_text(json.dumps(
-        {"mean": {"1": {"Dice": 0.5}, "2": {"Dice": 0.25}}, "foreground_mean": {"Dice": 0.375}}))
+    _summary(fold)
     (fold / "kd_losses.json").write_text(json.dumps([{"epoch": 0, "hard_loss": 1.0, "kd_loss": 2.0}]))
     rows = write_report([f"KD={fold}"], tmp_path / "r.png", tmp_path / "r.tsv")
     assert rows[0]["kd_loss"] == [2.0]
-    assert (tmp_path / "r.tsv").read_text() == "model\tDice 1\tDice 2\tmean\nKD\t0.5000\t0.2500\t0.3750\n"
+    assert (tmp_path / "r.tsv").read_text() == "model\tDice 1\tDice 2\tmean\toptimistic\nKD\t0.5000\t0.2500\t0.3750\tfalse\n"
     assert (tmp_path / "r.png").stat().st_size > 0
     with pytest.raises(FastkdError, match="LABEL=FOLD_FOLDER"):
         write_report([str(fold)], tmp_path / "r.png", tmp_path / "r.tsv")
+
+
+def test_report_marks_optimistic_validation(tmp_path):
+    from fastkd.student.report import dice_table, figure_cells, write_report
+    from fastkd.student.trainers import mark_validation
+
+    rotated, held_out = tmp_path / "rotated" / "fold_3", tmp_path / "held_out" / "fold_3"
+    _summary(rotated)
+    _summary(held_out)
+    mark_validation(rotated / "validation" / "summary.json", 3, [3, 3, 4])  # fold rotation crossed two splits
+    mark_validation(held_out / "validation" / "summary.json", 3, [3, 3, 3])
+    rows = write_report([f"rotated={rotated}", f"held-out={held_out}"], tmp_path / "r.png", tmp_path / "r.tsv")
+    assert [r["optimistic"] for r in rows] == [True, False]
+    tsv = [line.split("\t") for line in (tmp_path / "r.tsv").read_text().splitlines()]
+    assert tsv[0][-1] == "optimistic" and [t[0] for t in tsv[1:]] == ["rotated", "held-out"]
+    assert [t[-1] for t in tsv[1:]] == ["true", "false"]
+    assert [c[0] for c in figure_cells(rows)[1:]] == ["rotated (optimistic)", "held-out"]
+    assert dice_table(rows) == (tmp_path / "r.tsv").read_text()
+
+
+def test_multi_gpu_needs_cuda_gpus(tmp_path):
+    from fastkd.errors import FastkdError
+    from fastkd.student.run import student_settings, train_student
+
+    settings = student_settings(_config(tmp_path), None, kd=False)
+    with pytest.raises(FastkdError, match="num_gpus = 2 needs device = 'cuda' and 2 visible GPUs"):
+        train_student(900, "nnUNetPlans_fastkdR2", "3d_fullres", 0, settings, device="cpu", num_gpus=2)
+    with pytest.raises(FastkdError, match="fold = 7: must be 0-4 or 'all'"):
+        train_student(900, "nnUNetPlans_fastkdR2", "3d_fullres", 7, settings)
+
+
+def test_torch_device_needs_a_gpu_for_cuda_and_tunes_cudnn(monkeypatch):
+    from fastkd.device import torch_device
+    from fastkd.errors import FastkdError
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert torch_device("cpu", "student.device") == torch.device("cpu")
+    assert torch.backends.cudnn.benchmark is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(FastkdError, match="teachers.device = 'cuda' but torch sees no CUDA GPU; use 'cpu'"):
+        torch_device("cuda", "teachers.device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert torch_device("cuda", "teachers.device") == torch.device("cuda")
+    assert torch.backends.cudnn.benchmark is True  # as nnUNetv2_train sets it
+
+
+def _missing_plans_run(monkeypatch, tmp_path, settings, **kwargs):
+    """``train_student`` on a dataset without the student plans: it fails where the trainer is built."""
+    import nnunetv2.paths
+
+    from fastkd.errors import FastkdError
+    from fastkd.student.run import train_student
+
+    monkeypatch.setattr(nnunetv2.paths, "nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setattr(nnunetv2.paths, "nnUNet_preprocessed", str(tmp_path / "preprocessed"))
+    (tmp_path / "preprocessed" / DS).mkdir(parents=True, exist_ok=True)
+    with pytest.raises(FastkdError, match="student plans .* do not exist"):
+        train_student(DS, "nnUNetPlans_fastkdR2", "3d_fullres", 0, settings, **kwargs)
+
+
+def test_student_training_on_cuda_tunes_cudnn(monkeypatch, tmp_path):
+    from fastkd.student.run import student_settings
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    _missing_plans_run(monkeypatch, tmp_path, student_settings(_config(tmp_path), None, kd=False), device="cuda")
+    assert torch.backends.cudnn.benchmark is True
+
+
+def test_a_run_without_resume_keeps_the_old_checkpoints_until_it_trains(monkeypatch, tmp_path):
+    """``resume=False`` (the reference's missing ``-c_continue``) must not destroy a trained model up front;
+    the trainer moves it to ``previous_run/`` once it trains (tests/test_trainers.py)."""
+    from fastkd.student.run import prepare_fold_folder, student_fold_folder, student_settings
+
+    settings = student_settings(_config(tmp_path), None, kd=False)
+    fold = student_fold_folder(tmp_path / "results", DS, "nnUNetPlans_fastkdR2", "3d_fullres", 0, kd=False)
+    prepare_fold_folder(fold, settings)
+    (fold / "checkpoint_final.pth").write_text("trained")
+    _missing_plans_run(monkeypatch, tmp_path, settings, resume=False)
+    assert (fold / "checkpoint_final.pth").read_text() == "trained"
 
 
 class _Recorder(torch.nn.Module):
@@ -116,7 +230,7 @@ class _Recorder(torch.nn.Module):
 
 
 def test_distillation_loss_mixes_hard_and_kd_only_when_soft_labels_ride_along():
-    from fastkd.student.trainer import DistillationLoss
+    from fastkd.student.trainers import DistillationLoss
 
     hard, kd = _Recorder(2.0), _Recorder(10.0)
     loss = DistillationLoss(hard, kd, alpha=0.25, ignore_label=None, regions=False, deep_supervision=True)
@@ -135,17 +249,6 @@ def test_distillation_loss_mixes_hard_and_kd_only_when_soft_labels_ride_along():
     assert mask.shape == (1, 1, 4, 4, 4) and not mask[0, 0, 0, 0, 0] and mask.sum() == 63
 
 
-def test_multi_gpu_needs_cuda_gpus():
-    from fastkd.errors import FastkdError
-    from fastkd.student.train import make_settings, train_student
-
-    settings = make_settings(cache=None, temperature=3.0, alpha=0.0)
-    with pytest.raises(FastkdError, match="num_gpus = 2 needs device = 'cuda' and 2 visible GPUs"):
-        train_student(900, "nnUNetPlans_fastkdR2", "3d_fullres", 0, settings, device="cpu", num_gpus=2)
-    with pytest.raises(FastkdError, match="fold = 7: must be 0-4 or 'all'"):
-        train_student(900, "nnUNetPlans_fastkdR2", "3d_fullres", 7, settings)
-
-
 def test_student_paths_follow_the_config(tmp_path):
     from fastkd.config import validate_config
     from fastkd.paths import Paths
@@ -157,8 +260,11 @@ def test_student_paths_follow_the_config(tmp_path):
     assert p.student_plans_name("{r}") == "nnUNetPlans_fastkdR{r}"
     assert str(p.student_checkpoint(4, "all", kd=False)).endswith(
         f"{DS}/nnUNetTrainerFastKDNoKD_DA5__nnUNetPlans_fastkdR4__3d_fullres/fold_all/checkpoint_final.pth")
-    # r x folds x (kd, baseline) x (checkpoint, summary), plus one report per r
-    assert len(p.student_targets()) == 2 * 2 * 2 * 2 + 2
+    from fastkd.student import student_kinds
+
+    assert student_kinds(config) == [True, False]
+    assert student_kinds({**config, "student": {**config["student"], "baseline": False}}) == [True]
+    assert student_kinds({**config, "distillation": {**config["distillation"], "alpha": 0.0}}) == [False]
 
 
 # -- slow: real nnU-Net -----------------------------------------------------------------------------
@@ -197,7 +303,7 @@ def test_snakemake_trains_stock_nnunet_students(students):
     assert arch(student)["features_per_stage"] == [max(f // 2, 8) for f in arch(teacher)["features_per_stage"]]
     assert student["configurations"]["3d_fullres"]["data_identifier"] == "nnUNetPlans_3d_fullres"
     tsv = (wd / "fastkd_work" / DS / "student" / "nnUNetPlans_fastkdR2.report.tsv").read_text().splitlines()
-    assert tsv[0] == "model\tDice 1\tDice 2\tmean"
+    assert tsv[0] == "model\tDice 1\tDice 2\tmean\toptimistic"
     assert [line.split("\t")[0] for line in tsv[1:]] == ["KD r2 fold 1", "no-KD r2 fold 1"]  # teacher fold 1 not trained
     assert (wd / "fastkd_work" / DS / "student" / "nnUNetPlans_fastkdR2.report.png").stat().st_size > 10_000
     again = snakemake(wd, "--cores", "2", "student")
@@ -226,9 +332,10 @@ def test_stock_nnunet_predict_runs_the_student(students, tmp_path):
     assert run.stdout.split()[-2:] == ["PlainConvUNet", "16"]
 
 
-def _train_student(wd, *args, **popen):
-    cmd = [str(BIN / "fastkd"), "train-student", "-d", "900", "-c", "3d_fullres", "--batch-size", "2",
-           "--val-iterations", "1", *args]
+def _train_student(wd, *args, sets=(), **popen):
+    """``fastkd student train ARGS --set ...`` with a tiny schedule; ``sets``: more ``KEY=VALUE`` settings."""
+    cmd = [str(BIN / "fastkd"), "student", "train", "-d", "900", "-c", "3d_fullres", *args, "--set",
+           "student.schedule.batch_size=2", "student.schedule.val_iterations_per_epoch=1", *sets]
     return subprocess.Popen(cmd, env=_env(wd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
@@ -239,8 +346,9 @@ def _cache(wd):
 @pytest.mark.slow
 def test_temperature_must_match_the_cache(students):
     wd, _ = students
-    run = _train_student(wd, "-p", "nnUNetPlans_fastkdR2", "-f", "2", "--cache", str(_cache(wd)), "-T", "2",
-                         "--epochs", "1", "--iterations", "1")
+    run = _train_student(wd, "-p", "nnUNetPlans_fastkdR2", "-f", "2", "--cache", str(_cache(wd)),
+                         sets=["distillation.temperature=2", "student.schedule.epochs=1",
+                               "student.schedule.iterations_per_epoch=1"])
     out, _ = run.communicate(timeout=300)
     assert run.returncode == 1, out
     assert "temperature: the cache was made with T = 3.0, expected T = 2.0" in out
@@ -256,10 +364,10 @@ def test_resume_after_sigkill_mid_epoch(students):
     plans = wd / "nnUNet_preprocessed" / DS / "nnUNetPlans_fastkdR4.json"
     subprocess.run([str(BIN / "fastkd"), "student", "plans", str(wd / "nnUNet_preprocessed" / DS / "nnUNetPlans.json"),
                     "-r", "4", "-o", str(plans)], check=True, env=_env(wd), capture_output=True)
-    args = ["-p", "nnUNetPlans_fastkdR4", "-f", "0", "--cache", str(_cache(wd)), "--epochs", "4", "--iterations", "4",
-            "--save-every", "1"]
+    args = ["-p", "nnUNetPlans_fastkdR4", "-f", "0", "--cache", str(_cache(wd))]
+    sets = ["student.schedule.epochs=4", "student.schedule.iterations_per_epoch=4", "student.schedule.save_every=1"]
     fold = wd / "nnUNet_results" / DS / "nnUNetTrainerFastKD__nnUNetPlans_fastkdR4__3d_fullres" / "fold_0"
-    run = _train_student(wd, *args, start_new_session=True)
+    run = _train_student(wd, *args, sets=sets, start_new_session=True)
     deadline = time.time() + 300
     # wait for epoch 2 to start: checkpoint_latest (epoch 1 done) exists and the log names epoch 2
     while time.time() < deadline:
@@ -273,7 +381,7 @@ def test_resume_after_sigkill_mid_epoch(students):
     latest = torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
     assert latest["current_epoch"] == 2 and latest["optimizer_state"]["state"]
     assert not (fold / "checkpoint_final.pth").exists()
-    rerun = _train_student(wd, *args)
+    rerun = _train_student(wd, *args, sets=sets)
     out, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, out
     assert "resuming" in out and "at epoch 2" in out
@@ -289,8 +397,9 @@ def test_resume_after_sigkill_mid_epoch(students):
 @pytest.mark.slow
 def test_fold_rotation_really_rotates_the_split(students):
     wd, _ = students
-    run = _train_student(wd, "-p", "nnUNetPlans_fastkdR2", "-f", "3", "--cache", str(_cache(wd)), "--epochs", "2",
-                         "--iterations", "1", "--rotate-every", "1")
+    run = _train_student(wd, "-p", "nnUNetPlans_fastkdR2", "-f", "3", "--cache", str(_cache(wd)),
+                         sets=["student.schedule.epochs=2", "student.schedule.iterations_per_epoch=1",
+                               "student.schedule.rotate_every=1"])
     out, _ = run.communicate(timeout=600)
     assert run.returncode == 0, out
     fold = wd / "nnUNet_results" / DS / "nnUNetTrainerFastKD__nnUNetPlans_fastkdR2__3d_fullres" / "fold_3"
@@ -305,8 +414,9 @@ def test_fold_rotation_really_rotates_the_split(students):
 def test_baseline_with_da5_on_all_cases(students):
     """alpha 0 needs no cache; DA5 and fold 'all' train for real into their own stock folder."""
     wd, _ = students
-    run = _train_student(wd, "-p", "nnUNetPlans_fastkdR2", "-f", "all", "-a", "0", "--da5", "--epochs", "1",
-                         "--iterations", "1")
+    run = _train_student(wd, "-p", "nnUNetPlans_fastkdR2", "-f", "all", "--baseline",
+                         sets=["student.augmentation=da5", "student.schedule.epochs=1",
+                               "student.schedule.iterations_per_epoch=1"])
     out, _ = run.communicate(timeout=600)
     assert run.returncode == 0, out
     fold = wd / "nnUNet_results" / DS / "nnUNetTrainerFastKDNoKD_DA5__nnUNetPlans_fastkdR2__3d_fullres" / "fold_all"

@@ -140,6 +140,7 @@ def centre_crop(volume: torch.Tensor, patch_size) -> torch.Tensor:
 
 
 # -- 1 + 2: the real pipelines ---------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer_class", [nnUNetTrainer, nnUNetTrainerDA5], ids=["default", "DA5"])
 def test_softlabels_follow_the_segmentation_through_nnunet_augmentation(demo, trainer_class):
     transforms, initial, patch = training_transforms(trainer_class, demo)
@@ -187,6 +188,7 @@ def test_softlabels_follow_the_segmentation_through_nnunet_augmentation(demo, tr
 
 
 # -- 3: padding ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_padding_outside_the_volume_is_background(demo):
     transforms, initial, patch = training_transforms(nnUNetTrainer, demo)
     seed(2)
@@ -213,6 +215,7 @@ def test_padding_outside_the_volume_is_background(demo):
 
 
 # -- 4: intensity-only transforms ------------------------------------------------------------------
+@pytest.mark.slow
 def test_intensity_transforms_leave_softlabels_alone(demo):
     intensity = ComposeTransforms([
         GaussianNoiseTransform(noise_variance=(0.1, 0.1), p_per_channel=1, synchronize_channels=True),
@@ -241,6 +244,7 @@ def test_intensity_transforms_leave_softlabels_alone(demo):
 
 
 # -- 5: 2-D patches on 3-D data --------------------------------------------------------------------
+@pytest.mark.slow
 def test_2d_patches_on_3d_data(demo):
     cm2d = demo.plans.get_configuration("2d")
     transforms, initial, patch = training_transforms(nnUNetTrainer, demo, cm2d)
@@ -281,6 +285,7 @@ class PidLoader(KDDataLoader):
         return batch
 
 
+@pytest.mark.slow
 def test_loader_in_nnunet_background_workers(demo):
     transforms, initial, patch = training_transforms(nnUNetTrainer, demo)
     dl = loader(demo, transforms, initial, patch, cls=PidLoader)
@@ -302,6 +307,7 @@ def test_loader_in_nnunet_background_workers(demo):
 
 
 # -- 8: a case the cache lacks ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_case_missing_from_the_cache_names_the_case(demo, tmp_path):
     present, missing = demo.cases[0], demo.cases[1]
     store = write_store(tmp_path / "partial.zarr", demo.folder, [present], demo.cm.patch_size)

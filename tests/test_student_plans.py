@@ -12,13 +12,13 @@ import torch
 from fastkd.cli import main
 from fastkd.demo_data import make_demo_dataset
 from fastkd.errors import FastkdError
+from fastkd.nnunet import is_resenc
 from fastkd.student.plans import (
     BLOCK_STRATEGIES,
     FEATURE_FLOOR,
     count_parameters_and_flops,
     derive_student_plans,
     format_info,
-    is_resenc,
     student_plans_name,
     write_student_plans,
 )
@@ -340,8 +340,9 @@ def test_cli_student_info(planned, tmp_path, capsys):
     lonely.parent.mkdir()
     lonely.write_text(teacher.read_text())
     assert main(["student", "info", str(lonely), "-r", "2"]) == 1
-    assert capsys.readouterr().err == (f"fastkd student info: error: no dataset.json at {lonely.parent / 'dataset.json'} "
-                                       "(needed for the input and output channels); give one with --dataset-json\n")
+    assert capsys.readouterr().err == (f"fastkd student info: error: dataset.json {lonely.parent / 'dataset.json'} "
+                                       "does not exist (needed for the input and output channels; give one with "
+                                       "--dataset-json)\n")
     assert main(["student", "info", str(teacher), "-c", "3d_huge"]) == 1
     assert "configuration(s) ['3d_huge'] not in the plans nnUNetPlans" in capsys.readouterr().err
     assert main(["student", "info", str(teacher), "--student", str(student), "-bs", "reduce"]) == 1

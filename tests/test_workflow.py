@@ -20,8 +20,8 @@ def test_dry_run_dag_of_the_demo(tmp_path):
     run = snakemake(workdir(tmp_path), "-n", "--cores", "2")
     assert job_counts(run.stdout) == {"demo_data": 1, "plan_preprocess": 1, "train_teacher": 5,
                                       "teacher_manifest": 1, "softlabels_shard": 2, "softlabels_finalize": 1,
-                                      "softlabels_preview": 1, "student_plans": 1, "train_student": 1,
-                                      "train_baseline": 1, "student_report": 1, "all": 1}
+                                      "softlabels_preview": 1, "student_plans": 1, "student_info": 1,
+                                      "train_student": 1, "train_baseline": 1, "student_report": 1, "all": 1}
     for fold in range(5):
         assert f"fold_{fold}/checkpoint_final.pth" in run.stdout
     assert "nnUNetTrainerFastKD__nnUNetPlans_fastkdR2__3d_fullres/fold_0/validation/summary.json" in run.stdout
@@ -72,8 +72,8 @@ def test_hippocampus_dag_takes_cases_from_dataset_json(tmp_path):
     run = snakemake(wd, "-n", "--cores", "2")
     assert job_counts(run.stdout) == {"plan_preprocess": 1, "train_teacher": 5, "teacher_manifest": 1,
                                       "softlabels_shard": 2, "softlabels_finalize": 1, "softlabels_preview": 1,
-                                      "student_plans": 1, "train_student": 1, "train_baseline": 1,
-                                      "student_report": 1, "all": 1}
+                                      "student_plans": 1, "student_info": 1, "train_student": 1,
+                                      "train_baseline": 1, "student_report": 1, "all": 1}
     cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (HIPPOCAMPUS / "imagesTr").glob("*_0000.nii.gz"))
     assert len(cases) == 200
     for case in cases:
@@ -174,7 +174,7 @@ def test_killed_teacher_resumes_from_its_latest_checkpoint(trained):
     import torch
 
     e = nnunet_env(trained)
-    command = [str(BIN / "fastkd"), "train-teacher", "-d", "900", "-c", "3d_fullres", "-f", "1", "--epochs", "3",
+    command = [str(BIN / "fastkd"), "teachers", "train", "-d", "900", "-c", "3d_fullres", "-f", "1", "--epochs", "3",
                "--iterations", "2", "--val-iterations", "1", "--batch-size", "2", "--save-every", "1", "--threads", "1"]
     fold = trained / "nnUNet_results" / "Dataset900_FastkdDemo" / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_1"
     job = subprocess.Popen(command, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -38,6 +38,7 @@ def workdir(tmp_path: Path, override: dict | None = None, name: str = "wf") -> P
     shutil.copy(REPO / "Snakefile", wd)
     shutil.copy(REPO / "config.yaml", wd)
     shutil.copytree(REPO / "workflow", wd / "workflow", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "envs", wd / "envs")  # the rules name their conda envs
     (wd / "test.yaml").write_text(yaml.safe_dump(override or {}))
     return wd
 

@@ -52,6 +52,7 @@ import json
 import numbers
 from pathlib import Path
 
+from fastkd import nnunet
 from fastkd.errors import FastkdError
 from fastkd.io import atomic_write_text
 
@@ -80,33 +81,7 @@ def student_plans_name(teacher_plans_name: str, r: int, block_strategy: str | No
     if "__" in teacher_plans_name:
         raise FastkdError(f"teacher plans name {teacher_plans_name!r} contains '__', which nnU-Net uses to separate "
                           "trainer, plans and configuration in model folder names; rename the plans")
-    return f"{teacher_plans_name}_fastkdR{r}{block_strategy or ''}"
-
-
-def _architecture(plans: dict, configuration: str) -> dict:
-    """The ``architecture`` a configuration resolves to, following ``inherits_from`` like nnU-Net."""
-    configurations = plans["configurations"]
-    if configuration not in configurations:
-        raise FastkdError(f"configuration {configuration!r} not in the plans {plans.get('plans_name')} "
-                          f"(they have: {', '.join(configurations)})")
-    seen = [configuration]
-    cfg = configurations[configuration]
-    while "architecture" not in cfg and "inherits_from" in cfg:
-        parent = cfg["inherits_from"]
-        if parent in seen or parent not in configurations:
-            raise FastkdError(f"configuration {configuration!r}: inherits_from chain {' -> '.join(seen + [parent])} "
-                              f"is {'circular' if parent in seen else 'broken'}")
-        seen.append(parent)
-        cfg = configurations[parent]
-    if "architecture" not in cfg:
-        raise FastkdError(f"configuration {configuration!r} of the plans {plans.get('plans_name')} has no "
-                          "'architecture' (an old nnU-Net plans format); re-plan the dataset with the installed nnU-Net")
-    return cfg["architecture"]
-
-
-def is_resenc(plans: dict, configuration: str) -> bool:
-    """Whether the configuration's network is a ResidualEncoderUNet (following ``inherits_from``)."""
-    return _architecture(plans, configuration)["network_class_name"].split(".")[-1] == "ResidualEncoderUNet"
+    return nnunet.STUDENT_PLANS_NAME.format(plans=teacher_plans_name, r=r, strategy=block_strategy or "")
 
 
 def _blocks(n: int, block_strategy: str, r: int) -> int:
@@ -128,13 +103,11 @@ def derive_student_plans(teacher_plans: dict, r: int, block_strategy: str = "kee
     plans = copy.deepcopy(teacher_plans)
     configurations = plans["configurations"]
     own = [c for c, cfg in configurations.items() if "architecture" in cfg]
-    for c in configurations:  # every configuration must resolve to an architecture we can reduce
-        _architecture(plans, c)
-    resenc = [c for c in own if is_resenc(plans, c)]
+    networks = {c: nnunet.network_name(plans, c) for c in configurations}  # each must resolve to a network
+    resenc = [c for c in own if networks[c] == nnunet.RESENC_NETWORK]
     if not resenc and block_strategy != "keep":
         raise FastkdError(f"block strategy {block_strategy!r} only applies to ResidualEncoderUNet (ResEnc) teachers; "
-                          f"the plans {teacher_plans['plans_name']} have "
-                          f"{', '.join(sorted({_architecture(plans, c)['network_class_name'].split('.')[-1] for c in own}))}"
+                          f"the plans {teacher_plans['plans_name']} have {', '.join(sorted({networks[c] for c in own}))}"
                           " (use 'keep')")
     for c in own:
         kwargs = configurations[c]["architecture"]["arch_kwargs"]
@@ -152,32 +125,13 @@ def derive_student_plans(teacher_plans: dict, r: int, block_strategy: str = "kee
     return plans
 
 
-def _load_json(path: str | Path, what: str) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FastkdError(f"{what} {path} does not exist")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise FastkdError(f"{what} {path} is not valid JSON: {e}") from e
-
-
-def load_plans(path: str | Path) -> dict:
-    """Read an nnU-Net plans JSON (FastkdError if missing or not a plans file)."""
-    plans = _load_json(path, "plans file")
-    if not isinstance(plans, dict) or "configurations" not in plans or "plans_name" not in plans:
-        raise FastkdError(f"{path} is not an nnU-Net plans file (no 'plans_name' / 'configurations')")
-    return plans
-
-
 def write_student_plans(teacher_plans_file: str | Path, out_file: str | Path, r: int, block_strategy: str = "keep") -> dict:
     """Derive the student plans of a teacher plans file and write them (atomically) to ``out_file``.
 
     nnU-Net finds plans as ``nnUNet_preprocessed/<dataset>/<plans_name>.json``: to train with them,
     ``out_file`` belongs there under that name (``fastkd student plans`` does so by default).
     """
-    plans = derive_student_plans(load_plans(teacher_plans_file), r, block_strategy)
+    plans = derive_student_plans(nnunet.read_plans(teacher_plans_file), r, block_strategy)
     atomic_write_text(out_file, json.dumps(plans, indent=2) + "\n")
     return plans
 
@@ -198,7 +152,7 @@ def count_parameters_and_flops(plans: dict, dataset_json: dict, configuration: s
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    _architecture(plans, configuration)  # FastkdError naming the valid configurations
+    nnunet.configuration(plans, configuration)  # FastkdError naming the valid configurations
     plans_manager = PlansManager(plans)
     cm = plans_manager.get_configuration(configuration)
     n_out = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
@@ -247,7 +201,7 @@ def format_info(teacher_plans: dict, student_plans: dict, dataset_json: dict, co
     for c in configurations:
         t = count_parameters_and_flops(teacher_plans, dataset_json, c)
         s = count_parameters_and_flops(student_plans, dataset_json, c)
-        network = _architecture(teacher_plans, c)["network_class_name"].split(".")[-1]
+        network = nnunet.network_name(teacher_plans, c)
         rows.append((c, network, f"{t['parameters'] / 1e6:.2f} M", f"{s['parameters'] / 1e6:.2f} M",
                      f"{t['parameters'] / s['parameters']:.1f}x", f"{t['flops'] / 1e9:.2f}", f"{s['flops'] / 1e9:.2f}",
                      f"{t['flops'] / s['flops']:.1f}x"))

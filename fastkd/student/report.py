@@ -4,8 +4,11 @@ Inputs are nnU-Net fold folders (``fold_<f>`` of any model folder): the curves c
 nnU-Net stores in ``checkpoint_final.pth`` (train/validation loss and pseudo-Dice per epoch) and, for
 distilled students, fastkd's ``kd_losses.json`` (hard and KD part of the training loss); the table
 comes from nnU-Net's final validation, ``validation/summary.json`` (Dice per class on the fold's
-validation cases). The table is also written as TSV (one row per model, one column per class, then
-the foreground mean).
+validation cases). The table is also written as TSV (one row per model, one column per class, the
+foreground mean, then ``optimistic``: ``true`` where the student trainer noted in ``summary.json``
+that the validation scored cases the model trained on, i.e. fold ``all`` or fold rotation across
+splits; see :func:`fastkd.student.trainers.validation_note`). The picture's table marks those rows
+``<label> (optimistic)``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 from pathlib import Path
 
 from fastkd.errors import FastkdError
+from fastkd.student import KD_LOSSES_FILE
 
 
 def _label(text: str) -> tuple[str, Path]:
@@ -32,26 +36,37 @@ def load_model(label: str, fold_folder: Path) -> dict:
         raise FastkdError(f"{label}: {summary} is missing (the fold's final validation has not run)")
     s = json.loads(summary.read_text())
     row = {"label": label, "dice": {k: v["Dice"] for k, v in s["mean"].items()},
-           "mean": s["foreground_mean"]["Dice"]}
+           "mean": s["foreground_mean"]["Dice"], "optimistic": s.get("fastkd", {}).get("optimistic", False)}
     checkpoint = fold_folder / "checkpoint_final.pth"
     if checkpoint.is_file():
         log = torch.load(checkpoint, map_location="cpu", weights_only=False)["logging"]
         row["train_loss"] = [float(v) for v in log["train_losses"]]
         row["val_loss"] = [float(v) for v in log["val_losses"]]
         row["pseudo_dice"] = [float(v) for v in log["mean_fg_dice"]]
-    parts = fold_folder / "kd_losses.json"
+    parts = fold_folder / KD_LOSSES_FILE
     if parts.is_file():
         row["kd_loss"] = [r["kd_loss"] for r in json.loads(parts.read_text())]
     return row
 
 
-def dice_table(rows: list[dict]) -> str:
+def table_cells(rows: list[dict]) -> list[list[str]]:
+    """Header and one row per model: label, Dice per class, foreground mean, optimistic."""
     classes = sorted({c for r in rows for c in r["dice"]}, key=lambda c: (len(c), c))
-    lines = ["\t".join(["model", *[f"Dice {c}" for c in classes], "mean"])]
-    for r in rows:
-        lines.append("\t".join([r["label"], *[f"{r['dice'].get(c, float('nan')):.4f}" for c in classes],
-                                f"{r['mean']:.4f}"]))
-    return "\n".join(lines) + "\n"
+    return [["model", *[f"Dice {c}" for c in classes], "mean", "optimistic"]] + [
+        [r["label"], *[f"{r['dice'].get(c, float('nan')):.4f}" for c in classes], f"{r['mean']:.4f}",
+         "true" if r["optimistic"] else "false"] for r in rows]
+
+
+def dice_table(rows: list[dict]) -> str:
+    """The TSV."""
+    return "".join("\t".join(line) + "\n" for line in table_cells(rows))
+
+
+def figure_cells(rows: list[dict]) -> list[list[str]]:
+    """The picture's table: the TSV's, with optimistic rows marked in the label instead of a column."""
+    (*header, _), *body = table_cells(rows)
+    return [header] + [[label + (" (optimistic)" if optimistic == "true" else ""), *values]
+                       for label, *values, optimistic in body]
 
 
 def write_report(models: list[str], out_png: str | Path, out_tsv: str | Path, title: str = "") -> list[dict]:
@@ -66,7 +81,6 @@ def write_report(models: list[str], out_png: str | Path, out_tsv: str | Path, ti
     if not models:
         raise FastkdError("no models given (LABEL=FOLD_FOLDER ...)")
     rows = [load_model(*_label(m)) for m in models]
-    table = dice_table(rows)
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5), gridspec_kw={"width_ratios": [1, 1, 1.3]})
     for r in rows:
         if "train_loss" in r:
@@ -80,7 +94,7 @@ def write_report(models: list[str], out_png: str | Path, out_tsv: str | Path, ti
     for ax in axes[:2]:
         if ax.get_legend_handles_labels()[0]:  # models without a checkpoint have no curves
             ax.legend(fontsize=7)
-    cells = [line.split("\t") for line in table.strip().split("\n")]
+    cells = figure_cells(rows)
     axes[2].axis("off")
     axes[2].set_title("final validation Dice (nnU-Net summary.json)")
     t = axes[2].table(cellText=cells[1:], colLabels=cells[0], loc="center")
@@ -95,5 +109,5 @@ def write_report(models: list[str], out_png: str | Path, out_tsv: str | Path, ti
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     tmp.replace(out_png)
-    atomic_write_text(out_tsv, table)
+    atomic_write_text(out_tsv, dice_table(rows))
     return rows

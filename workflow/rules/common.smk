@@ -1,9 +1,16 @@
-# Config validation, artifact paths and target lists. No domain logic: fastkd computes everything.
+# Config validation, artifact paths, input functions and target lists. No domain logic: fastkd
+# computes everything (paths: fastkd.paths; what the config means: the stage modules).
+import os
 import re
 import shlex
+from pathlib import Path
 
-from fastkd.config import validate_config
+from fastkd.config import overrides, validate_config
 from fastkd.paths import Paths
+from fastkd.preprocess import training_cases
+from fastkd.student import student_kinds
+from fastkd.student.run import KD_KEYS
+from fastkd.teachers import teacher_sets
 
 # Fills defaults and rejects bad values (naming key, value and what is valid) before any job runs.
 validate_config(config)
@@ -11,14 +18,24 @@ P = Paths(config)
 # nnU-Net reads its folders from the environment: set them once here, for every job. Cluster jobs
 # re-parse this file, so they see the same values.
 P.export_nnunet_env()
+# The conda envs (envs/*.yaml, --use-conda) install fastkd from this workflow's own source folder.
+os.environ.setdefault("FASTKD_SOURCE", workflow.basedir)
 
-CASES = P.case_ids  # from dataset.json (or the demo's config) at parse time, never from a checkpoint
+CASES = training_cases(config)  # at parse time, never from a checkpoint: Snakemake tracks every case
 TEACHER_CFG = config["teachers"]["configuration"]
 TRAIN_TEACHERS = config["teachers"]["model_folder"] is None
-TEACHER_SETS = {s["name"]: s for s in P.teacher_sets}  # the teachers, then teachers.extra
+TEACHER_SETS = {s["name"]: s for s in teacher_sets(config, P.teacher_folder)}  # the teachers, then teachers.extra
 N_SHARDS = config["softlabels"]["shards"]
 STUDENT = config["student"]
-STUDENT_GPUS = STUDENT["num_gpus"] if STUDENT["device"] == "cuda" else 0
+STUDENT_KINDS = student_kinds(config)  # True: distilled, False: the no-KD baseline
+REDUCTION_FACTORS = config["distillation"]["reduction_factors"]
+# What training jobs wait for: the preprocess manifest, and nnU-Net's split where this workflow writes it
+# (an adopted dataset's split is written by the manifest job only if missing, so it is no output).
+TRAINING_DATA = [P.preprocess_manifest(TEACHER_CFG)] + ([P.splits_file] if config["plans"]["preprocess"] else [])
+# conda environments of the rule families (created with --use-conda; see envs/)
+NNUNET_ENV = "../../envs/nnunet.yaml"
+SOFTLABELS_ENV = "../../envs/softlabels.yaml"
+REPORT_ENV = "../../envs/report.yaml"
 
 
 def q(value):
@@ -29,45 +46,51 @@ def rule_resources(name):
     return config["resources"][name]
 
 
+def device_gpus(device, n=1):
+    """Snakemake's gpu resource of a job on ``device``."""
+    return n if device == "cuda" else 0
+
+
 def teacher_checkpoints(name):
     s = TEACHER_SETS[name]
     return [s["folder"] / f"fold_{f}" / s["checkpoint"] for f in s["folds"]]
 
 
-def shard_inputs(shard):
+def shard_inputs(wildcards):
     """Preprocessed images of soft-label shard ``shard`` (1-based, as in the shard's file name)."""
     from fastkd.softlabels import shard_cases
 
-    return [P.preprocessed_case(TEACHER_CFG, c) for c in shard_cases(CASES, N_SHARDS, int(shard) - 1)]
+    return [P.preprocessed_case(TEACHER_CFG, c) for c in shard_cases(CASES, N_SHARDS, int(wildcards.shard) - 1)]
 
 
-def student_args(r, kd):
-    """`fastkd train-student` arguments of the r-student (kd) or its no-KD baseline, all from the config."""
-    schedule = STUDENT["schedule"]
-    args = [
-        f"-d {P.dataset_id} -p {P.student_plans_name(r)} -c {TEACHER_CFG}",
-        f"-T {config['distillation']['temperature']} -a {config['distillation']['alpha'] if kd else 0}",
-        f"--cache {q(P.softlabel_cache)}" if kd else "",
-        f"--soft-dice {STUDENT['soft_dice']} --cauchy-schwarz {STUDENT['cauchy_schwarz']}" if kd else "",
-        f"--epochs {schedule['epochs']} --iterations {schedule['iterations_per_epoch']}",
-        f"--val-iterations {schedule['val_iterations_per_epoch']} --save-every {schedule['save_every']}",
-        f"--rotate-every {schedule['rotate_every']}",
-        f"--batch-size {schedule['batch_size']}" if schedule["batch_size"] else "",
-        "--da5" if STUDENT["augmentation"] == "da5" else "",
-        f"--device {STUDENT['device']} --num-gpus {STUDENT['num_gpus']}",
-    ]
-    return " ".join(a for a in args if a)
+def student_settings_args(kd):
+    """`fastkd student train --set` pairs of the r-student (kd) or its no-KD baseline: every student
+    key but the ones choosing which students exist, plus T and alpha for KD. A new student option in
+    the schema reaches the trainer through here without a new flag."""
+    keep = {k: v for k, v in STUDENT.items() if k not in ("folds", "baseline") and (kd or k not in KD_KEYS)}
+    subset = {"student": keep}
+    if kd:
+        subset["distillation"] = {k: config["distillation"][k] for k in ("temperature", "alpha")}
+    return " ".join(q(pair) for pair in overrides(subset))
 
 
-def student_report_models(r):
+def student_report_models(wildcards):
     """LABEL=FOLD_FOLDER of the r-students, their baselines and the teachers of the same folds (trained here)."""
     models = []
     for fold in STUDENT["folds"]:
         if TRAIN_TEACHERS and fold in config["teachers"]["folds"]:
             models.append(f"teacher fold {fold}={P.teacher_checkpoint(fold).parent}")
-        for kd in P.student_kinds:
-            models.append(f"{'KD' if kd else 'no-KD'} r{r} fold {fold}={P.student_checkpoint(r, fold, kd).parent}")
-    return models
+        for kd in STUDENT_KINDS:
+            folder = P.student_checkpoint(wildcards.r, fold, kd).parent
+            models.append(f"{'KD' if kd else 'no-KD'} r{wildcards.r} fold {fold}={folder}")
+    return " ".join(q(m) for m in models)
+
+
+def student_report_inputs(wildcards):
+    students = [P.student_validation_summary(wildcards.r, f, kd) for f in STUDENT["folds"] for kd in STUDENT_KINDS]
+    teachers = [P.teacher_validation_summary(f) for f in STUDENT["folds"]
+                if TRAIN_TEACHERS and f in config["teachers"]["folds"]]
+    return students + teachers
 
 
 def preprocess_targets():
@@ -83,7 +106,17 @@ def softlabel_targets():
 
 
 def student_targets():
-    return P.student_targets()
+    """Every student (each r, fold and kind: its final validation, written after checkpoint_final.pth),
+    their size and reports."""
+    return [
+        path
+        for r in REDUCTION_FACTORS
+        for path in [
+            *[P.student_validation_summary(r, fold, kd) for fold in STUDENT["folds"] for kd in STUDENT_KINDS],
+            P.student_info(r),
+            P.student_report(r),
+        ]
+    ]
 
 
 def all_targets():

@@ -1,4 +1,5 @@
-# Raw data -> nnU-Net plans and preprocessed arrays (nnU-Net's own planner and preprocessor).
+# Raw data -> nnU-Net plans and preprocessed arrays (nnU-Net's own planner and preprocessor), or a
+# dataset nnU-Net preprocessed already (plans.preprocess: false). Layout: fastkd/preprocess.py.
 
 if P.is_demo:
 
@@ -8,7 +9,7 @@ if P.is_demo:
             images=[P.raw_dataset / "imagesTr" / f"{c}_0000.nii.gz" for c in CASES],
             labels=[P.raw_dataset / "labelsTr" / f"{c}.nii.gz" for c in CASES],
         params:
-            folder=q(P.raw_dataset),
+            folder=lambda w, output: q(Path(output.dataset_json).parent),
             n_cases=config["dataset"]["demo"]["n_cases"],
             seed=config["dataset"]["demo"]["seed"],
             anisotropic="--anisotropic" if config["dataset"]["demo"]["anisotropic"] else "",
@@ -20,47 +21,79 @@ if P.is_demo:
         resources:
             mem_mb=2000,
             runtime=10,
+        conda:
+            NNUNET_ENV
         shell:
-            "fastkd demo-data {params.folder} --n-cases {params.n_cases} --seed {params.seed}"
+            "fastkd demo write {params.folder} --n-cases {params.n_cases} --seed {params.seed}"
             " {params.anisotropic} > {log} 2>&1"
 
 
-rule plan_preprocess:
-    input:
-        dataset_json=P.raw_dataset_json,
-        teacher_plans=[] if TRAIN_TEACHERS else [P.teacher_folder / "plans.json"],
-    output:
-        plans=P.plans_file,
-        splits=P.splits_file,
-        arrays=[
-            P.preprocessed_case(cfg, case, seg)
-            for cfg in config["plans"]["configurations"]
-            for case in CASES
-            for seg in (False, True)
-        ],
-        manifests=preprocess_targets(),
-    params:
-        dataset_id=P.dataset_id,
-        raw_source=q(P.raw_source),
-        configurations=" ".join(config["plans"]["configurations"]),
-        plans=(
-            f"--planner {P.planner_class}" if TRAIN_TEACHERS else f"--plans-from {q(P.teacher_folder)}"
-        ),
-        gpu_memory=(
-            f"--gpu-memory-target {config['plans']['gpu_memory_target_gb']}"
-            if config["plans"]["gpu_memory_target_gb"]
-            else ""
-        ),
-        num_processes=config["plans"]["num_processes"],
-    log:
-        P.log("plan_preprocess"),
-    benchmark:
-        P.benchmark("plan_preprocess")
-    threads: rule_resources("plan_preprocess")["threads"]
-    resources:
-        mem_mb=rule_resources("plan_preprocess")["mem_mb"],
-        runtime=rule_resources("plan_preprocess")["runtime"],
-    shell:
-        "fastkd plan-preprocess -d {params.dataset_id} --raw-source {params.raw_source}"
-        " -c {params.configurations} --manifests {output.manifests} {params.plans} {params.gpu_memory}"
-        " -np {params.num_processes} > {log} 2>&1"
+if config["plans"]["preprocess"]:
+
+    rule plan_preprocess:
+        input:
+            dataset_json=P.raw_dataset_json,
+            teacher_plans=[] if TRAIN_TEACHERS else [P.teacher_folder / "plans.json"],
+        output:
+            plans=P.plans_file,
+            splits=P.splits_file,
+            arrays=[
+                P.preprocessed_case(cfg, case, seg)
+                for cfg in config["plans"]["configurations"]
+                for case in CASES
+                for seg in (False, True)
+            ],
+            manifests=preprocess_targets(),
+        params:
+            dataset_id=P.dataset_id,
+            raw_source=lambda w, input: q(Path(input.dataset_json).parent),
+            configurations=" ".join(config["plans"]["configurations"]),
+            plans=lambda w, input: (
+                f"--planner {P.planner_class}" if TRAIN_TEACHERS else f"--plans-from {q(Path(input.teacher_plans[0]).parent)}"
+            ),
+            gpu_memory=(
+                f"--gpu-memory-target {config['plans']['gpu_memory_target_gb']}"
+                if config["plans"]["gpu_memory_target_gb"]
+                else ""
+            ),
+            num_processes=config["plans"]["num_processes"],
+        log:
+            P.log("plan_preprocess"),
+        benchmark:
+            P.benchmark("plan_preprocess")
+        threads: rule_resources("plan_preprocess")["threads"]
+        resources:
+            mem_mb=rule_resources("plan_preprocess")["mem_mb"],
+            runtime=rule_resources("plan_preprocess")["runtime"],
+        conda:
+            NNUNET_ENV
+        shell:
+            "fastkd preprocess run -d {params.dataset_id} --raw-source {params.raw_source}"
+            " -c {params.configurations} --manifests {output.manifests} {params.plans} {params.gpu_memory}"
+            " -np {params.num_processes} > {log} 2>&1"
+
+else:
+
+    # nnUNetv2_plan_and_preprocess ran already: check every case is there, list them (nnU-Net's split
+    # is written if missing, never replaced).
+    rule adopt_preprocessed:
+        input:
+            dataset_json=P.raw_dataset_json,
+            plans=P.plans_file,
+        output:
+            manifests=preprocess_targets(),
+        params:
+            dataset=P.dataset_name,
+            plans=P.plans_name,
+            configurations=" ".join(config["plans"]["configurations"]),
+        log:
+            P.log("adopt_preprocessed"),
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=10,
+        conda:
+            NNUNET_ENV
+        shell:
+            "fastkd preprocess adopt -d {params.dataset} -p {params.plans} -c {params.configurations}"
+            " --manifests {output.manifests} > {log} 2>&1"

@@ -8,19 +8,18 @@ rule softlabels_shard:
     input:
         teachers=teacher_targets(),
         manifest=P.preprocess_manifest(TEACHER_CFG),
-        cases=lambda w: shard_inputs(w.shard),
+        cases=shard_inputs,
     output:
         marker=P.softlabel_shard("{shard}"),
-    wildcard_constraints:
-        shard=r"\d+",
     params:
-        store=q(P.softlabel_cache),
-        weights=" ".join(str(s["weight"]) for s in P.teacher_sets),
+        store=lambda w, output: q(P.softlabel_cache),
+        weights=" ".join(str(s["weight"]) for s in TEACHER_SETS.values()),
         temperature=config["distillation"]["temperature"],
         step=config["softlabels"]["step_size"],
         mirroring="" if config["softlabels"]["mirroring"] else "--disable-mirroring",
         dtype=config["softlabels"]["dtype"],
         device=config["softlabels"]["device"],
+        n_shards=N_SHARDS,
     log:
         P.log("softlabels_shard", "{shard}"),
     benchmark:
@@ -29,11 +28,13 @@ rule softlabels_shard:
     resources:
         mem_mb=rule_resources("softlabels")["mem_mb"],
         runtime=rule_resources("softlabels")["runtime"],
-        gpu=1 if config["softlabels"]["device"] == "cuda" else 0,
+        gpu=device_gpus(config["softlabels"]["device"]),
+    conda:
+        SOFTLABELS_ENV
     shell:
-        "fastkd softlabels -o {params.store} -t {input.teachers} -w {params.weights} -m {input.manifest}"
+        "fastkd softlabels fill -o {params.store} -t {input.teachers} -w {params.weights} -m {input.manifest}"
         " -T {params.temperature} --step-size {params.step} {params.mirroring} --dtype {params.dtype}"
-        f" --shard {{wildcards.shard}}/{N_SHARDS} --device {{params.device}} --threads {{threads}}"
+        " --shard {wildcards.shard}/{params.n_shards} --device {params.device} --threads {threads}"
         " --marker {output.marker} > {log} 2>&1"
 
 
@@ -44,15 +45,17 @@ rule softlabels_finalize:
     output:
         root=P.softlabel_cache_root,
     params:
-        store=q(P.softlabel_cache),
+        store=lambda w, output: q(Path(output.root).parent),
     log:
         P.log("softlabels_finalize"),
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
+    conda:
+        SOFTLABELS_ENV
     shell:
-        "fastkd cache finalize {params.store} -m {input.manifest} > {log} 2>&1"
+        "fastkd softlabels finalize {params.store} -m {input.manifest} > {log} 2>&1"
 
 
 rule softlabels_preview:
@@ -61,7 +64,7 @@ rule softlabels_preview:
     output:
         png=report(P.softlabel_preview, caption="../report/softlabels.rst", category="Soft-label cache"),
     params:
-        store=q(P.softlabel_cache),
+        store=lambda w, input: q(Path(input.root).parent),
         case=CASES[0],
     log:
         P.log("softlabels_preview"),
@@ -69,5 +72,7 @@ rule softlabels_preview:
     resources:
         mem_mb=2000,
         runtime=10,
+    conda:
+        SOFTLABELS_ENV
     shell:
         "fastkd cache show {params.store} {params.case} -o {output.png} > {log} 2>&1"

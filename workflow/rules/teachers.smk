@@ -1,16 +1,14 @@
 # Teacher ensemble: nnU-Net folds trained here (or an existing model folder), then its manifest.
+# Layout: fastkd/teachers.py.
 
 if TRAIN_TEACHERS:
 
     rule train_teacher:
         input:
-            manifest=P.preprocess_manifest(TEACHER_CFG),
-            splits=P.splits_file,
+            TRAINING_DATA,
         output:
             checkpoint=P.teacher_checkpoint("{fold}"),
             validation=P.teacher_validation_summary("{fold}"),
-        wildcard_constraints:
-            fold="[0-4]",
         params:
             dataset_id=P.dataset_id,
             configuration=TEACHER_CFG,
@@ -31,9 +29,11 @@ if TRAIN_TEACHERS:
         resources:
             mem_mb=rule_resources("train_teacher")["mem_mb"],
             runtime=rule_resources("train_teacher")["runtime"],
-            gpu=1 if config["teachers"]["device"] == "cuda" else 0,
+            gpu=device_gpus(config["teachers"]["device"]),
+        conda:
+            NNUNET_ENV
         shell:
-            "fastkd train-teacher -d {params.dataset_id} -c {params.configuration} -f {wildcards.fold}"
+            "fastkd teachers train -d {params.dataset_id} -c {params.configuration} -f {wildcards.fold}"
             " -p {params.plans} -tr {params.trainer} --device {params.device}"
             " --epochs {params.schedule[epochs]} --iterations {params.schedule[iterations_per_epoch]}"
             " --val-iterations {params.schedule[val_iterations_per_epoch]} {params.batch_size}"
@@ -48,8 +48,6 @@ rule teacher_manifest:
         checkpoints=lambda w: teacher_checkpoints(w.teacher),
     output:
         manifest=P.teacher_manifest_of("{teacher}"),
-    wildcard_constraints:
-        teacher="|".join(re.escape(s["name"]) for s in P.teacher_sets),
     params:
         folder=lambda w: q(TEACHER_SETS[w.teacher]["folder"]),
         configuration=lambda w: TEACHER_SETS[w.teacher]["configuration"],
@@ -61,6 +59,8 @@ rule teacher_manifest:
     resources:
         mem_mb=1000,
         runtime=10,
+    conda:
+        NNUNET_ENV
     shell:
-        "fastkd teachers {params.folder} -c {params.configuration} -f {params.folds}"
+        "fastkd teachers manifest {params.folder} -c {params.configuration} -f {params.folds}"
         " -chk {params.checkpoint} -o {output.manifest} > {log} 2>&1"
