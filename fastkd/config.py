@@ -179,7 +179,8 @@ def overrides(config: dict, prefix: str = "") -> list[str]:
 
 def parse_overrides(pairs: list[str]) -> dict:
     """``["student.schedule.epochs=4", ...]`` -> a partial config; values are parsed as YAML, as
-    Snakemake's ``--config`` parses them, and unknown keys are named with the valid ones."""
+    Snakemake's ``--config`` parses them (a number where the schema wants a string stays a string).
+    An unknown key is an error; the values are checked when the config is validated."""
     config: dict = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")

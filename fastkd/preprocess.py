@@ -75,7 +75,6 @@ def plan_preprocess(dataset_id: int, raw_source: Path, configurations: list[str]
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     raw_source = Path(raw_source)
     _, name = nnunet.parse_dataset_name(raw_source.name)
@@ -96,19 +95,19 @@ def plan_preprocess(dataset_id: int, raw_source: Path, configurations: list[str]
         shutil.copyfile(Path(nnUNet_raw) / ds_name / "dataset.json", preprocessed / "dataset.json")
     else:
         plans_name = plan_experiments([dataset_id], planner_class, gpu_memory_target_gb)
-    plans_manager = PlansManager(str(preprocessed / f"{plans_name}.json"))
-    missing = [c for c in configurations if c not in plans_manager.available_configurations]
+    plans = nnunet.read_plans(preprocessed / f"{plans_name}.json")
+    missing = [c for c in configurations if c not in plans["configurations"]]
     if missing:
         raise FastkdError(
             f"plans.configurations {missing} not in the plans {plans_name} of {ds_name} "
-            f"(nnU-Net planned: {', '.join(plans_manager.available_configurations)}; 3d_lowres only exists "
+            f"(nnU-Net planned: {', '.join(plans['configurations'])}; 3d_lowres only exists "
             "when the 3d_fullres patch cannot cover the median case)")
     preprocess([dataset_id], plans_name, configurations, [num_processes], verbose=False)
     # the raw dataset's cases, listed by nnU-Net (gt_segmentations/ keeps files of removed cases)
     cases = nnunet.raw_case_ids(Path(nnUNet_raw) / ds_name)
     _write_splits(preprocessed, cases)
     for configuration, manifest in zip(configurations, manifests):
-        write_manifest(preprocessed, plans_manager, configuration, cases, Path(manifest))
+        write_manifest(preprocessed, plans, configuration, cases, Path(manifest))
     return plans_name
 
 
@@ -116,7 +115,6 @@ def adopt_preprocessed(dataset: str, plans_name: str, configurations: list[str],
     """A dataset nnU-Net preprocessed already: check every raw training case is there, write nnU-Net's
     split if none exists, and the manifests. Nothing of nnU-Net's is rewritten. Returns the cases."""
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     if len(manifests) != len(configurations):
         raise FastkdError(f"{len(configurations)} configuration(s) {configurations} but {len(manifests)} manifest path(s)")
@@ -127,12 +125,11 @@ def adopt_preprocessed(dataset: str, plans_name: str, configurations: list[str],
         raise FastkdError(f"{plans_file} does not exist: {dataset} is not preprocessed with the plans {plans_name} "
                           f"(plans there: {', '.join(there) or 'none'}); run nnUNetv2_plan_and_preprocess first, or "
                           "let fastkd preprocess (plans.preprocess: true)")
-    plans_manager = PlansManager(nnunet.read_plans(plans_file))
+    plans = nnunet.read_plans(plans_file)
     cases = nnunet.raw_case_ids(Path(nnUNet_raw) / dataset)
     _write_splits(preprocessed, cases)
     for configuration, manifest in zip(configurations, manifests):
-        nnunet.configuration(plans_manager.plans, configuration)  # FastkdError naming the configurations
-        write_manifest(preprocessed, plans_manager, configuration, cases, Path(manifest))
+        write_manifest(preprocessed, plans, configuration, cases, Path(manifest))
     return cases
 
 
@@ -146,12 +143,12 @@ def _write_splits(preprocessed: Path, cases: list[str]) -> None:
         atomic_write_text(splits_file, json.dumps(splits, indent=4) + "\n")
 
 
-def write_manifest(preprocessed: Path, plans_manager, configuration: str, cases: list[str], out: Path) -> dict:
+def write_manifest(preprocessed: Path, plans: dict, configuration: str, cases: list[str], out: Path) -> dict:
     """Check every case's preprocessed arrays exist and record their shapes (read from blosc2 metadata)."""
     import blosc2
 
-    cm = plans_manager.get_configuration(configuration)
-    folder = preprocessed / cm.data_identifier
+    cfg = nnunet.configuration(plans, configuration)  # FastkdError naming the configurations
+    folder = preprocessed / cfg["data_identifier"]
     shapes, missing = {}, []
     for case in cases:
         image, seg = folder / f"{case}.b2nd", folder / f"{case}_seg.b2nd"
@@ -164,12 +161,12 @@ def write_manifest(preprocessed: Path, plans_manager, configuration: str, cases:
                           f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''} (preprocess them with "
                           "nnUNetv2_plan_and_preprocess, or let fastkd preprocess)")
     manifest = {
-        "dataset_name": plans_manager.dataset_name,
-        "plans_name": plans_manager.plans_name,
+        "dataset_name": plans["dataset_name"],
+        "plans_name": plans["plans_name"],
         "configuration": configuration,
-        "data_identifier": cm.data_identifier,
-        "spacing": list(cm.spacing),
-        "patch_size": list(cm.patch_size),
+        "data_identifier": cfg["data_identifier"],
+        "spacing": list(cfg["spacing"]),
+        "patch_size": list(cfg["patch_size"]),
         "cases": shapes,
         "nnunetv2_version": package_version("nnunetv2"),
     }

@@ -408,6 +408,9 @@ def test_fold_rotation_really_rotates_the_split(students):
     splits = json.loads((wd / "nnUNet_preprocessed" / DS / "splits_final.json").read_text())
     assert "Desired fold for training: 3" in log and "Desired fold for training: 4" in log
     assert splits[3]["train"] != splits[4]["train"]
+    # split 4's validation cases were training cases of split 3: said so where the Dice is
+    note = json.loads((fold / "validation" / "summary.json").read_text())["fastkd"]
+    assert note["optimistic"] and "splits [3, 4]" in note["reason"]
 
 
 @pytest.mark.slow

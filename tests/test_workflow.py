@@ -66,6 +66,17 @@ def test_bad_config_stops_snakemake_before_any_job(tmp_path):
     assert not (wd / "nnUNet_raw").exists() and not (wd / "fastkd_work").exists()
 
 
+def test_data_preprocessed_elsewhere_must_be_there(tmp_path):
+    """plans.preprocess: false adopts what nnUNetv2_plan_and_preprocess wrote; without it, a clear error."""
+    wd = workdir(tmp_path, {"plans": {"preprocess": False}})
+    run = snakemake(wd, "-n", "--cores", "1", check=False)
+    out = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert ("plans.preprocess = false: nnUNet_preprocessed/Dataset900_FastkdDemo/nnUNetPlans.json does not exist: "
+            "Dataset900_FastkdDemo is not preprocessed with the teacher plans nnUNetPlans") in out
+    assert "nnUNetv2_plan_and_preprocess -d 900 -c 3d_fullres`" in out
+
+
 def test_hippocampus_dag_takes_cases_from_dataset_json(tmp_path):
     assert HIPPOCAMPUS.is_dir(), f"real data expected at {HIPPOCAMPUS} (see ../shared/README.md)"
     wd = workdir(tmp_path, {"dataset": {"raw": str(HIPPOCAMPUS)}})
@@ -104,6 +115,27 @@ def test_real_run_writes_nnunet_artifacts_and_manifests(trained):
 
     # nothing left to do: every output is complete and up to date
     assert "Nothing to be done" in snakemake(trained, "-n", "--cores", "1", "teachers").stdout
+
+
+@pytest.mark.slow
+def test_adopting_preprocessed_data_lists_it_and_rewrites_nothing(trained, tmp_path):
+    ds = "Dataset900_FastkdDemo"
+    preprocessed = trained / "nnUNet_preprocessed" / ds
+    before = {p: p.stat().st_mtime_ns for p in preprocessed.rglob("*") if p.is_file()}
+    dag = snakemake(trained, "-n", "--cores", "1", "preprocessed", "--config", "plans={'preprocess': False}",
+                    "--forcerun", "adopt_preprocessed")
+    assert job_counts(dag.stdout) == {"adopt_preprocessed": 1, "preprocessed": 1}
+    manifest = tmp_path / "manifest.json"
+    adopt = [str(BIN / "fastkd"), "preprocess", "adopt", "-d", ds, "-c", "3d_fullres", "--manifests", str(manifest)]
+    run = subprocess.run([*adopt, "-p", "nnUNetPlans"], env=nnunet_env(trained), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    workflows = json.loads((trained / "fastkd_work" / ds / "preprocess" / "nnUNetPlans__3d_fullres.json").read_text())
+    assert json.loads(manifest.read_text()) == workflows
+    assert {p: p.stat().st_mtime_ns for p in preprocessed.rglob("*") if p.is_file()} == before
+    run = subprocess.run([*adopt, "-p", "nnUNetResEncUNetMPlans"], env=nnunet_env(trained), capture_output=True,
+                         text=True)
+    assert run.returncode == 1
+    assert f"{preprocessed}/nnUNetResEncUNetMPlans.json does not exist: {ds} is not preprocessed" in run.stderr
 
 
 @pytest.mark.slow

@@ -73,7 +73,10 @@ def student_settings(config: dict, cache: str | Path | None, kd: bool) -> dict:
 
 def student_fold_folder(results: str | Path, dataset_name: str, plans_name: str, configuration: str, fold,
                         kd: bool, da5: bool = False) -> Path:
-    return Path(results) / dataset_name / f"{trainer_name(kd, da5)}__{plans_name}__{configuration}" / f"fold_{fold}"
+    from fastkd.nnunet import model_folder_name
+
+    folder = model_folder_name(trainer_name(kd, da5), plans_name, configuration)
+    return Path(results) / dataset_name / folder / f"fold_{fold}"
 
 
 def prepare_fold_folder(fold_folder: Path, settings: dict) -> bool:
@@ -106,9 +109,9 @@ def fold_state(fold_folder: Path, settings: dict, resume: bool) -> str:
 
 def _build_trainer(dataset_name: str, plans_name: str, configuration: str, fold, kd: bool, da5: bool, device,
                    resume: bool):
-    from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.paths import nnUNet_preprocessed
 
+    from fastkd.nnunet import configuration as check_configuration, read_dataset_json, read_plans
     from fastkd.student.trainers import trainer_class
 
     base = Path(nnUNet_preprocessed) / dataset_name
@@ -116,13 +119,11 @@ def _build_trainer(dataset_name: str, plans_name: str, configuration: str, fold,
     if not plans_file.is_file():
         raise FastkdError(f"student plans {plans_file} do not exist (write them with `fastkd student plans`); "
                           f"plans there: {', '.join(sorted(p.stem for p in base.glob('*.json'))) or 'none'}")
-    plans = load_json(str(plans_file))
-    if configuration not in plans["configurations"]:
-        raise FastkdError(f"{plans_file} has no configuration {configuration!r} "
-                          f"(it has: {', '.join(plans['configurations'])})")
+    plans = read_plans(plans_file)
+    check_configuration(plans, configuration)  # FastkdError naming the configurations the plans have
     plans["continue_training"] = resume
     return trainer_class(kd, da5)(plans=plans, configuration=configuration, fold=fold,
-                                  dataset_json=load_json(str(base / "dataset.json")), device=device)
+                                  dataset_json=read_dataset_json(base), device=device)
 
 
 def _train(trainer, resume: bool) -> Path:
