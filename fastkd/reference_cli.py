@@ -160,8 +160,8 @@ def build_parser(resenc: bool = False) -> argparse.ArgumentParser:
     ext = parser.add_argument_group("fastkd extras (not in FastnnUNet)")
     for group, table in ((ref, REFERENCE_KEYS), (ext, EXTRA_KEYS)):
         for flags, key, help in table:
-            group.add_argument(*flags, dest=key, type=arg_type(key), default=default(key),
-                               help=f"{help} (default {default(key)})")
+            group.add_argument(*flags, dest=key, metavar=key.rsplit(".", 1)[-1].upper(), type=arg_type(key),
+                               default=default(key), help=f"{help} (default {default(key)})")
     ext.add_argument("--threads", type=positive_int, default=None, help="CPU threads of every job and of the "
                      "workflow (default: every core; nnUNet_n_proc_DA / nnUNet_def_n_proc win for nnU-Net's pools)")
     ext.add_argument("--work", default=None, help="fastkd's folder for manifests, the soft-label cache, logs and "
