@@ -14,18 +14,20 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 
 
-# Every wildcard, constrained once: reduction factor, fold, soft-label shard, teacher folder.
+# Every wildcard, constrained once: reduction factor, fold, soft-label shard, teacher folder, model folder.
 wildcard_constraints:
     r=r"\d+",
     fold=r"[0-4]|all",
     shard=r"\d+",
     teacher="|".join(re.escape(name) for name in TEACHER_SETS),
+    model=r"[^/]+__[^/]+__[^/]+",
 
 
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/teachers.smk"
 include: "workflow/rules/softlabels.smk"
 include: "workflow/rules/student.smk"
+include: "workflow/rules/export.smk"
 
 
 rule all:
@@ -53,3 +55,8 @@ rule softlabels:
 rule student:
     input:
         student_targets(),
+
+
+rule export:
+    input:
+        export_targets(),

@@ -1,7 +1,7 @@
 """The fastkd command: ``fastkd <stage> <action>``, one action per workflow rule, each usable without Snakemake.
 
 Stages follow the workflow: ``demo``, ``config``, ``preprocess``, ``teachers``, ``softlabels``,
-``cache`` (inspect a store), ``student``. Flags that set a config value take their default from the
+``cache`` (inspect a store), ``student``, ``export``. Flags that set a config value take their default from the
 config schema and are checked by it, so a value is valid (or not) the same way in ``config.yaml``,
 on the command line and in the reference commands. ``fastkd student train`` takes its settings as
 config keys (``--set student.schedule.epochs=10``), so a new student option needs no new flag.
@@ -244,6 +244,19 @@ def _student_train(args) -> None:
     print(f"student fold {args.fold} done: {folder}")
 
 
+def _export_onnx(args) -> None:
+    from fastkd.export.onnx import export_onnx
+
+    record = export_onnx(args.model_folder, args.fold, args.output, checkpoint=args.checkpoint,
+                         input_shape=args.input_shape, batch=args.batch, dynamic=args.dynamic, simplify=args.simplify,
+                         tensorrt=args.tensorrt, preprocessed=args.preprocessed, atol=args.atol,
+                         min_agreement=args.min_agreement)
+    worst = max(c["max_abs_diff"] for c in record["checks"])
+    print(f"wrote {args.output} ({record['bytes'] / 1e6:.1f} MB): onnxruntime vs PyTorch on {len(record['checks'])} "
+          f"inputs ({record['real_patches']} real), max |logit difference| {worst:.2g}, agreement "
+          f"{min(c['agreement'] for c in record['checks']):.6f}; verification in {args.output}.json")
+
+
 def _student_report(args) -> None:
     from fastkd.student.report import write_report
 
@@ -413,6 +426,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tsv", type=Path, required=True, help="Dice table (TSV) to write")
     p.add_argument("--title", default="")
     p.set_defaults(func=_student_report)
+
+    stage = _stage(sub, "export", "export a trained student for deployment")
+    p = stage.add_parser("onnx", help="export one fold to ONNX (metadata inside), verified against PyTorch")
+    p.add_argument("model_folder", type=Path, help="nnU-Net model folder Trainer__Plans__configuration")
+    p.add_argument("-f", "--fold", type=fold_arg, default=0, help="0-4 or 'all' (default 0)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the .onnx to write (and <output>.json)")
+    p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth", help="checkpoint in fold_X (default final)")
+    p.add_argument("--input-shape", type=positive_int, nargs="+", default=None, metavar="N",
+                   help="b c x y z (default: batch, the input channels and nnU-Net's patch)")
+    p.add_argument("--batch", type=int, default=1, help="batch size, 0 = dynamic (default 1)")
+    p.add_argument("--dynamic", action="store_true", help="dynamic batch and spatial dims (multiples of the stride)")
+    p.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim")
+    p.add_argument("--tensorrt", action="store_true",
+                   help="TensorRT-friendly: constant folding and a simplified graph (onnxslim)")
+    p.add_argument("--preprocessed", type=Path, default=None,
+                   help="preprocessed <case>.b2nd for the parity check (default: nnU-Net's, in $nnUNet_preprocessed)")
+    p.add_argument("--atol", type=float, default=1e-3, help="largest |logit difference| accepted (default 1e-3)")
+    p.add_argument("--min-agreement", type=float, default=0.999,
+                   help="smallest fraction of voxels whose segmentation agrees (default 0.999)")
+    p.set_defaults(func=_export_onnx)
     return parser
 
 

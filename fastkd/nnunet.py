@@ -130,7 +130,26 @@ def is_resenc(plans: dict, name: str) -> bool:
     return network_name(plans, name) == RESENC_NETWORK
 
 
-# -- model folders --------------------------------------------------------------------------------
+def build_network(plans: dict, configuration_name: str, dataset_json: dict, deep_supervision: bool = False,
+                  allow_init: bool = True):
+    """The configuration's network exactly as nnU-Net builds it from the plans (``get_network_from_plans``,
+    input channels and segmentation heads from the plans and dataset.json). Returns ``(network, n_in, n_out)``."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    configuration(plans, configuration_name)  # FastkdError naming the configurations the plans have
+    plans_manager = PlansManager(plans)
+    cm = plans_manager.get_configuration(configuration_name)
+    n_out = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+    n_in = determine_num_input_channels(plans_manager, cm, dataset_json)
+    network = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                     cm.network_arch_init_kwargs_req_import, n_in, n_out, allow_init=allow_init,
+                                     deep_supervision=deep_supervision)
+    return network, n_in, n_out
+
+
+# -- model folders and checkpoints ----------------------------------------------------------------
 def model_folder_name(trainer: str, plans_name: str, configuration_name: str) -> str:
     """nnU-Net's model folder name ``<trainer>__<plans>__<configuration>``."""
     return f"{trainer}__{plans_name}__{configuration_name}"
@@ -151,3 +170,31 @@ def describe_folds(folder: str | Path) -> str:
     """``fold_0: checkpoint_final.pth; fold_1: no checkpoint`` (for error messages)."""
     found = found_folds(folder)
     return "; ".join(f"{d}: {', '.join(c) or 'no checkpoint'}" for d, c in found.items()) or "no fold_X folders"
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """An nnU-Net checkpoint, unpickled with ``weights_only=True``: tensors, containers and numbers only.
+
+    nnU-Net's checkpoints hold numpy scalars in their training log; those (and their dtypes) are the
+    only globals allowed. A checkpoint that needs anything else (a pickled object that could run code)
+    is refused with the name of what it asked for.
+    """
+    import re
+
+    import numpy as np
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        found = sorted(p.name for p in path.parent.glob("*.pth")) if path.parent.is_dir() else []
+        raise FastkdError(f"checkpoint {path} does not exist (checkpoints there: {', '.join(found) or 'none'})")
+    core = getattr(np, "_core", None) or np.core  # numpy 2 / 1
+    allowed = [core.multiarray.scalar, np.dtype, *{type(np.dtype(t)) for t in ("f4", "f8", "i4", "i8", "?")}]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError names the global it refused
+        refused = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
+        why = f"it asks for {refused.group(1)}" if refused else f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        raise FastkdError(f"{path} cannot be loaded safely (torch.load weights_only=True): {why}; fastkd loads only "
+                          "checkpoints that hold tensors, containers and numbers, as nnU-Net writes them") from None

@@ -22,6 +22,8 @@ Layout (defaults; ``<ds>`` = ``DatasetXXX_Name``)::
     nnUNet_preprocessed/<ds>/<plans>_fastkdR<r>[strategy].json   student plans (never preprocess with them)
     nnUNet_results/<ds>/nnUNetTrainerFastKD[NoKD][_DA5]__<student plans>__<cfg>/fold_<f>/   students
     fastkd_work/<ds>/student/<student plans>.info.txt / .report.png / .report.tsv   size, curves, Dice
+    fastkd_work/<ds>/export/<student model folder>/fold_<f>.onnx (+ .onnx.json)   verified ONNX export
+    fastkd_work/<ds>/export/<student model folder>/fold_<f>.onnx (+ .onnx.json)   verified ONNX export
     fastkd_work/logs/<rule>/<wildcards>.log, fastkd_work/benchmarks/<rule>/<wildcards>.tsv
 """
 
@@ -220,13 +222,17 @@ class Paths:
         """Student plans beside the teachers' (nnU-Net looks there); never used to preprocess."""
         return self.plans_file_of(self.student_plans_name(r))
 
+    def model_folder(self, name: str) -> Path:
+        """An nnU-Net model folder of this dataset, by name (``<trainer>__<plans>__<configuration>``)."""
+        return self.nnunet_results / self.dataset_name / name
+
     def student_folder(self, r: int | str, kd: bool = True) -> Path:
         """nnU-Net model folder of the r-student (``kd=False``: the no-KD baseline)."""
         from fastkd.student import trainer_name
 
         trainer = trainer_name(kd, self.config["student"]["augmentation"] == "da5")
-        return (self.nnunet_results / self.dataset_name
-                / nnunet.model_folder_name(trainer, self.student_plans_name(r), self.config["teachers"]["configuration"]))
+        return self.model_folder(nnunet.model_folder_name(trainer, self.student_plans_name(r),
+                                                          self.config["teachers"]["configuration"]))
 
     def student_checkpoint(self, r: int | str, fold: int | str, kd: bool = True) -> Path:
         return self.student_folder(r, kd) / f"fold_{fold}" / "checkpoint_final.pth"
@@ -241,6 +247,20 @@ class Paths:
     def student_report(self, r: int | str, suffix: str = "png") -> Path:
         """Training curves and Dice table of teachers, students and baselines of one r (png or tsv)."""
         return self.work / self.dataset_name / "student" / f"{self.student_plans_name(r)}.report.{suffix}"
+
+    # -- exports ---------------------------------------------------------------------------------
+    def student_onnx(self, r: int | str, fold: int | str, kd: bool = True) -> Path:
+        """The verified ONNX export of a student fold (``<this>.json`` beside it holds the verification)."""
+        return self.work / self.dataset_name / "export" / self.student_folder(r, kd).name / f"fold_{fold}.onnx"
+
+    # -- exports ---------------------------------------------------------------------------------
+    def onnx_export(self, model: str, fold: int | str) -> Path:
+        """The verified ONNX export of fold ``fold`` of the model folder named ``model`` (a name, or the
+        Snakemake wildcard ``{model}``); ``<this>.json`` beside it holds the verification."""
+        return self.work / self.dataset_name / "export" / model / f"fold_{fold}.onnx"
+
+    def student_onnx(self, r: int | str, fold: int | str, kd: bool = True) -> Path:
+        return self.onnx_export(self.student_folder(r, kd).name, fold)
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def reference_config(self, rule: str, r: int | str, fold: int | str) -> Path:

@@ -106,6 +106,8 @@ class TeacherEnsemble:
                 if sha256(entry["checkpoint"]) != entry["sha256"]:
                     raise FastkdError(f"{entry['checkpoint']} changed since its teacher manifest was written "
                                       "(sha256 differs); rerun the teacher_manifest rule")
+                # nnU-Net's predictor unpickles checkpoints unrestricted: refuse one that is not plain data
+                nnunet.load_checkpoint(entry["checkpoint"])
             predictor = nnUNetPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=mirroring,
                                         perform_everything_on_device=self.device.type == "cuda", device=self.device,
                                         verbose=False, allow_tqdm=False)

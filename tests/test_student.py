@@ -311,6 +311,24 @@ def test_snakemake_trains_stock_nnunet_students(students):
 
 
 @pytest.mark.slow
+def test_snakemake_exports_verified_onnx_students(students):
+    """`snakemake export`: both students of the fixture as ONNX, checked on real preprocessed patches."""
+    import onnx
+
+    wd, _ = students
+    run = snakemake(wd, "--cores", "2", "export")
+    assert "rule export_onnx" in run.stdout + run.stderr
+    for trainer in ("nnUNetTrainerFastKD", "nnUNetTrainerFastKDNoKD"):
+        out = wd / "fastkd_work" / DS / "export" / f"{trainer}__nnUNetPlans_fastkdR2__3d_fullres" / "fold_1.onnx"
+        record = json.loads(out.with_name("fold_1.onnx.json").read_text())
+        assert record["passed"] and record["real_patches"] == 2
+        assert all(c["max_abs_diff"] < 1e-3 and c["agreement"] >= 0.999 for c in record["checks"])
+        meta = json.loads({p.key: p.value for p in onnx.load(out).metadata_props}["fastkd"])
+        assert meta["trainer"] == trainer and meta["fold"] == 1 and meta["labels"]["lesion"] == 2
+    assert "Nothing to be done" in snakemake(wd, "-n", "--cores", "1", "export").stdout
+
+
+@pytest.mark.slow
 def test_stock_nnunet_predict_runs_the_student(students, tmp_path):
     wd, _ = students
     inp = tmp_path / "in"

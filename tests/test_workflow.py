@@ -21,11 +21,15 @@ def test_dry_run_dag_of_the_demo(tmp_path):
     assert job_counts(run.stdout) == {"demo_data": 1, "plan_preprocess": 1, "train_teacher": 5,
                                       "teacher_manifest": 1, "softlabels_shard": 2, "softlabels_finalize": 1,
                                       "softlabels_preview": 1, "student_plans": 1, "student_info": 1,
-                                      "train_student": 1, "train_baseline": 1, "student_report": 1, "all": 1}
+                                      "train_student": 1, "train_baseline": 1, "student_report": 1,
+                                      "export_onnx": 2, "all": 1}
     for fold in range(5):
         assert f"fold_{fold}/checkpoint_final.pth" in run.stdout
     assert "nnUNetTrainerFastKD__nnUNetPlans_fastkdR2__3d_fullres/fold_0/validation/summary.json" in run.stdout
     assert "nnUNetTrainerFastKDNoKD__nnUNetPlans_fastkdR2__3d_fullres/fold_0/validation/summary.json" in run.stdout
+    assert "export/nnUNetTrainerFastKD__nnUNetPlans_fastkdR2__3d_fullres/fold_0.onnx" in run.stdout
+    off = job_counts(snakemake(workdir(tmp_path, {"export": {"onnx": False}}, name="no_export"), "-n", "--cores", "2").stdout)
+    assert "export_onnx" not in off
 
 
 def test_dry_run_students_per_reduction_factor_fold_and_kind(tmp_path):
@@ -84,7 +88,7 @@ def test_hippocampus_dag_takes_cases_from_dataset_json(tmp_path):
     assert job_counts(run.stdout) == {"plan_preprocess": 1, "train_teacher": 5, "teacher_manifest": 1,
                                       "softlabels_shard": 2, "softlabels_finalize": 1, "softlabels_preview": 1,
                                       "student_plans": 1, "student_info": 1, "train_student": 1,
-                                      "train_baseline": 1, "student_report": 1, "all": 1}
+                                      "train_baseline": 1, "student_report": 1, "export_onnx": 2, "all": 1}
     cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (HIPPOCAMPUS / "imagesTr").glob("*_0000.nii.gz"))
     assert len(cases) == 200
     for case in cases:

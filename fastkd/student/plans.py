@@ -148,19 +148,10 @@ def count_parameters_and_flops(plans: dict, dataset_json: dict, configuration: s
     device (shapes only, nothing allocated), so real plans cost milliseconds.
     """
     import torch
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    nnunet.configuration(plans, configuration)  # FastkdError naming the valid configurations
-    plans_manager = PlansManager(plans)
-    cm = plans_manager.get_configuration(configuration)
-    n_out = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-    n_in = determine_num_input_channels(plans_manager, cm, dataset_json)
     with torch.device("meta"):
-        network = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
-                                         cm.network_arch_init_kwargs_req_import, n_in, n_out,
-                                         allow_init=False, deep_supervision=False)
+        network, n_in, _ = nnunet.build_network(plans, configuration, dataset_json, allow_init=False)
+    cm = nnunet.configuration(plans, configuration)
     flops = 0
 
     def count(module, inputs, output):
@@ -175,11 +166,12 @@ def count_parameters_and_flops(plans: dict, dataset_json: dict, configuration: s
 
     hooks = [m.register_forward_hook(count) for m in network.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
     with torch.no_grad():
-        network(torch.zeros((1, n_in, *cm.patch_size), device="meta"))
+        network(torch.zeros((1, n_in, *cm["patch_size"]), device="meta"))
     for h in hooks:
         h.remove()
     return {"parameters": sum(p.numel() for p in network.parameters()), "flops": flops,
-            "patch_size": list(cm.patch_size), "features_per_stage": list(cm.network_arch_init_kwargs["features_per_stage"])}
+            "patch_size": list(cm["patch_size"]),
+            "features_per_stage": list(cm["architecture"]["arch_kwargs"]["features_per_stage"])}
 
 
 def format_info(teacher_plans: dict, student_plans: dict, dataset_json: dict, configurations: list[str] | None = None) -> str:

@@ -28,8 +28,8 @@ def _label(text: str) -> tuple[str, Path]:
 
 
 def load_model(label: str, fold_folder: Path) -> dict:
-    """Curves and Dice of one trained fold; errors name the missing file."""
-    import torch
+    """Curves and Dice of one trained fold (the checkpoint loaded safely); errors name the missing file."""
+    from fastkd.nnunet import load_checkpoint
 
     summary = fold_folder / "validation" / "summary.json"
     if not summary.is_file():
@@ -39,7 +39,7 @@ def load_model(label: str, fold_folder: Path) -> dict:
            "mean": s["foreground_mean"]["Dice"], "optimistic": s.get("fastkd", {}).get("optimistic", False)}
     checkpoint = fold_folder / "checkpoint_final.pth"
     if checkpoint.is_file():
-        log = torch.load(checkpoint, map_location="cpu", weights_only=False)["logging"]
+        log = load_checkpoint(checkpoint)["logging"]
         row["train_loss"] = [float(v) for v in log["train_losses"]]
         row["val_loss"] = [float(v) for v in log["val_losses"]]
         row["pseudo_dice"] = [float(v) for v in log["mean_fg_dice"]]

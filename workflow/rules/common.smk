@@ -119,5 +119,12 @@ def student_targets():
     ]
 
 
+def export_targets():
+    """The verified ONNX export of every student fold (export.onnx)."""
+    if not config["export"]["onnx"]:
+        return []
+    return [P.student_onnx(r, fold, kd) for r in REDUCTION_FACTORS for fold in STUDENT["folds"] for kd in STUDENT_KINDS]
+
+
 def all_targets():
-    return preprocess_targets() + teacher_targets() + softlabel_targets() + student_targets()
+    return preprocess_targets() + teacher_targets() + softlabel_targets() + student_targets() + export_targets()
