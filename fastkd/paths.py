@@ -23,7 +23,6 @@ Layout (defaults; ``<ds>`` = ``DatasetXXX_Name``)::
     nnUNet_results/<ds>/nnUNetTrainerFastKD[NoKD][_DA5]__<student plans>__<cfg>/fold_<f>/   students
     fastkd_work/<ds>/student/<student plans>.info.txt / .report.png / .report.tsv   size, curves, Dice
     fastkd_work/<ds>/export/<student model folder>/fold_<f>.onnx (+ .onnx.json)   verified ONNX export
-    fastkd_work/<ds>/export/<student model folder>/fold_<f>.onnx (+ .onnx.json)   verified ONNX export
     fastkd_work/logs/<rule>/<wildcards>.log, fastkd_work/benchmarks/<rule>/<wildcards>.tsv
 """
 
@@ -247,11 +246,6 @@ class Paths:
     def student_report(self, r: int | str, suffix: str = "png") -> Path:
         """Training curves and Dice table of teachers, students and baselines of one r (png or tsv)."""
         return self.work / self.dataset_name / "student" / f"{self.student_plans_name(r)}.report.{suffix}"
-
-    # -- exports ---------------------------------------------------------------------------------
-    def student_onnx(self, r: int | str, fold: int | str, kd: bool = True) -> Path:
-        """The verified ONNX export of a student fold (``<this>.json`` beside it holds the verification)."""
-        return self.work / self.dataset_name / "export" / self.student_folder(r, kd).name / f"fold_{fold}.onnx"
 
     # -- exports ---------------------------------------------------------------------------------
     def onnx_export(self, model: str, fold: int | str) -> Path:
