@@ -1,7 +1,7 @@
 """The fastkd command: ``fastkd <stage> <action>``, one action per workflow rule, each usable without Snakemake.
 
 Stages follow the workflow: ``demo``, ``config``, ``preprocess``, ``teachers``, ``softlabels``,
-``cache`` (inspect a store), ``student``, ``export``. Flags that set a config value take their default from the
+``cache`` (inspect a store), ``student``, ``export``; and ``fastkd predict``. Flags that set a config value take their default from the
 config schema and are checked by it, so a value is valid (or not) the same way in ``config.yaml``,
 on the command line and in the reference commands. ``fastkd student train`` takes its settings as
 config keys (``--set student.schedule.epochs=10``), so a new student option needs no new flag.
@@ -257,6 +257,16 @@ def _export_onnx(args) -> None:
           f"{min(c['agreement'] for c in record['checks']):.6f}; verification in {args.output}.json")
 
 
+def _predict(args) -> None:
+    from fastkd.predict import predict
+
+    set_threads(args.threads)
+    out = predict(args.input, args.output, args.model, backend=args.backend, fold=args.fold, checkpoint=args.checkpoint,
+                  device=args.device, mirroring=not args.disable_mirroring, step_size=args.step_size,
+                  save_probabilities=args.save_probabilities, num_processes=args.threads)
+    print(f"segmentations in {out}")
+
+
 def _student_report(args) -> None:
     from fastkd.student.report import write_report
 
@@ -446,6 +456,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-agreement", type=float, default=0.999,
                    help="smallest fraction of voxels whose segmentation agrees (default 0.999)")
     p.set_defaults(func=_export_onnx)
+
+    p = sub.add_parser("predict", help="segment images with a student: its model folder (torch) or its .onnx (onnx), "
+                                       "through nnU-Net's predictor")
+    p.add_argument("-i", "--input", type=Path, required=True, help="folder of images, nnU-Net naming (<case>_0000.nii.gz)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="folder for the segmentations")
+    p.add_argument("-m", "--model", type=Path, required=True,
+                   help="a model folder (Trainer__Plans__configuration) or an .onnx from `fastkd export onnx`")
+    p.add_argument("--backend", choices=("torch", "onnx"), default=None,
+                   help="torch (model folder) or onnx (.onnx); default: from --model")
+    p.add_argument("-f", "--fold", type=fold_arg, default=0, help="fold of the model folder (torch; default 0)")
+    p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth", help="checkpoint in fold_X (torch)")
+    config_flag(p, ["--device"], "student.device", "device")
+    p.add_argument("--disable-mirroring", action="store_true", help="no test-time mirroring (1 pass per tile)")
+    config_flag(p, ["--step-size"], "softlabels.step_size", "sliding-window step, fraction of the patch")
+    p.add_argument("--save-probabilities", action="store_true", help="also write the probabilities (.npz)")
+    p.add_argument("--threads", type=positive_int, default=2, help="CPU threads and loading/writing workers (2)")
+    p.set_defaults(func=_predict, action="")
     return parser
 
 
@@ -454,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except FastkdError as e:
-        print(f"fastkd {args.stage} {args.action}: error: {e}", file=sys.stderr)
+        print(f"fastkd {' '.join(filter(None, [args.stage, args.action]))}: error: {e}", file=sys.stderr)
         return 1
     return 0
 

@@ -263,3 +263,27 @@ def test_export_command_errors(results, capsys, argv, message):
     assert export_onnx_command(["-d", "900", *argv] if argv[0] != "-d" else argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("nnUNetv2_distillation_export_onnx: error: ") and message in err, err
+
+
+# -- fastkd predict ---------------------------------------------------------------------------------
+def test_predict_refuses_models_it_cannot_run(model, tmp_path, capsys):
+    from fastkd.cli import main
+
+    (tmp_path / "in").mkdir()
+    export_onnx(model, 0, tmp_path / "custom.onnx", input_shape=[2, 1, 16, 24, 16])
+    plain = tmp_path / "plain.onnx"
+    m = onnx.load(tmp_path / "custom.onnx")
+    del m.metadata_props[:]
+    onnx.save(m, plain)
+    for argv, message in [
+        (["-m", str(tmp_path / "custom.onnx")], "takes input [2, 1, 16, 24, 16]"),
+        (["-m", str(plain)], "lacks the metadata fastkd, nnunet_plans, nnunet_dataset_json"),
+        (["-m", str(tmp_path / "custom.onnx"), "--backend", "torch"], "the torch backend takes a model folder"),
+        (["-m", str(model), "--backend", "onnx"], "the onnx backend takes a .onnx file"),
+        (["-m", str(model), "-f", "2"], "fold_2/checkpoint_final.pth does not exist"),
+    ]:
+        assert main(["predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), *argv]) == 1
+        assert message in capsys.readouterr().err, argv
+    assert main(["predict", "-i", str(tmp_path / "nope"), "-o", str(tmp_path / "out"), "-m", str(model)]) == 1
+    assert "not a folder of images" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
