@@ -105,24 +105,32 @@ class Plan:
 
 
 # -- flags ---------------------------------------------------------------------------------------
-def build_parser(resenc: bool = False) -> argparse.ArgumentParser:
-    from fastkd.student.plans import BLOCK_STRATEGIES
-
-    d = DEFAULTS[resenc]
-    parser = argparse.ArgumentParser(
-        prog=RESENC_PROG if resenc else PROG, allow_abbrev=False,
-        description=f"FastnnUNet's {'ResEnc ' if resenc else ''}knowledge distillation training, run as fastkd's "
-                    "workflow: the teacher folds run once per training case into a soft-label cache (reused across "
-                    "runs and with the workflow), then a student with the teachers' topology and features per stage "
-                    "/ r trains on patches plus cached soft labels into a stock nnU-Net model folder. Needs "
-                    "nnUNet_raw, nnUNet_preprocessed and nnUNet_results, the dataset preprocessed with the teacher "
-                    "plans (nnUNetv2_plan_and_preprocess) and trained teachers.",
-        epilog=f"Example: {RESENC_PROG if resenc else PROG} -d 4 -f 0 -a 0.3 -temp 3.0 -r 2 --dry-run")
+def reference_parser(prog: str, resenc: bool, example: str, description: str):
+    """A parser of one of the reference's commands with the flags all of them share; returns it and the
+    group its own flags join."""
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description=description,
+                                     epilog=f"Example: {prog} {example}")
     parser.set_defaults(resenc=resenc)
     ref = parser.add_argument_group("FastnnUNet flags")
     ref.add_argument("-d", "--dataset_id", required=True, help="Dataset ID (e.g. 4) or name (Dataset004_Hippocampus)")
     ref.add_argument("-c", dest="configuration", default=default("teachers.configuration"),
                      choices=("2d", "3d_fullres", "3d_lowres"), help="nnU-Net configuration (default 3d_fullres)")
+    return parser, ref
+
+
+def build_parser(resenc: bool = False) -> argparse.ArgumentParser:
+    from fastkd.student.plans import BLOCK_STRATEGIES
+
+    d = DEFAULTS[resenc]
+    prog = RESENC_PROG if resenc else PROG
+    parser, ref = reference_parser(
+        prog, resenc, "-d 4 -f 0 -a 0.3 -temp 3.0 -r 2 --dry-run",
+        f"FastnnUNet's {'ResEnc ' if resenc else ''}knowledge distillation training, run as fastkd's workflow: the "
+        "teacher folds run once per training case into a soft-label cache (reused across runs and with the "
+        "workflow), then a student with the teachers' topology and features per stage / r trains on patches plus "
+        "cached soft labels into a stock nnU-Net model folder. Needs nnUNet_raw, nnUNet_preprocessed and "
+        "nnUNet_results, the dataset preprocessed with the teacher plans (nnUNetv2_plan_and_preprocess) and "
+        "trained teachers.")
     ref.add_argument("-f", "--fold", type=fold_arg, default=0, help="Fold number used to train the student model: "
                      "0-4 (nnU-Net's 5-fold split), or 'all' to train on every case (default 0)")
     ref.add_argument("-t", "--teacher_model_folder", default=None, help="Teacher model folder path (default: "

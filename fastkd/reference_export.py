@@ -30,21 +30,15 @@ RESENC_PROG = "nnUNetv2_resenc_distillation_export_onnx"
 
 def build_parser(resenc: bool = False) -> argparse.ArgumentParser:
     from fastkd.config import default
-    from fastkd.reference_cli import DEFAULTS, STUDENT_PLANS
+    from fastkd.reference_cli import DEFAULTS, STUDENT_PLANS, reference_parser
     from fastkd.student.plans import BLOCK_STRATEGIES
 
-    parser = argparse.ArgumentParser(
-        prog=RESENC_PROG if resenc else PROG, allow_abbrev=False,
-        description=f"Export a student trained by nnUNetv2_{'resenc_' if resenc else ''}distillation_train to ONNX "
-                    "(fastkd): the network nnU-Net builds from the student's plans, its checkpoint loaded strictly "
-                    "and safely, one output (full-resolution logits), the preprocessing in the file's metadata, "
-                    "verified with onnx.checker and onnxruntime against PyTorch before it is kept.",
-        epilog=f"Example: {RESENC_PROG if resenc else PROG} -d 4 -f 0 -r 2 -v")
-    parser.set_defaults(resenc=resenc)
-    ref = parser.add_argument_group("FastnnUNet flags")
-    ref.add_argument("-d", "--dataset_id", required=True, help="Dataset ID (e.g. 4) or name (Dataset004_Hippocampus)")
-    ref.add_argument("-c", dest="configuration", default=default("teachers.configuration"),
-                     choices=("2d", "3d_fullres", "3d_lowres"), help="nnU-Net configuration (default 3d_fullres)")
+    parser, ref = reference_parser(
+        RESENC_PROG if resenc else PROG, resenc, "-d 4 -f 0 -r 2 -v",
+        f"Export a student trained by nnUNetv2_{'resenc_' if resenc else ''}distillation_train to ONNX (fastkd): the "
+        "network nnU-Net builds from the student's plans, its checkpoint loaded strictly and safely, one output "
+        "(full-resolution logits), the preprocessing in the file's metadata, verified with onnx.checker and "
+        "onnxruntime against PyTorch before it is kept.")
     ref.add_argument("-f", "--fold", type=fold_arg, default=0, help="Model fold number: 0-4 or 'all' (default 0)")
     ref.add_argument("-r", "--reduction_factor", type=positive_int, default=default("distillation.reduction_factors")[0],
                      help="Feature reduction factor, must be consistent with training (default 2)")
