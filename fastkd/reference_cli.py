@@ -30,6 +30,7 @@ from pathlib import Path
 from fastkd.cli import fold_arg, positive_int
 from fastkd.config import arg_type, default
 from fastkd.errors import FastkdError
+from fastkd.nnunet import model_folder_trainer
 from fastkd.paths import Paths
 from fastkd.workflow import inside, spell
 
@@ -92,7 +93,7 @@ class Plan:
     #: the soft-label store the student reads (None: alpha = 0, the no-KD baseline needs none)
     cache = property(lambda self: self.paths.softlabel_cache if self.kd else None)
     model_folder = property(lambda self: self.paths.student_folder(self.r, self.kd) / f"fold_{self.fold}")
-    trainer = property(lambda self: self.model_folder.parent.name.split("__")[0])
+    trainer = property(lambda self: model_folder_trainer(self.model_folder.parent))
     target = property(lambda self: self.paths.student_validation_summary(self.r, self.fold, self.kd))
     rule = property(lambda self: "train_student" if self.kd else "train_baseline")
 
