@@ -1,8 +1,8 @@
 """The fastkd command: ``fastkd <stage> <action>``, one action per workflow rule, each usable without Snakemake.
 
 Stages follow the workflow: ``demo``, ``config``, ``preprocess``, ``teachers``, ``softlabels``,
-``cache`` (inspect a store), ``student``, ``export``; and ``fastkd predict``. Flags that set a config value take their default from the
-config schema and are checked by it, so a value is valid (or not) the same way in ``config.yaml``,
+``cache`` (inspect a store), ``student``, ``export``; and ``fastkd predict``. Flags that set a config
+value take their default from the config schema and are checked by it, so a value is valid (or not) the same way in ``config.yaml``,
 on the command line and in the reference commands. ``fastkd student train`` takes its settings as
 config keys (``--set student.schedule.epochs=10``), so a new student option needs no new flag.
 
@@ -26,7 +26,7 @@ from fastkd.errors import FastkdError
 def set_threads(threads: int, training: bool = False) -> None:
     """Bound every pool nnU-Net starts by the job's threads (unless the user set them explicitly).
 
-    ``training``: at least one augmentation worker, so augmentation runs beside the network, not in
+    ``training``: at least one augmentation worker (even over an explicit 0), so augmentation runs beside the network, not in
     turn with it, even in a one-thread job (nnU-Net's planner also needs >= 1: it sizes torch's pool by it).
     """
     da_workers = int(os.environ.setdefault("nnUNet_n_proc_DA", str(max(threads - 1, 0))))

@@ -16,6 +16,7 @@ Nothing here writes a file.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from fastkd.errors import FastkdError
@@ -172,7 +173,7 @@ def describe_folds(folder: str | Path) -> str:
     return "; ".join(f"{d}: {', '.join(c) or 'no checkpoint'}" for d, c in found.items()) or "no fold_X folders"
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path, _torch_load=None) -> dict:
     """An nnU-Net checkpoint, unpickled with ``weights_only=True``: tensors, containers and numbers only.
 
     nnU-Net's checkpoints hold numpy scalars in their training log; those (and their dtypes) are the
@@ -192,9 +193,24 @@ def load_checkpoint(path: str | Path) -> dict:
     allowed = [core.multiarray.scalar, np.dtype, *{type(np.dtype(t)) for t in ("f4", "f8", "i4", "i8", "?")}]
     try:
         with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return (_torch_load or torch.load)(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError names the global it refused
         refused = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
         why = f"it asks for {refused.group(1)}" if refused else f"{type(e).__name__}: {str(e).splitlines()[0]}"
         raise FastkdError(f"{path} cannot be loaded safely (torch.load weights_only=True): {why}; fastkd loads only "
                           "checkpoints that hold tensors, containers and numbers, as nnU-Net writes them") from None
+
+
+@contextmanager
+def safe_unpickling():
+    """Inside this block every ``torch.load`` is :func:`load_checkpoint`: nnU-Net's own checkpoint loading
+    (the predictor's model folders, a trainer's resume) unpickles with ``weights_only=False``; this makes
+    it load each checkpoint once, safely, onto the CPU (nnU-Net moves the weights where they belong)."""
+    import torch
+
+    stock = torch.load
+    torch.load = lambda f, *args, **kwargs: load_checkpoint(f, stock)
+    try:
+        yield
+    finally:
+        torch.load = stock

@@ -106,13 +106,13 @@ class TeacherEnsemble:
                 if sha256(entry["checkpoint"]) != entry["sha256"]:
                     raise FastkdError(f"{entry['checkpoint']} changed since its teacher manifest was written "
                                       "(sha256 differs); rerun the teacher_manifest rule")
-                # nnU-Net's predictor unpickles checkpoints unrestricted: refuse one that is not plain data
-                nnunet.load_checkpoint(entry["checkpoint"])
             predictor = nnUNetPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=mirroring,
                                         perform_everything_on_device=self.device.type == "cuda", device=self.device,
                                         verbose=False, allow_tqdm=False)
-            predictor.initialize_from_trained_model_folder(t["model_folder"], use_folds=[int(f) for f in t["folds"]],
-                                                           checkpoint_name=t["checkpoint"])
+            with nnunet.safe_unpickling():  # teacher checkpoints come from elsewhere: plain data only
+                predictor.initialize_from_trained_model_folder(t["model_folder"],
+                                                               use_folds=[int(f) for f in t["folds"]],
+                                                               checkpoint_name=t["checkpoint"])
             networks = []
             for params in predictor.list_of_parameters:
                 network = copy.deepcopy(predictor.network)

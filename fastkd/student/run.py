@@ -129,13 +129,10 @@ def _build_trainer(dataset_name: str, plans_name: str, configuration: str, fold,
 def _train(trainer, resume: bool) -> Path:
     from nnunetv2.run.run_training import maybe_load_checkpoint
 
-    from fastkd.nnunet import load_checkpoint
+    from fastkd.nnunet import safe_unpickling
 
-    if resume:  # nnU-Net unpickles the checkpoint it resumes unrestricted: each must be plain data
-        for name in CHECKPOINTS:
-            if (Path(trainer.output_folder) / name).is_file():
-                load_checkpoint(Path(trainer.output_folder) / name)
-    maybe_load_checkpoint(trainer, resume, False)
+    with safe_unpickling():  # the checkpoint nnU-Net resumes must be plain data
+        maybe_load_checkpoint(trainer, resume, False)
     if resume:
         print(f"fastkd: resuming {trainer.output_folder} at epoch {trainer.current_epoch}", file=sys.stderr)
     trainer.run_training()
