@@ -14,13 +14,15 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 
 
-# Every wildcard, constrained once: reduction factor, fold, soft-label shard, teacher folder, model folder.
+# Every wildcard, constrained once: reduction factor, fold, soft-label shard, teacher folder, model folder,
+# evaluation case set.
 wildcard_constraints:
     r=r"\d+",
     fold=r"[0-4]|all",
     shard=r"\d+",
     teacher="|".join(re.escape(name) for name in TEACHER_SETS),
     model=r"[^/]+__[^/]+__[^/]+",
+    case_set=r"test|fold_[0-4]_validation",
 
 
 include: "workflow/rules/preprocess.smk"
@@ -28,6 +30,7 @@ include: "workflow/rules/teachers.smk"
 include: "workflow/rules/softlabels.smk"
 include: "workflow/rules/student.smk"
 include: "workflow/rules/export.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:
@@ -60,3 +63,8 @@ rule student:
 rule export:
     input:
         export_targets(),
+
+
+rule evaluation:
+    input:
+        evaluation_targets(),

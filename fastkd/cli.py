@@ -1,7 +1,7 @@
 """The fastkd command: ``fastkd <stage> <action>``, one action per workflow rule, each usable without Snakemake.
 
 Stages follow the workflow: ``demo``, ``config``, ``preprocess``, ``teachers``, ``softlabels``,
-``cache`` (inspect a store), ``student``, ``export``; and ``fastkd predict``. Flags that set a config
+``cache`` (inspect a store), ``student``, ``evaluate``, ``export``; and ``fastkd predict``. Flags that set a config
 value take their default from the config schema and are checked by it, so a value is valid (or not) the same way in ``config.yaml``,
 on the command line and in the reference commands. ``fastkd student train`` takes its settings as
 config keys (``--set student.schedule.epochs=10``), so a new student option needs no new flag.
@@ -81,10 +81,10 @@ def _demo_write(args) -> None:
     from fastkd.demo_data import make_demo_dataset
 
     try:
-        cases = make_demo_dataset(args.output, n_cases=args.n_cases, anisotropic=args.anisotropic, seed=args.seed)
+        cases = make_demo_dataset(args.output, n_cases=args.n_cases, n_test=args.n_test, anisotropic=args.anisotropic, seed=args.seed)
     except ValueError as e:  # argument checks of the generator
         raise FastkdError(str(e)) from e
-    print(f"wrote {len(cases)} demo cases to {args.output}")
+    print(f"wrote {len(cases)} demo training cases and {args.n_test} test cases to {args.output}")
 
 
 def _config_show(args) -> None:
@@ -274,6 +274,25 @@ def _student_report(args) -> None:
     print(f"wrote {args.output} and {args.tsv} ({len(rows)} models)")
 
 
+def _evaluate_cases(args) -> None:
+    from fastkd.evaluate import write_validation_cases
+
+    cases = write_validation_cases(args.splits, args.fold, args.raw, args.images, args.labels)
+    print(f"linked fold {args.fold}'s {len(cases)} validation cases into {args.images} and {args.labels}")
+
+
+def _evaluate_table(args) -> None:
+    from fastkd.evaluate import evaluate, markdown
+    from fastkd.io import read_json
+
+    set_threads(args.threads)
+    rows = evaluate(args.labels, args.predictions, args.output, dataset_json=read_json(args.dataset_json, "dataset.json", "the raw dataset's"),
+                    optimistic=args.optimistic, case_set=args.case_set, num_processes=args.threads)
+    table = read_json(args.output / "dice.json", "evaluation table", "written by the evaluation")
+    print(markdown(rows, table["classes"], table), end="")
+    print(f"wrote {args.output}/dice.tsv, dice.json, dice.md, dice.png")
+
+
 # -- the parser -------------------------------------------------------------------------------------
 def _stage(sub, name: str, help: str):
     parser = sub.add_parser(name, help=help)
@@ -292,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage.add_parser("write", help="write the demo dataset in nnU-Net raw layout")
     p.add_argument("output", type=Path, help="dataset folder to write, e.g. nnUNet_raw/Dataset900_FastkdDemo")
     config_flag(p, ["--n-cases"], "dataset.demo.n_cases", "number of cases")
+    config_flag(p, ["--n-test"], "dataset.demo.n_test", "held-out test cases (imagesTs/labelsTs)")
     p.add_argument("--anisotropic", action="store_true", help="1 x 1 x 3 mm voxels instead of 1 mm isotropic")
     config_flag(p, ["--seed"], "dataset.demo.seed", "random seed; same seed -> same files")
     p.set_defaults(func=_demo_write)
@@ -436,6 +456,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tsv", type=Path, required=True, help="Dice table (TSV) to write")
     p.add_argument("--title", default="")
     p.set_defaults(func=_student_report)
+
+    stage = _stage(sub, "evaluate", "Dice and speed of the teacher ensemble, students and baselines on held-out cases")
+    p = stage.add_parser("cases", help="link one fold's validation cases (images and labels) for evaluation")
+    p.add_argument("--splits", type=Path, required=True, help="nnU-Net's splits_final.json")
+    p.add_argument("-f", "--fold", type=int, required=True, choices=range(5), help="the student fold")
+    p.add_argument("--raw", type=Path, required=True, help="the raw dataset folder (imagesTr/, labelsTr/)")
+    p.add_argument("--images", type=Path, required=True, help="folder to link the images into")
+    p.add_argument("--labels", type=Path, required=True, help="folder to link the label maps into")
+    p.set_defaults(func=_evaluate_cases)
+    p = stage.add_parser("table", help="score predictions with nnU-Net's evaluation: Dice table (TSV, JSON, "
+                                       "Markdown) and figure")
+    p.add_argument("predictions", type=Path, nargs="+",
+                   help="folders written by `fastkd predict` (the folder name labels the row)")
+    p.add_argument("-l", "--labels", type=Path, required=True, help="folder of the reference label maps")
+    p.add_argument("--dataset-json", type=Path, required=True, help="the dataset's dataset.json (labels, file ending)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="folder for dice.tsv/.json/.md/.png")
+    p.add_argument("--case-set", default="", help="name of the case set (in the table's title)")
+    p.add_argument("--optimistic", action="store_true",
+                   help="mark the table optimistic: the cases are validation cases some models trained on")
+    p.add_argument("--threads", type=positive_int, default=1, help="worker processes of nnU-Net's evaluation")
+    p.set_defaults(func=_evaluate_table)
 
     stage = _stage(sub, "export", "export a trained student for deployment")
     p = stage.add_parser("onnx", help="export one fold to ONNX (metadata inside), verified against PyTorch")

@@ -307,7 +307,44 @@ def _semantic_problems(config: dict, base_dir: Path, check_files: bool) -> list[
         problems += _softlabel_problems(config, base_dir, check_files)
     if not problems and check_files and not plans["preprocess"]:
         problems += _preprocessed_problems(config, base_dir)
+    if not problems:
+        problems += _evaluation_problems(config, base_dir, check_files)
     return problems
+
+
+def _evaluation_problems(config: dict, base_dir: Path, check_files: bool) -> list[str]:
+    """A test set is complete (images and labels) and holds no training case; without one, every student
+    fold has validation cases to be evaluated on."""
+    evaluation, demo = config["evaluation"], config["dataset"]["raw"] == "demo"
+    if not evaluation["enabled"]:
+        return []
+    images, labels = evaluation["test_images"], evaluation["test_labels"]
+    if (images is None) != (labels is None):
+        return [f"evaluation.test_images = {images!r}, evaluation.test_labels = {labels!r}: give both folders of "
+                "the test set, or neither (then each student fold is evaluated on its validation cases)"]
+    if images is None:
+        if "all" in config["student"]["folds"]:
+            return ["student.folds includes 'all' (trained on every case), which leaves no validation cases to "
+                    "evaluate it on: set evaluation.test_images and test_labels (a labelled test set), or "
+                    "evaluation.enabled: false"]
+        return []
+    if demo:
+        n_test = config["dataset"]["demo"]["n_test"]
+        if n_test == 0 and not Path(images).is_absolute():
+            return [f"evaluation.test_images = {images!r}: the demo writes no test cases (dataset.demo.n_test = 0); "
+                    "set dataset.demo.n_test >= 1, or evaluation.test_images / test_labels: null"]
+        return []
+    if not check_files:
+        return []
+    from fastkd.evaluate import held_out_problems
+    from fastkd.nnunet import raw_case_ids, read_dataset_json
+
+    raw = base_dir / config["dataset"]["raw"]
+    try:
+        dataset_json, training = read_dataset_json(raw), raw_case_ids(raw)
+    except (FastkdError, ValueError, OSError):
+        return []  # the dataset's own problems are reported by the soft-label checks
+    return held_out_problems(raw / images, raw / labels, dataset_json, training)
 
 
 def _preprocessed_problems(config: dict, base_dir: Path) -> list[str]:

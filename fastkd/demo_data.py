@@ -9,10 +9,13 @@ On-disk layout (``out_dir`` is the ``DatasetXXX_Name`` folder itself)::
     out_dir/
         dataset.json                  nnU-Net v2 keys (channel_names, labels, numTraining,
                                       file_ending, name, description, licence) plus "fastkd_demo":
-                                      {n_cases, anisotropic, seed, shape, spacing}
+                                      {n_cases, n_test, anisotropic, seed, shape, spacing}
         imagesTr/demo_000_0000.nii.gz float32 image, one channel
         labelsTr/demo_000.nii.gz      uint8 label map, values {0, 1, 2}
         ...
+        imagesTs/demo_test_000_0000.nii.gz   held-out test cases (``n_test``), drawn like the
+        labelsTs/demo_test_000.nii.gz        training cases but never trained on: the evaluation's
+        ...                                  test set
 
 Geometry: voxel order (x, y, z). Isotropic variant: 32 x 40 x 32 voxels at 1 mm. Anisotropic
 variant: the same physical field of view with 3 mm slices along z (32 x 40 x 11 voxels at
@@ -20,7 +23,7 @@ variant: the same physical field of view with 3 mm slices along z (32 x 40 x 11 
 origin, with qform and sform codes set so SimpleITK (nnU-Net's reader) sees the same spacing.
 
 Content of a case (drawn from its own RNG, ``np.random.default_rng([seed, index])``, so case ``i``
-is the same whatever ``n_cases`` is). All anatomy is defined in millimetres and all random draws
+is the same whatever ``n_cases`` is; test case ``i`` uses index ``TEST_INDEX + i``). All anatomy is defined in millimetres and all random draws
 except the per-voxel white noise are independent of the voxel grid, so the anisotropic variant
 shows the same anatomy sampled with thicker slices:
 
@@ -58,6 +61,8 @@ DEFAULT_N_CASES = 12
 LABELS = {"background": 0, "organ": 1, "lesion": 2}
 
 MIN_N_CASES = 5  # nnU-Net's default split is 5-fold cross-validation
+DEFAULT_N_TEST = 4
+TEST_INDEX = 100_000  # RNG index of test case 0: far from the training cases, whatever n_cases is
 ANISOTROPIC_SPACING = (1.0, 1.0, 3.0)
 # Corner of the field of view in world mm; non-zero so consumers cannot silently ignore the origin.
 ORIGIN_MM = (-16.0, -20.0, -16.0)
@@ -92,6 +97,13 @@ def case_ids(n_cases: int) -> list[str]:
     Raises ValueError for the same ``n_cases`` that :func:`make_demo_dataset` rejects.
     """
     return [f"demo_{i:03d}" for i in range(_check_n_cases(n_cases))]
+
+
+def held_out_case_ids(n_test: int) -> list[str]:
+    """Held-out test case identifiers ``['demo_test_000', ...]``; pure, used at Snakemake parse time."""
+    if isinstance(n_test, bool) or not isinstance(n_test, numbers.Integral) or n_test < 0:
+        raise ValueError(f"n_test must be an integer >= 0, got {n_test!r}")
+    return [f"demo_test_{i:03d}" for i in range(int(n_test))]
 
 
 def demo_geometry(anisotropic: bool) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
@@ -246,12 +258,13 @@ def _nifti_gz_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
     return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
 
 
-def _write_case(root: Path, case_id: str, image: np.ndarray, label: np.ndarray, affine: np.ndarray) -> None:
-    (root / "imagesTr" / f"{case_id}_0000.nii.gz").write_bytes(_nifti_gz_bytes(image, affine))
-    (root / "labelsTr" / f"{case_id}.nii.gz").write_bytes(_nifti_gz_bytes(label, affine))
+def _write_case(root: Path, case_id: str, image: np.ndarray, label: np.ndarray, affine: np.ndarray,
+                split: str = "Tr") -> None:
+    (root / f"images{split}" / f"{case_id}_0000.nii.gz").write_bytes(_nifti_gz_bytes(image, affine))
+    (root / f"labels{split}" / f"{case_id}.nii.gz").write_bytes(_nifti_gz_bytes(label, affine))
 
 
-def _dataset_json(n_cases: int, anisotropic: bool, seed: int, channel_name: str, shape, spacing) -> str:
+def _dataset_json(n_cases: int, n_test: int, anisotropic: bool, seed: int, channel_name: str, shape, spacing) -> str:
     content = {
         "channel_names": {"0": channel_name},
         "labels": dict(LABELS),
@@ -265,6 +278,7 @@ def _dataset_json(n_cases: int, anisotropic: bool, seed: int, channel_name: str,
         "licence": "CC0-1.0",
         "fastkd_demo": {
             "n_cases": n_cases,
+            "n_test": n_test,
             "anisotropic": anisotropic,
             "seed": seed,
             "shape": list(shape),
@@ -300,6 +314,7 @@ def _publish(tmp: Path, out_dir: Path) -> None:
 def make_demo_dataset(
     out_dir,
     n_cases: int = DEFAULT_N_CASES,
+    n_test: int = DEFAULT_N_TEST,
     anisotropic: bool = False,
     seed: int = 0,
     channel_name: str = "synthetic",
@@ -309,8 +324,8 @@ def make_demo_dataset(
     The dataset is built in a hidden sibling temporary folder and renamed to ``out_dir`` at the
     end, replacing any existing ``out_dir``; on failure the temporary folder is removed.
     """
-    ids = case_ids(n_cases)
-    n_cases = len(ids)
+    ids, test_ids = case_ids(n_cases), held_out_case_ids(n_test)
+    n_cases, n_test = len(ids), len(test_ids)
     if not isinstance(anisotropic, (bool, np.bool_)):
         raise ValueError(f"anisotropic must be True or False, got {anisotropic!r}")
     anisotropic = bool(anisotropic)
@@ -329,11 +344,15 @@ def make_demo_dataset(
     try:
         (tmp / "imagesTr").mkdir(parents=True)
         (tmp / "labelsTr").mkdir()
-        for index, case_id in enumerate(tqdm(ids, desc=f"demo {out_dir.name}", unit="case", file=sys.stderr)):
+        if test_ids:
+            (tmp / "imagesTs").mkdir()
+            (tmp / "labelsTs").mkdir()
+        jobs = [(i, c, "Tr") for i, c in enumerate(ids)] + [(TEST_INDEX + i, c, "Ts") for i, c in enumerate(test_ids)]
+        for index, case_id, split in tqdm(jobs, desc=f"demo {out_dir.name}", unit="case", file=sys.stderr):
             image, label = _synthesize_case(seed, index, shape, spacing)
-            _write_case(tmp, case_id, image, label, affine)
+            _write_case(tmp, case_id, image, label, affine, split)
         (tmp / "dataset.json").write_text(
-            _dataset_json(n_cases, anisotropic, seed, channel_name, shape, spacing), encoding="utf-8"
+            _dataset_json(n_cases, n_test, anisotropic, seed, channel_name, shape, spacing), encoding="utf-8"
         )
         _publish(tmp, out_dir)
     except BaseException:

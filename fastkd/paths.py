@@ -23,6 +23,7 @@ Layout (defaults; ``<ds>`` = ``DatasetXXX_Name``)::
     nnUNet_results/<ds>/nnUNetTrainerFastKD[NoKD][_DA5]__<student plans>__<cfg>/fold_<f>/   students
     fastkd_work/<ds>/student/<student plans>.info.txt / .report.png / .report.tsv   size, curves, Dice
     fastkd_work/<ds>/export/<student model folder>/fold_<f>.onnx (+ .onnx.json)   verified ONNX export
+    fastkd_work/<ds>/evaluation/<test | fold_<f>_validation>/   predictions, Dice table (layout: fastkd.evaluate)
     fastkd_work/logs/<rule>/<wildcards>.log, fastkd_work/benchmarks/<rule>/<wildcards>.tsv
 """
 
@@ -255,6 +256,29 @@ class Paths:
 
     def student_onnx(self, r: int | str, fold: int | str, kd: bool = True) -> Path:
         return self.onnx_export(self.student_folder(r, kd).name, fold)
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def evaluation(self, case_set: str) -> Path:
+        """One case set's evaluation (``test`` or ``fold_<f>_validation``; layout: fastkd.evaluate)."""
+        return self.work / self.dataset_name / "evaluation" / case_set
+
+    def evaluation_images(self, case_set: str) -> Path:
+        """The images a case set predicts: the test images (relative: inside the raw dataset), or links."""
+        if case_set == "test":
+            return self.raw_dataset / self.config["evaluation"]["test_images"]
+        return self.evaluation(case_set) / "cases" / "images"
+
+    def evaluation_labels(self, case_set: str) -> Path:
+        if case_set == "test":
+            return self.raw_dataset / self.config["evaluation"]["test_labels"]
+        return self.evaluation(case_set) / "cases" / "labels"
+
+    def predictions(self, case_set: str, label: str) -> Path:
+        """Segmentations of one model (``teachers`` or ``<model folder>__fold_<f>``) on a case set."""
+        return self.evaluation(case_set) / "predictions" / label
+
+    def evaluation_table(self, case_set: str, suffix: str = "tsv") -> Path:
+        return self.evaluation(case_set) / f"dice.{suffix}"
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def reference_config(self, rule: str, r: int | str, fold: int | str) -> Path:

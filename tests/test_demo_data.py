@@ -11,6 +11,7 @@ import SimpleITK as sitk
 from fastkd import demo_data
 from fastkd.demo_data import (
     DEFAULT_N_CASES,
+    DEFAULT_N_TEST,
     DEFAULT_SHAPE,
     LABELS,
     case_ids,
@@ -76,6 +77,7 @@ def test_layout_and_dataset_json(iso_dir):
     assert {"name", "description", "licence"} <= meta.keys()
     assert meta["fastkd_demo"] == {
         "n_cases": DEFAULT_N_CASES,
+        "n_test": DEFAULT_N_TEST,
         "anisotropic": False,
         "seed": 0,
         "shape": list(DEFAULT_SHAPE),
@@ -199,6 +201,18 @@ def test_case_independent_of_n_cases(tmp_path):
             assert (six / name).read_bytes() == (eight / name).read_bytes(), name
     assert not (six / "imagesTr" / "demo_006_0000.nii.gz").exists()
     assert (eight / "imagesTr" / "demo_007_0000.nii.gz").exists()
+    # the held-out test cases do not depend on n_cases either, and are none of the training cases
+    for case in demo_data.held_out_case_ids(DEFAULT_N_TEST):
+        for name in (f"imagesTs/{case}_0000.nii.gz", f"labelsTs/{case}.nii.gz"):
+            assert (six / name).read_bytes() == (eight / name).read_bytes(), name
+    train = {(six / f"imagesTr/{c}_0000.nii.gz").read_bytes() for c in case_ids(6)}
+    assert not train & {(six / f"imagesTs/{c}_0000.nii.gz").read_bytes() for c in demo_data.held_out_case_ids(4)}
+
+
+def test_no_test_cases_writes_no_test_folders(tmp_path):
+    out = tmp_path / "Dataset995_Demo"
+    make_demo_dataset(out, n_cases=5, n_test=0)
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "imagesTr", "labelsTr"]
 
 
 @pytest.mark.parametrize(

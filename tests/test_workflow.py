@@ -22,7 +22,8 @@ def test_dry_run_dag_of_the_demo(tmp_path):
                                       "teacher_manifest": 1, "softlabels_shard": 2, "softlabels_finalize": 1,
                                       "softlabels_preview": 1, "student_plans": 1, "student_info": 1,
                                       "train_student": 1, "train_baseline": 1, "student_report": 1,
-                                      "export_onnx": 2, "all": 1}
+                                      "export_onnx": 2, "predict_teachers": 1, "predict_student": 2,
+                                      "evaluate": 1, "all": 1}
     for fold in range(5):
         assert f"fold_{fold}/checkpoint_final.pth" in run.stdout
     assert "nnUNetTrainerFastKD__nnUNetPlans_fastkdR2__3d_fullres/fold_0/validation/summary.json" in run.stdout

@@ -6,6 +6,8 @@ import shlex
 from pathlib import Path
 
 from fastkd.config import overrides, validate_config
+from fastkd.demo_data import held_out_case_ids
+from fastkd.evaluate import TEST_SET, evaluation_sets, is_optimistic, set_fold, test_set_files
 from fastkd.paths import Paths
 from fastkd.preprocess import training_cases
 from fastkd.student import student_kinds
@@ -22,6 +24,7 @@ P.export_nnunet_env()
 os.environ.setdefault("FASTKD_SOURCE", workflow.basedir)
 
 CASES = training_cases(config)  # at parse time, never from a checkpoint: Snakemake tracks every case
+DEMO_TEST_CASES = held_out_case_ids(config["dataset"]["demo"]["n_test"]) if P.is_demo else []
 TEACHER_CFG = config["teachers"]["configuration"]
 TRAIN_TEACHERS = config["teachers"]["model_folder"] is None
 TEACHER_SETS = {s["name"]: s for s in teacher_sets(config, P.teacher_folder)}  # the teachers, then teachers.extra
@@ -29,6 +32,10 @@ N_SHARDS = config["softlabels"]["shards"]
 STUDENT = config["student"]
 STUDENT_KINDS = student_kinds(config)  # True: distilled, False: the no-KD baseline
 REDUCTION_FACTORS = config["distillation"]["reduction_factors"]
+MAIN_TEACHERS = next(iter(TEACHER_SETS))  # the teachers' own folder: nnU-Net's default prediction is its folds
+EVALUATION = config["evaluation"]
+EVALUATION_SETS = evaluation_sets(config) if EVALUATION["enabled"] else []
+TEST_FILES = test_set_files(config, P) if TEST_SET in EVALUATION_SETS else ([], [])
 # What training jobs wait for: the preprocess manifest, and nnU-Net's split where this workflow writes it
 # (an adopted dataset's split is written by the manifest job only if missing, so it is no output).
 TRAINING_DATA = [P.preprocess_manifest(TEACHER_CFG)] + ([P.splits_file] if config["plans"]["preprocess"] else [])
@@ -93,6 +100,22 @@ def student_report_inputs(wildcards):
     return students + teachers
 
 
+def evaluation_models(case_set):
+    """Prediction labels of a case set: the teacher ensemble, then every student fold (KD and baseline)
+    evaluated there (all of them on the test set; fold f's on fold f's validation cases)."""
+    fold = set_fold(case_set)
+    folds = [f for f in STUDENT["folds"] if fold is None or str(f) == fold]
+    return ["teachers"] + [f"{P.student_folder(r, kd).name}__fold_{f}"
+                           for r in REDUCTION_FACTORS for f in folds for kd in STUDENT_KINDS]
+
+
+def evaluation_inputs(case_set):
+    """(images, labels) a case set's jobs wait for: the test set's files, or the linked validation cases."""
+    if case_set == TEST_SET:
+        return TEST_FILES
+    return P.evaluation_images(case_set), P.evaluation_labels(case_set)
+
+
 def preprocess_targets():
     return [P.preprocess_manifest(c) for c in config["plans"]["configurations"]]
 
@@ -126,5 +149,11 @@ def export_targets():
     return [P.student_onnx(r, fold, kd) for r in REDUCTION_FACTORS for fold in STUDENT["folds"] for kd in STUDENT_KINDS]
 
 
+def evaluation_targets():
+    """The Dice table of every case set (evaluation.enabled)."""
+    return [P.evaluation_table(s) for s in EVALUATION_SETS]
+
+
 def all_targets():
-    return preprocess_targets() + teacher_targets() + softlabel_targets() + student_targets() + export_targets()
+    return (preprocess_targets() + teacher_targets() + softlabel_targets() + student_targets() + export_targets()
+            + evaluation_targets())

@@ -8,9 +8,12 @@ if P.is_demo:
             dataset_json=P.raw_dataset_json,
             images=[P.raw_dataset / "imagesTr" / f"{c}_0000.nii.gz" for c in CASES],
             labels=[P.raw_dataset / "labelsTr" / f"{c}.nii.gz" for c in CASES],
+            test_images=[P.raw_dataset / "imagesTs" / f"{c}_0000.nii.gz" for c in DEMO_TEST_CASES],
+            test_labels=[P.raw_dataset / "labelsTs" / f"{c}.nii.gz" for c in DEMO_TEST_CASES],
         params:
             folder=lambda w, output: q(Path(output.dataset_json).parent),
             n_cases=config["dataset"]["demo"]["n_cases"],
+            n_test=config["dataset"]["demo"]["n_test"],
             seed=config["dataset"]["demo"]["seed"],
             anisotropic="--anisotropic" if config["dataset"]["demo"]["anisotropic"] else "",
         log:
@@ -24,7 +27,7 @@ if P.is_demo:
         conda:
             NNUNET_ENV
         shell:
-            "fastkd demo write {params.folder} --n-cases {params.n_cases} --seed {params.seed}"
+            "fastkd demo write {params.folder} --n-cases {params.n_cases} --n-test {params.n_test} --seed {params.seed}"
             " {params.anisotropic} > {log} 2>&1"
 
 

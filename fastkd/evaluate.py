@@ -1,0 +1,284 @@
+"""``fastkd evaluate``: how good and how fast each model is, on labelled cases none of them trained on.
+
+Models, each predicted by ``fastkd predict`` (so every model goes through nnU-Net's preprocessing, sliding
+window and resampling, and is timed the same way):
+
+- ``teachers``: the teacher ensemble as nnU-Net predicts by default, every teacher fold with test-time
+  mirroring (``nnUNetv2_predict``'s defaults);
+- ``<student model folder>__fold_<f>``: each student fold (KD) and its no-KD baseline
+  (``evaluation.mirroring`` for both, so they are compared like with like).
+
+Case sets (``evaluation_sets``):
+
+- ``test``: ``evaluation.test_images`` / ``test_labels`` (the demo writes ``imagesTs``/``labelsTs``),
+  checked to share no case with the training cases;
+- ``fold_<f>_validation``, without a test set: the validation cases of student fold ``f`` (nnU-Net's
+  ``splits_final.json``). The table is marked **optimistic**: 4 of the 5 teacher folds trained on these
+  cases, and the students learnt from those teachers' soft labels.
+
+Dice per class is nnU-Net's own evaluation (``compute_metrics_on_folder``; labels, or regions for region
+datasets); seconds per case is the wall time of the whole ``fastkd predict`` run (loading, preprocessing,
+network, resampling, writing) over the number of cases, from its ``fastkd_predict.json``.
+
+Layout (``fastkd_work/<ds>/evaluation/<set>/``)::
+
+    cases/images/<case>_<ch><fe>, cases/labels/<case><fe>   validation sets only: links to the raw cases
+    predictions/<label>/<case><fe>               segmentations (nnU-Net naming and geometry)
+    predictions/<label>/fastkd_predict.json      written last by ``fastkd predict``: the prediction is complete
+    summaries/<label>.json                       nnU-Net's summary.json of that model (per case and mean)
+    dice.tsv      one row per model: label, kind, r, folds, mirroring, Dice per class, mean, s/case, cases,
+                  optimistic
+    dice.json     the same rows plus the case set, the case list and the label and prediction folders
+    dice.md       the table as Markdown (README command 1 prints it)
+    dice.png      Dice per class and model; mean Dice against seconds per case
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from fastkd import nnunet
+from fastkd.errors import FastkdError
+from fastkd.io import atomic_write_text, read_json
+
+PREDICT_RECORD = "fastkd_predict.json"  # written last by `fastkd predict`
+TEST_SET = "test"
+KINDS = ("teacher ensemble", "student (KD)", "no-KD baseline")
+
+
+# -- which cases, which models (parse time) --------------------------------------------------------
+def evaluation_sets(config: dict) -> list[str]:
+    """``["test"]`` with a test set, else one optimistic validation set per student fold."""
+    if config["evaluation"]["test_images"]:
+        return [TEST_SET]
+    return [f"fold_{fold}_validation" for fold in config["student"]["folds"]]
+
+
+def set_fold(case_set: str) -> str | None:
+    """The student fold a validation set belongs to (``None`` for the test set)."""
+    return None if case_set == TEST_SET else case_set.removeprefix("fold_").removesuffix("_validation")
+
+
+def is_optimistic(case_set: str) -> bool:
+    return case_set != TEST_SET
+
+
+def held_out_cases(images: str | Path, dataset_json: dict) -> list[str]:
+    """Cases of a test image folder, found the way nnU-Net finds images (``<case>_0000<file_ending>``)."""
+    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+
+    if not Path(images).is_dir():
+        raise FastkdError(f"evaluation.test_images: {images} is not a folder")
+    groups = create_lists_from_splitted_dataset_folder(str(images), dataset_json["file_ending"])
+    return sorted(Path(g[0]).name[: -len(dataset_json["file_ending"]) - 5] for g in groups)
+
+
+def held_out_problems(images: Path, labels: Path, dataset_json: dict, training: list[str]) -> list[str]:
+    """What is wrong with a test set: no images, a case without its label, a case the models trained on."""
+    try:
+        cases = held_out_cases(images, dataset_json)
+    except FastkdError as e:
+        return [str(e)]
+    ending = dataset_json["file_ending"]
+    problems = []
+    if not cases:
+        problems.append(f"evaluation.test_images: {images} holds no images named <case>_0000{ending}")
+    missing = [c for c in cases if not (labels / f"{c}{ending}").is_file()]
+    if missing:
+        problems.append(f"evaluation.test_labels: {labels} lacks the label maps of {len(missing)} test cases "
+                        f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''})")
+    trained = sorted(set(cases) & set(training))
+    if trained:
+        problems.append(f"evaluation.test_images: {len(trained)} test cases are training cases ("
+                        f"{', '.join(trained[:5])}{' ...' if len(trained) > 5 else ''}); a test set must hold cases "
+                        "none of the models trained on")
+    return problems
+
+
+def test_set_files(config: dict, paths) -> tuple[list[Path], list[Path]]:
+    """(images, labels) of the test set, known at parse time: the demo's from its config (its demo_data
+    job writes them), a real test set's from its folder."""
+    images, labels = paths.evaluation_images(TEST_SET), paths.evaluation_labels(TEST_SET)
+    if config["dataset"]["raw"] == "demo":
+        from fastkd.demo_data import held_out_case_ids
+
+        cases, ending, channels = held_out_case_ids(config["dataset"]["demo"]["n_test"]), ".nii.gz", 1
+    else:
+        dataset_json = nnunet.read_dataset_json(config["dataset"]["raw"])
+        ending, channels = dataset_json["file_ending"], len(dataset_json["channel_names"])
+        cases = held_out_cases(images, dataset_json)
+    return ([images / f"{c}_{ch:04d}{ending}" for c in cases for ch in range(channels)],
+            [labels / f"{c}{ending}" for c in cases])
+
+
+# -- cases of a validation set ---------------------------------------------------------------------
+def write_validation_cases(splits_file: str | Path, fold: int, raw_dataset: str | Path, images: str | Path,
+                           labels: str | Path) -> list[str]:
+    """Link the raw images and labels of fold ``fold``'s validation cases into ``images`` / ``labels``."""
+    splits = read_json(splits_file, "nnU-Net split", "nnU-Net writes splits_final.json when it plans the dataset")
+    if not isinstance(splits, list) or not 0 <= int(fold) < len(splits):
+        raise FastkdError(f"{splits_file}: no fold {fold} (it lists {len(splits) if isinstance(splits, list) else 0})")
+    raw_dataset = Path(raw_dataset)
+    dataset_json = nnunet.read_dataset_json(raw_dataset)
+    ending, channels = dataset_json["file_ending"], len(dataset_json["channel_names"])
+    cases = sorted(splits[int(fold)]["val"])
+    links = {}
+    for case in cases:
+        for ch in range(channels):
+            links[Path(images) / f"{case}_{ch:04d}{ending}"] = raw_dataset / "imagesTr" / f"{case}_{ch:04d}{ending}"
+        links[Path(labels) / f"{case}{ending}"] = raw_dataset / "labelsTr" / f"{case}{ending}"
+    missing = [str(source) for source in links.values() if not source.is_file()]
+    if missing:
+        raise FastkdError(f"fold {fold}'s validation cases are missing from {raw_dataset}: {', '.join(missing[:5])}")
+    for folder in (images, labels):
+        shutil.rmtree(folder, ignore_errors=True)
+        Path(folder).mkdir(parents=True)
+    for link, source in links.items():
+        os.symlink(source.resolve(), link)
+    return cases
+
+
+# -- the table --------------------------------------------------------------------------------------
+def _model_row(label: str, record: dict) -> dict:
+    """What kind of model a prediction came from: its model folder's trainer and plans say it."""
+    folder = Path(record["model"])
+    trainer = folder.name.split("__")[0]
+    plans = nnunet.read_plans(folder / "plans.json") if (folder / "plans.json").is_file() else {}
+    r = (plans.get("fastkd") or {}).get("reduction_factor")
+    kind = (KINDS[2] if trainer.startswith("nnUNetTrainerFastKDNoKD") else
+            KINDS[1] if trainer.startswith("nnUNetTrainerFastKD") else KINDS[0])
+    return {"label": label, "kind": kind, "r": r, "model": str(folder), "folds": record["folds"],
+            "mirroring": record["mirroring"], "seconds_per_case": record["seconds_per_case"]}
+
+
+def evaluate(labels: str | Path, predictions: list[str | Path], out: str | Path, *, dataset_json: dict,
+             optimistic: bool, case_set: str = "", num_processes: int = 2) -> list[dict]:
+    """Score every prediction folder against ``labels`` with nnU-Net's evaluation; write the table.
+
+    ``predictions``: folders written by ``fastkd predict`` (the folder name is the row's label). A folder
+    without its ``fastkd_predict.json`` (a killed prediction) or with other cases than ``labels`` is an
+    error, never a row. ``out``: the evaluation folder (``dice.*`` and ``summaries/`` are written there).
+    """
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    labels, out = Path(labels), Path(out)
+    ending = dataset_json["file_ending"]
+    cases = sorted(p.name[: -len(ending)] for p in labels.glob(f"*{ending}"))
+    if not cases:
+        raise FastkdError(f"{labels}: no label maps ending in {ending}")
+    label_manager = LabelManager(dataset_json["labels"], dataset_json.get("regions_class_order"))
+    classes = label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels
+    names = _class_names(dataset_json, classes)
+    reader = determine_reader_writer_from_dataset_json(dataset_json, str(labels / f"{cases[0]}{ending}"))()
+    rows = []
+    (out / "summaries").mkdir(parents=True, exist_ok=True)
+    for folder in map(Path, predictions):
+        record_file = folder / PREDICT_RECORD
+        if not record_file.is_file():
+            raise FastkdError(f"{folder}: no {PREDICT_RECORD}, so its prediction did not finish; run it again")
+        record = read_json(record_file, "prediction record", "`fastkd predict` writes it last")
+        predicted = sorted(p.name[: -len(ending)] for p in folder.glob(f"*{ending}"))
+        if predicted != cases:
+            extra, lacking = sorted(set(predicted) - set(cases)), sorted(set(cases) - set(predicted))
+            raise FastkdError(f"{folder}: predicted cases differ from the labels in {labels}: "
+                              f"missing {lacking[:5] or 'none'}, not labelled {extra[:5] or 'none'}")
+        summary = out / "summaries" / f"{folder.name}.json"
+        result = compute_metrics_on_folder(str(labels), str(folder), str(summary), reader, ending, classes,
+                                           label_manager.ignore_label, num_processes=num_processes, chill=False)
+        row = _model_row(folder.name, record)
+        row["dice"] = {name: float(result["mean"][c]["Dice"]) for name, c in zip(names, classes)}
+        row["mean_dice"] = float(result["foreground_mean"]["Dice"])
+        row["cases"] = len(cases)
+        row["optimistic"] = optimistic
+        rows.append(row)
+    rows.sort(key=lambda row: (KINDS.index(row["kind"]), row["r"] or 0, row["label"]))
+    _write_tables(rows, names, out, {"case_set": case_set, "optimistic": optimistic, "cases": cases,
+                                     "labels": str(labels), "classes": names})
+    return rows
+
+
+def _class_names(dataset_json: dict, classes: list) -> list[str]:
+    by_value = {}
+    for name, value in dataset_json["labels"].items():
+        by_value.setdefault(tuple(value) if isinstance(value, (list, tuple)) else value, name)
+    return [by_value.get(tuple(c) if isinstance(c, (list, tuple)) else c, str(c)) for c in classes]
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return "nan" if value != value else f"{value:.{digits}f}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def table_lines(rows: list[dict], names: list[str], sep: str = "\t") -> list[str]:
+    head = ["model", "kind", "r", "folds", "mirroring", *(f"dice_{n}" for n in names), "mean_dice",
+            "seconds_per_case", "cases", "optimistic"]
+    lines = [sep.join(head)]
+    for row in rows:
+        lines.append(sep.join([row["label"], row["kind"], _fmt(row["r"]), _fmt(row["folds"]), _fmt(row["mirroring"]),
+                               *(_fmt(row["dice"][n]) for n in names), _fmt(row["mean_dice"]),
+                               _fmt(row["seconds_per_case"], 3), str(row["cases"]), _fmt(row["optimistic"])]))
+    return lines
+
+
+def markdown(rows: list[dict], names: list[str], meta: dict) -> str:
+    cols = ["model", "kind", "r", *(f"Dice {n}" for n in names), "mean Dice", "s / case"]
+    lines = [f"Evaluation on {meta['case_set'] or 'the test set'} ({len(meta['cases'])} cases)"
+             + (" - OPTIMISTIC: the teachers (and through them the students) saw these cases in training"
+                if meta["optimistic"] else ", none of them seen in training by any model"),
+             "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        lines.append("| " + " | ".join([row["label"], row["kind"], _fmt(row["r"]),
+                                        *(_fmt(row["dice"][n], 3) for n in names), _fmt(row["mean_dice"], 3),
+                                        _fmt(row["seconds_per_case"], 2)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_tables(rows: list[dict], names: list[str], out: Path, meta: dict) -> None:
+    atomic_write_text(out / "dice.json", json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(out / "dice.md", markdown(rows, names, meta))
+    _figure(rows, names, out / "dice.png", meta)
+    atomic_write_text(out / "dice.tsv", "\n".join(table_lines(rows, names)) + "\n")  # last: the rule's output
+
+
+def _figure(rows: list[dict], names: list[str], png: Path, meta: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (bars, speed) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / max(len(rows), 1)
+    x = np.arange(len(names))
+    for i, row in enumerate(rows):
+        bars.bar(x + (i - (len(rows) - 1) / 2) * width, [row["dice"][n] for n in names], width, label=row["label"])
+        speed.scatter(row["seconds_per_case"], row["mean_dice"], s=60, label=row["label"])
+    bars.set_xticks(x, names)
+    bars.set_ylim(0, 1)
+    bars.set_ylabel("Dice (mean over cases)")
+    title = f"{meta['case_set']}: {len(meta['cases'])} cases" + (" (optimistic)" if meta["optimistic"] else "")
+    bars.set_title(title)
+    bars.legend(fontsize=7, loc="lower left")
+    speed.set_xscale("log")
+    speed.set_xlabel("seconds per case (whole fastkd predict run)")
+    speed.set_ylabel("mean foreground Dice")
+    speed.set_ylim(0, 1)
+    speed.set_title("quality against speed")
+    speed.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.name}.{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png)

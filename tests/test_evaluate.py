@@ -1,0 +1,186 @@
+"""Evaluation (fastkd.evaluate, `fastkd evaluate`, the evaluation rules): case sets, nnU-Net's Dice on real
+NIfTI label maps, the table's rows and its guards against incomplete or mismatched predictions."""
+
+import json
+import subprocess
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from fastkd.config import ConfigError, validate_config
+from fastkd.errors import FastkdError
+from fastkd.evaluate import evaluate, write_validation_cases
+from wf import BIN, job_counts, snakemake, workdir
+
+DATASET_JSON = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "organ": 1, "lesion": 2},
+                "numTraining": 3, "file_ending": ".nii.gz"}
+
+
+def _nifti(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array.astype(np.uint8), np.diag([1.0, 1.0, 2.0, 1.0])), str(path))
+
+
+def _labels(folder, n=3):
+    rng = np.random.default_rng(0)
+    maps = {}
+    for i in range(n):
+        seg = np.zeros((12, 10, 8), np.uint8)
+        seg[2:9, 2:8, 1:6] = 1
+        seg[4:6, 4:6, 2:4] = 2
+        seg[rng.integers(0, 12), rng.integers(0, 10), 7] = 2  # cases differ
+        maps[f"case_{i}"] = seg
+        _nifti(folder / f"case_{i}.nii.gz", seg)
+    return maps
+
+
+def _prediction(folder, maps, model, folds=(0,), mirroring=True, seconds=0.5, change=None, record=True):
+    for case, seg in maps.items():
+        _nifti(folder / f"{case}.nii.gz", change(seg) if change else seg)
+    (folder / "plans.json").write_text("{}")  # nnU-Net writes its plans beside the predictions
+    if record:
+        (folder / "fastkd_predict.json").write_text(json.dumps(
+            {"model": str(model), "backend": "torch", "folds": list(folds), "mirroring": mirroring,
+             "seconds_per_case": seconds, "cases": len(maps)}))
+    return folder
+
+
+def _model(tmp_path, name, r=None):
+    folder = tmp_path / "results" / name
+    folder.mkdir(parents=True)
+    plans = {"plans_name": name.split("__")[1], "configurations": {}}
+    if r:
+        plans["fastkd"] = {"reduction_factor": r}
+    (folder / "plans.json").write_text(json.dumps(plans))
+    return folder
+
+
+def test_table_scores_each_model_with_nnunets_dice(tmp_path):
+    maps = _labels(tmp_path / "labels")
+    teachers = _model(tmp_path, "nnUNetTrainer__nnUNetPlans__3d_fullres")
+    kd = _model(tmp_path, "nnUNetTrainerFastKD__nnUNetPlans_fastkdR2__3d_fullres", r=2)
+    nokd = _model(tmp_path, "nnUNetTrainerFastKDNoKD__nnUNetPlans_fastkdR2__3d_fullres", r=2)
+    preds = tmp_path / "predictions"
+
+    def no_lesion(seg):
+        return np.where(seg == 2, 1, seg)
+
+    folders = [_prediction(preds / "teachers", maps, teachers, folds=range(5), seconds=4.0),
+               _prediction(preds / f"{nokd.name}__fold_0", maps, nokd, change=no_lesion, seconds=0.2),
+               _prediction(preds / f"{kd.name}__fold_0", maps, kd, seconds=0.25)]
+    rows = evaluate(tmp_path / "labels", folders, tmp_path / "eval", dataset_json=DATASET_JSON, optimistic=False,
+                    case_set="test", num_processes=1)
+    assert [(r["kind"], r["r"]) for r in rows] == [("teacher ensemble", None), ("student (KD)", 2),
+                                                   ("no-KD baseline", 2)]
+    teacher, student, baseline = rows
+    assert teacher["dice"] == {"organ": 1.0, "lesion": 1.0} and teacher["folds"] == [0, 1, 2, 3, 4]
+    assert student["dice"] == {"organ": 1.0, "lesion": 1.0} and student["seconds_per_case"] == 0.25
+    # every lesion voxel called organ: no lesion found, organ Dice from the confusion alone
+    organ = np.mean([2 * (m == 1).sum() / ((m == 1).sum() + (m > 0).sum()) for m in maps.values()])
+    assert baseline["dice"]["lesion"] == 0.0 and baseline["dice"]["organ"] == pytest.approx(organ)
+    assert baseline["mean_dice"] == pytest.approx(organ / 2)
+    tsv = (tmp_path / "eval" / "dice.tsv").read_text().splitlines()
+    assert tsv[0].split("\t") == ["model", "kind", "r", "folds", "mirroring", "dice_organ", "dice_lesion", "mean_dice",
+                                  "seconds_per_case", "cases", "optimistic"]
+    assert tsv[3].split("\t")[:2] == [f"{nokd.name}__fold_0", "no-KD baseline"] and tsv[3].endswith("\t3\tfalse")
+    table = json.loads((tmp_path / "eval" / "dice.json").read_text())
+    assert table["cases"] == ["case_0", "case_1", "case_2"] and not table["optimistic"]
+    assert (tmp_path / "eval" / "dice.png").stat().st_size > 10_000
+    assert "none of them seen in training" in (tmp_path / "eval" / "dice.md").read_text()
+    summary = json.loads((tmp_path / "eval" / "summaries" / "teachers.json").read_text())
+    assert len(summary["metric_per_case"]) == 3  # nnU-Net's own summary.json
+
+
+def test_incomplete_or_mismatched_predictions_are_errors(tmp_path):
+    maps = _labels(tmp_path / "labels")
+    model = _model(tmp_path, "nnUNetTrainer__nnUNetPlans__3d_fullres")
+    killed = _prediction(tmp_path / "killed", maps, model, record=False)
+    with pytest.raises(FastkdError, match="no fastkd_predict.json, so its prediction did not finish"):
+        evaluate(tmp_path / "labels", [killed], tmp_path / "eval", dataset_json=DATASET_JSON, optimistic=False)
+    partial = _prediction(tmp_path / "partial", dict(list(maps.items())[:2]), model)
+    with pytest.raises(FastkdError, match=r"missing \['case_2'\]"):
+        evaluate(tmp_path / "labels", [partial], tmp_path / "eval", dataset_json=DATASET_JSON, optimistic=False)
+    assert not (tmp_path / "eval" / "dice.tsv").exists()
+
+
+def test_validation_cases_are_linked_from_the_split(tmp_path):
+    raw = tmp_path / "Dataset900_X"
+    maps = _labels(raw / "labelsTr", n=4)
+    for case, seg in maps.items():
+        _nifti(raw / "imagesTr" / f"{case}_0000.nii.gz", seg * 10)
+    (raw / "dataset.json").write_text(json.dumps(DATASET_JSON))
+    splits = tmp_path / "splits_final.json"
+    splits.write_text(json.dumps([{"train": ["case_0", "case_1"], "val": ["case_3", "case_2"]}]))
+    cases = write_validation_cases(splits, 0, raw, tmp_path / "images", tmp_path / "labels")
+    assert cases == ["case_2", "case_3"]
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["case_2_0000.nii.gz", "case_3_0000.nii.gz"]
+    assert (tmp_path / "labels" / "case_2.nii.gz").resolve() == (raw / "labelsTr" / "case_2.nii.gz").resolve()
+    with pytest.raises(FastkdError, match="no fold 3"):
+        write_validation_cases(splits, 3, raw, tmp_path / "i2", tmp_path / "l2")
+
+
+def test_cli_prints_the_table_and_marks_it_optimistic(tmp_path):
+    maps = _labels(tmp_path / "labels")
+    model = _model(tmp_path, "nnUNetTrainer__nnUNetPlans__3d_fullres")
+    pred = _prediction(tmp_path / "teachers", maps, model, folds=range(5))
+    (tmp_path / "dataset.json").write_text(json.dumps(DATASET_JSON))
+    run = subprocess.run([str(BIN / "fastkd"), "evaluate", "table", str(pred), "-l", str(tmp_path / "labels"),
+                          "--dataset-json", str(tmp_path / "dataset.json"), "-o", str(tmp_path / "eval"),
+                          "--case-set", "fold_0_validation", "--optimistic"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "OPTIMISTIC" in run.stdout and "| teachers | teacher ensemble | - | 1.000 | 1.000 | 1.000 |" in run.stdout
+    assert (tmp_path / "eval" / "dice.tsv").read_text().splitlines()[1].endswith("\ttrue")
+
+
+def _raw_dataset(tmp_path, train=("a", "b", "c", "d", "e"), test=("t1", "t2"), labels=("t1", "t2")):
+    raw = tmp_path / "Dataset004_Tiny"
+    raw.mkdir(parents=True)
+    (raw / "dataset.json").write_text(json.dumps({**DATASET_JSON, "numTraining": len(train)}))
+    for folder, names, suffix in (("imagesTr", train, "_0000.nii.gz"), ("labelsTr", train, ".nii.gz"),
+                                  ("imagesTs", test, "_0000.nii.gz"), ("labelsTs", labels, ".nii.gz")):
+        (raw / folder).mkdir()
+        for name in names:
+            (raw / folder / f"{name}{suffix}").touch()
+    return raw
+
+
+def test_config_checks_the_test_set(tmp_path):
+    test_set = {"test_images": "imagesTs", "test_labels": "labelsTs"}
+    raw = _raw_dataset(tmp_path)
+    validate_config({"dataset": {"raw": str(raw)}, "evaluation": test_set}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"test_labels: .*labelsTs lacks the label maps of 1 test cases \(t2\)"):
+        validate_config({"dataset": {"raw": str(_raw_dataset(tmp_path / "x", labels=("t1",)))},
+                         "evaluation": test_set}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"1 test cases are training cases \(a\)"):
+        validate_config({"dataset": {"raw": str(_raw_dataset(tmp_path / "y", test=("a", "t1"), labels=("a", "t1")))},
+                         "evaluation": test_set}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"evaluation.test_images = 'imagesTs', evaluation.test_labels = None: give both"):
+        validate_config({"evaluation": {"test_images": "imagesTs"}}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"student.folds includes 'all'.*evaluation.test_images"):
+        validate_config({"student": {"folds": ["all"]}}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"the demo writes no test cases \(dataset.demo.n_test = 0\)"):
+        validate_config({"dataset": {"demo": {"n_test": 0}}, "evaluation": test_set}, base_dir=tmp_path)
+    validate_config({"student": {"folds": ["all"]}, "evaluation": {"enabled": False}}, base_dir=tmp_path)
+
+
+def test_dry_run_evaluates_test_set_or_each_folds_validation_cases(tmp_path):
+    run = snakemake(workdir(tmp_path, {"distillation": {"reduction_factors": [2, 4]}, "student": {"folds": [0, 1]}}),
+                    "-n", "--cores", "1", "evaluation")
+    counts = job_counts(run.stdout)
+    # the test set: one teacher ensemble prediction, every student fold and baseline, one table
+    assert (counts["predict_teachers"], counts["predict_student"], counts["evaluate"]) == (1, 8, 1)
+    assert "evaluation_cases" not in counts and "evaluation/test/dice.tsv" in run.stdout
+    wd = workdir(tmp_path, {"evaluation": {"test_images": None, "test_labels": None}, "student": {"folds": [0, 1]}},
+                 name="validation")
+    run = snakemake(wd, "-n", "--cores", "1", "evaluation")
+    counts = job_counts(run.stdout)
+    # no test set: each fold's students on that fold's validation cases, the teachers there too
+    assert (counts["evaluation_cases"], counts["predict_teachers"], counts["predict_student"], counts["evaluate"]) \
+        == (2, 2, 4, 2)
+    assert "evaluation/fold_1_validation/dice.tsv" in run.stdout
+    assert "evaluation/fold_1_validation/predictions/nnUNetTrainerFastKDNoKD__nnUNetPlans_fastkdR2__3d_fullres" \
+           "__fold_1" in run.stdout
+    off = job_counts(snakemake(workdir(tmp_path, {"evaluation": {"enabled": False}}, name="off"), "-n", "--cores",
+                               "1").stdout)
+    assert "evaluate" not in off and "predict_teachers" not in off
