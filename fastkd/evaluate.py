@@ -150,7 +150,10 @@ def _model_row(label: str, record: dict) -> dict:
     r = (plans.get("fastkd") or {}).get("reduction_factor")
     kind = (KINDS[2] if trainer.startswith("nnUNetTrainerFastKDNoKD") else
             KINDS[1] if trainer.startswith("nnUNetTrainerFastKD") else KINDS[0])
-    return {"label": label, "kind": kind, "r": r, "model": str(folder), "folds": record["folds"],
+    folds = record["folds"]
+    short = (f"teacher ensemble ({len(folds)} fold{'s' if len(folds) > 1 else ''})" if kind == KINDS[0] else
+             f"{'KD' if kind == KINDS[1] else 'no-KD'} r{r} fold {','.join(map(str, folds))}")
+    return {"label": label, "short": short, "kind": kind, "r": r, "model": str(folder), "folds": record["folds"],
             "mirroring": record["mirroring"], "seconds_per_case": record["seconds_per_case"]}
 
 
@@ -263,14 +266,15 @@ def _figure(rows: list[dict], names: list[str], png: Path, meta: dict) -> None:
     width = 0.8 / max(len(rows), 1)
     x = np.arange(len(names))
     for i, row in enumerate(rows):
-        bars.bar(x + (i - (len(rows) - 1) / 2) * width, [row["dice"][n] for n in names], width, label=row["label"])
-        speed.scatter(row["seconds_per_case"], row["mean_dice"], s=60, label=row["label"])
+        bars.bar(x + (i - (len(rows) - 1) / 2) * width, [row["dice"][n] for n in names], width, label=row["short"])
+        speed.scatter(row["seconds_per_case"], row["mean_dice"], s=60, label=row["short"])
     bars.set_xticks(x, names)
-    bars.set_ylim(0, 1)
+    bars.set_ylim(0, 1.25)  # room for the legend above the bars
+    bars.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     bars.set_ylabel("Dice (mean over cases)")
     title = f"{meta['case_set']}: {len(meta['cases'])} cases" + (" (optimistic)" if meta["optimistic"] else "")
     bars.set_title(title)
-    bars.legend(fontsize=7, loc="lower left")
+    bars.legend(fontsize=8, loc="upper right")
     speed.set_xscale("log")
     speed.set_xlabel("seconds per case (whole fastkd predict run)")
     speed.set_ylabel("mean foreground Dice")
