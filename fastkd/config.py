@@ -321,8 +321,13 @@ def _evaluation_problems(config: dict, base_dir: Path, check_files: bool) -> lis
     images, labels = evaluation["test_images"], evaluation["test_labels"]
     if (images is None) != (labels is None):
         return [f"evaluation.test_images = {images!r}, evaluation.test_labels = {labels!r}: give both folders of "
-                "the test set, or neither (then each student fold is evaluated on its validation cases)"]
-    if images is None:
+                "the test set, or neither (then the dataset's own labelled imagesTs/labelsTs, else each student fold's "
+                "validation cases)"]
+    from fastkd.evaluate import held_out_problems, test_set
+
+    found = test_set({**config, "dataset": {**config["dataset"], "raw": str(base_dir / config["dataset"]["raw"])}}
+                     if not demo else config)
+    if found is None:
         if "all" in config["student"]["folds"]:
             return ["student.folds includes 'all' (trained on every case), which leaves no validation cases to "
                     "evaluate it on: set evaluation.test_images and test_labels (a labelled test set), or "
@@ -330,13 +335,12 @@ def _evaluation_problems(config: dict, base_dir: Path, check_files: bool) -> lis
         return []
     if demo:
         n_test = config["dataset"]["demo"]["n_test"]
-        if n_test == 0 and not Path(images).is_absolute():
+        if n_test == 0 and images and not Path(images).is_absolute():
             return [f"evaluation.test_images = {images!r}: the demo writes no test cases (dataset.demo.n_test = 0); "
                     "set dataset.demo.n_test >= 1, or evaluation.test_images / test_labels: null"]
         return []
     if not check_files:
         return []
-    from fastkd.evaluate import held_out_problems
     from fastkd.nnunet import raw_case_ids, read_dataset_json
 
     raw = base_dir / config["dataset"]["raw"]
@@ -344,7 +348,7 @@ def _evaluation_problems(config: dict, base_dir: Path, check_files: bool) -> lis
         dataset_json, training = read_dataset_json(raw), raw_case_ids(raw)
     except (FastkdError, ValueError, OSError):
         return []  # the dataset's own problems are reported by the soft-label checks
-    return held_out_problems(raw / images, raw / labels, dataset_json, training)
+    return held_out_problems(raw / found[0], raw / found[1], dataset_json, training)
 
 
 def _preprocessed_problems(config: dict, base_dir: Path) -> list[str]:

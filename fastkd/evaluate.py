@@ -50,9 +50,27 @@ KINDS = ("teacher ensemble", "student (KD)", "no-KD baseline")
 
 
 # -- which cases, which models (parse time) --------------------------------------------------------
+def test_set(config: dict) -> tuple[str, str] | None:
+    """(images, labels) folders of the test set, relative to the raw dataset unless absolute, or None.
+
+    ``evaluation.test_images`` / ``test_labels`` when set; else the dataset's own labelled test set: the
+    demo's ``imagesTs``/``labelsTs`` (``dataset.demo.n_test`` > 0), a real dataset's ``imagesTs`` when it
+    has ``labelsTs`` beside it (the Medical Segmentation Decathlon's test images have no labels: none).
+    """
+    evaluation = config["evaluation"]
+    if evaluation["test_images"]:
+        return evaluation["test_images"], evaluation["test_labels"]
+    raw = config["dataset"]["raw"]
+    if raw == "demo":
+        has_own = config["dataset"]["demo"]["n_test"] > 0
+    else:
+        has_own = (Path(raw) / "imagesTs").is_dir() and (Path(raw) / "labelsTs").is_dir()
+    return ("imagesTs", "labelsTs") if has_own else None
+
+
 def evaluation_sets(config: dict) -> list[str]:
     """``["test"]`` with a test set, else one optimistic validation set per student fold."""
-    if config["evaluation"]["test_images"]:
+    if test_set(config):
         return [TEST_SET]
     return [f"fold_{fold}_validation" for fold in config["student"]["folds"]]
 

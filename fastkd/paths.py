@@ -23,6 +23,7 @@ Layout (defaults; ``<ds>`` = ``DatasetXXX_Name``)::
     nnUNet_results/<ds>/nnUNetTrainerFastKD[NoKD][_DA5]__<student plans>__<cfg>/fold_<f>/   students
     fastkd_work/<ds>/student/<student plans>.info.txt / .report.png / .report.tsv   size, curves, Dice
     fastkd_work/<ds>/export/<student model folder>/fold_<f>.onnx (+ .onnx.json)   verified ONNX export
+    fastkd_work/<ds>/export/<student model folder>/fold_<f>.engine (+ .engine.json)   TensorRT engine of it
     fastkd_work/<ds>/evaluation/<test | fold_<f>_validation>/   predictions, Dice table (layout: fastkd.evaluate)
     fastkd_work/logs/<rule>/<wildcards>.log, fastkd_work/benchmarks/<rule>/<wildcards>.tsv
 """
@@ -257,6 +258,14 @@ class Paths:
     def student_onnx(self, r: int | str, fold: int | str, kd: bool = True) -> Path:
         return self.onnx_export(self.student_folder(r, kd).name, fold)
 
+    def trt_engine(self, model: str, fold: int | str) -> Path:
+        """The TensorRT engine built from :meth:`onnx_export`, beside it; ``<this>.json`` holds its
+        metadata (TensorRT version, GPU, precision, profile, ONNX sha256, parity)."""
+        return self.onnx_export(model, fold).with_suffix(".engine")
+
+    def student_engine(self, r: int | str, fold: int | str, kd: bool = True) -> Path:
+        return self.trt_engine(self.student_folder(r, kd).name, fold)
+
     # -- evaluation ------------------------------------------------------------------------------
     def evaluation(self, case_set: str) -> Path:
         """One case set's evaluation (``test`` or ``fold_<f>_validation``; layout: fastkd.evaluate)."""
@@ -265,12 +274,16 @@ class Paths:
     def evaluation_images(self, case_set: str) -> Path:
         """The images a case set predicts: the test images (relative: inside the raw dataset), or links."""
         if case_set == "test":
-            return self.raw_dataset / self.config["evaluation"]["test_images"]
+            from fastkd.evaluate import test_set
+
+            return self.raw_dataset / test_set(self.config)[0]
         return self.evaluation(case_set) / "cases" / "images"
 
     def evaluation_labels(self, case_set: str) -> Path:
         if case_set == "test":
-            return self.raw_dataset / self.config["evaluation"]["test_labels"]
+            from fastkd.evaluate import test_set
+
+            return self.raw_dataset / test_set(self.config)[1]
         return self.evaluation(case_set) / "cases" / "labels"
 
     def predictions(self, case_set: str, label: str) -> Path:

@@ -280,6 +280,9 @@ def resolve(args: argparse.Namespace, environ) -> Plan:
                                  if args.rotate_folds else 0}},
         "resources": {rule: {"threads": threads} for rule in ("plan_preprocess", "train_teacher", "softlabels",
                                                               "student_plans", "train_student")},
+        # the reference command trains one student fold; `snakemake evaluation` with this config (and a test
+        # set) evaluates it afterwards
+        "evaluation": {"enabled": False},
     }
     for _, key, _ in REFERENCE_KEYS + EXTRA_KEYS:
         _set(config, key, values[key])

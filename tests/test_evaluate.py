@@ -158,10 +158,31 @@ def test_config_checks_the_test_set(tmp_path):
     with pytest.raises(ConfigError, match=r"evaluation.test_images = 'imagesTs', evaluation.test_labels = None: give both"):
         validate_config({"evaluation": {"test_images": "imagesTs"}}, base_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"student.folds includes 'all'.*evaluation.test_images"):
-        validate_config({"student": {"folds": ["all"]}}, base_dir=tmp_path)
+        validate_config({"student": {"folds": ["all"]}, "dataset": {"demo": {"n_test": 0}}}, base_dir=tmp_path)
+    validate_config({"student": {"folds": ["all"]}}, base_dir=tmp_path)  # the demo's test cases evaluate it
     with pytest.raises(ConfigError, match=r"the demo writes no test cases \(dataset.demo.n_test = 0\)"):
         validate_config({"dataset": {"demo": {"n_test": 0}}, "evaluation": test_set}, base_dir=tmp_path)
     validate_config({"student": {"folds": ["all"]}, "evaluation": {"enabled": False}}, base_dir=tmp_path)
+
+
+def test_a_datasets_own_labelled_test_set_is_found(tmp_path):
+    from fastkd.evaluate import evaluation_sets, test_set
+
+    raw = _raw_dataset(tmp_path)
+    config = validate_config({"dataset": {"raw": str(raw)}, "student": {"folds": [0, 2]}}, base_dir=tmp_path)
+    assert test_set(config) == ("imagesTs", "labelsTs") and evaluation_sets(config) == ["test"]
+    demo = validate_config({}, base_dir=tmp_path)
+    assert evaluation_sets(demo) == ["test"]
+    # the Decathlon's test images carry no labels: each fold's validation cases instead
+    (raw / "labelsTs").rename(raw / "unlabelled")
+    config = validate_config({"dataset": {"raw": str(raw)}, "student": {"folds": [0, 2]}}, base_dir=tmp_path)
+    assert test_set(config) is None and evaluation_sets(config) == ["fold_0_validation", "fold_2_validation"]
+    with pytest.raises(ConfigError, match="student.folds includes 'all'"):
+        validate_config({"dataset": {"raw": str(raw)}, "student": {"folds": ["all"]}}, base_dir=tmp_path)
+    # a labelled test set that holds a training case is refused even when found by default
+    contaminated = _raw_dataset(tmp_path / "c", test=("a",), labels=("a",))
+    with pytest.raises(ConfigError, match=r"1 test cases are training cases \(a\)"):
+        validate_config({"dataset": {"raw": str(contaminated)}}, base_dir=tmp_path)
 
 
 def test_dry_run_evaluates_test_set_or_each_folds_validation_cases(tmp_path):
@@ -171,8 +192,7 @@ def test_dry_run_evaluates_test_set_or_each_folds_validation_cases(tmp_path):
     # the test set: one teacher ensemble prediction, every student fold and baseline, one table
     assert (counts["predict_teachers"], counts["predict_student"], counts["evaluate"]) == (1, 8, 1)
     assert "evaluation_cases" not in counts and "evaluation/test/dice.tsv" in run.stdout
-    wd = workdir(tmp_path, {"evaluation": {"test_images": None, "test_labels": None}, "student": {"folds": [0, 1]}},
-                 name="validation")
+    wd = workdir(tmp_path, {"dataset": {"demo": {"n_test": 0}}, "student": {"folds": [0, 1]}}, name="validation")
     run = snakemake(wd, "-n", "--cores", "1", "evaluation")
     counts = job_counts(run.stdout)
     # no test set: each fold's students on that fold's validation cases, the teachers there too

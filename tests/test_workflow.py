@@ -89,7 +89,10 @@ def test_hippocampus_dag_takes_cases_from_dataset_json(tmp_path):
     assert job_counts(run.stdout) == {"plan_preprocess": 1, "train_teacher": 5, "teacher_manifest": 1,
                                       "softlabels_shard": 2, "softlabels_finalize": 1, "softlabels_preview": 1,
                                       "student_plans": 1, "student_info": 1, "train_student": 1,
-                                      "train_baseline": 1, "student_report": 1, "export_onnx": 2, "all": 1}
+                                      "train_baseline": 1, "student_report": 1, "export_onnx": 2,
+                                      # the Decathlon's test images carry no labels: fold 0's validation cases
+                                      "evaluation_cases": 1, "predict_teachers": 1, "predict_student": 2,
+                                      "evaluate": 1, "all": 1}
     cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (HIPPOCAMPUS / "imagesTr").glob("*_0000.nii.gz"))
     assert len(cases) == 200
     for case in cases:

@@ -143,10 +143,12 @@ def student_targets():
 
 
 def export_targets():
-    """The verified ONNX export of every student fold (export.onnx)."""
-    if not config["export"]["onnx"]:
-        return []
-    return [P.student_onnx(r, fold, kd) for r in REDUCTION_FACTORS for fold in STUDENT["folds"] for kd in STUDENT_KINDS]
+    """The verified ONNX export of every student fold (export.onnx), and its TensorRT engine
+    (export.tensorrt.enabled; the engine's job asks for the ONNX export either way)."""
+    students = [(r, fold, kd) for r in REDUCTION_FACTORS for fold in STUDENT["folds"] for kd in STUDENT_KINDS]
+    onnx = [P.student_onnx(*s) for s in students] if config["export"]["onnx"] else []
+    engines = [P.student_engine(*s) for s in students] if config["export"]["tensorrt"]["enabled"] else []
+    return onnx + engines
 
 
 def evaluation_targets():

@@ -1,6 +1,7 @@
 # Deployable students: each trained fold (KD student and baseline) exported to ONNX, its preprocessing in
-# the file's metadata, verified against PyTorch with onnxruntime before it is kept. Layout:
-# fastkd/export/onnx.py.
+# the file's metadata, verified against PyTorch with onnxruntime before it is kept; with
+# export.tensorrt.enabled, a TensorRT engine of each export, checked against onnxruntime. Layout:
+# fastkd/export/onnx.py, fastkd/export/tensorrt.py.
 
 
 rule export_onnx:
@@ -11,8 +12,10 @@ rule export_onnx:
         verification=f"{P.onnx_export('{model}', '{fold}')}.json",
     params:
         folder=lambda w: q(P.model_folder(w.model)),
+        # an engine is built from a TensorRT-friendly export (constant folding, onnxslim's simplified graph)
         options=" ".join(flag for flag, on in (("--dynamic", config["export"]["dynamic"]),
-                                                ("--simplify", config["export"]["simplify"])) if on),
+                                                ("--simplify", config["export"]["simplify"]),
+                                                ("--tensorrt", config["export"]["tensorrt"]["enabled"])) if on),
     log:
         P.log("export_onnx", "{model}_fold_{fold}"),
     threads: 1
@@ -23,3 +26,34 @@ rule export_onnx:
         NNUNET_ENV
     shell:
         "fastkd export onnx {params.folder} -f {wildcards.fold} -o {output.onnx} {params.options} > {log} 2>&1"
+
+
+rule export_trt:
+    input:
+        onnx=P.onnx_export("{model}", "{fold}"),
+        verification=f"{P.onnx_export('{model}', '{fold}')}.json",
+    output:
+        engine=P.trt_engine("{model}", "{fold}"),
+        metadata=f"{P.trt_engine('{model}', '{fold}')}.json",
+    params:
+        precision=config["export"]["tensorrt"]["precision"],
+        max_batch=config["export"]["tensorrt"]["max_batch"],
+        workspace_gb=config["export"]["tensorrt"]["workspace_gb"],
+        # int8 calibrates on the training cases, preprocessed on the teachers' grid (the students' too)
+        calibration=(
+            f"--calibration {q(P.preprocessed_dataset / P.data_identifier(TEACHER_CFG))}"
+            if config["export"]["tensorrt"]["precision"] == "int8"
+            else ""
+        ),
+    log:
+        P.log("export_trt", "{model}_fold_{fold}"),
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=device_gpus("cuda"),  # TensorRT builds for, and runs on, an NVIDIA GPU
+    conda:
+        NNUNET_ENV
+    shell:
+        "fastkd export trt {input.onnx} -o {output.engine} --precision {params.precision} --max-batch {params.max_batch}"
+        " --workspace-gb {params.workspace_gb} {params.calibration} > {log} 2>&1"

@@ -1,0 +1,462 @@
+"""Build a TensorRT engine from a verified ONNX export (``fastkd export onnx``), checked against onnxruntime.
+
+Writes two files, both only once the engine passed its parity check (a failed build leaves neither; a
+rebuild first removes the stale pair):
+
+- ``<out>`` (``.engine`` or ``.plan``): TensorRT's serialized engine, for one GPU model and one TensorRT
+  version, with the ONNX's input ``image`` (B, C, x, y, z) and output ``logits`` (float32). Precision
+  ``fp32``; ``fp16``; or ``int8`` (FP16 where a layer has no INT8 kernel), calibrated by TensorRT's
+  entropy calibrator (IInt8EntropyCalibrator2) on the centre patch of preprocessed cases. In fp16 and
+  int8 every normalization layer stays in FP32: FP16 InstanceNorm over a 3D U-Net's activations
+  overflows (black outputs, lost accuracy). One optimization profile min/opt/max: a static ONNX input
+  gives its own shape; a dynamic one min = opt = nnU-Net's patch at batch 1, max = batch ``max_batch``.
+- ``<out>.json``, the engine's metadata::
+
+      format_version, fastkd_version, tensorrt_version, gpu {name, compute_capability}, precision,
+      profile {min, opt, max}, onnx, onnx_sha256, workspace_gb, timing_cache, calibration {folder,
+      batches} (int8), fp32_layers (the layers held in FP32), metadata {fastkd, nnunet_plans,
+      nnunet_dataset_json} (the ONNX's own metadata_props: a predictor needs no model folder),
+      parity {runtime, min_agreement, checks [{input, shape, max_abs_diff, agreement, gating}],
+      real_patches, passed}
+
+An engine whose JSON records the running TensorRT version, GPU, and the requested precision, profile
+and ONNX sha256 is up to date and kept; any difference rebuilds it. The timing cache (default
+``tensorrt_timing.cache`` beside the engine) keeps TensorRT's kernel timings between builds on the same
+GPU and TensorRT version; one from another GPU or version is replaced.
+
+Parity: TensorRT against onnxruntime (CPU) on a random input of each profile shape and on two real
+preprocessed patches (from ``calibration``, else nnU-Net's folder of the model under
+``$nnUNet_preprocessed``): the fraction of voxels whose argmax (or thresholded region) agrees must be
+>= ``min_agreement`` (99.9 %). For int8 the random inputs are recorded but do not gate: the
+calibrated ranges describe real data, not noise.
+
+Normalization layers: TensorRT 10's ONNX parser imports InstanceNormalization (and Group/Layer
+normalization) as an INormalizationLayer (``LayerType.NORMALIZATION``); older parsers emit a plugin
+(``InstanceNormalization_TRT``) or a reduce/elementwise subgraph. Layers of that type, and every
+layer whose name holds the name of an ONNX normalization node (the parser names layers after their
+node), are pinned to FP32 with ``OBEY_PRECISION_CONSTRAINTS``; a graph with normalization nodes and no
+pinned layer is an error, never a silent FP16 InstanceNorm.
+
+Written against the TensorRT 10 Python API (``tensorrt``; the engine runs on torch CUDA tensors, no
+pycuda). Without TensorRT or a GPU, :func:`require_tensorrt` raises a FastkdError, after the arguments
+were checked and before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastkd.errors import FastkdError
+from fastkd.export.onnx import INPUT, OUTPUT, _agreement, _real_patches
+
+FORMAT_VERSION = 1
+SUFFIXES = (".engine", ".plan")
+METADATA_KEYS = ("fastkd", "nnunet_plans", "nnunet_dataset_json")
+# what an engine was built from and for: any difference makes it stale
+BUILD_KEYS = ("tensorrt_version", "gpu", "precision", "profile", "onnx_sha256")
+# what an engine can run on
+PLATFORM_KEYS = ("tensorrt_version", "gpu")
+NORMALIZATION_OPS = {"InstanceNormalization", "GroupNormalization", "LayerNormalization", "BatchNormalization"}
+CALIBRATION_PATCHES = 64  # one centre patch per case, at most this many cases
+
+
+def metadata_path(engine: str | Path) -> Path:
+    engine = Path(engine)
+    return engine.with_name(engine.name + ".json")
+
+
+def require_tensorrt():
+    """The ``tensorrt`` module, or a FastkdError saying what is missing (TensorRT, or a GPU)."""
+    try:
+        import tensorrt as trt
+    except (ImportError, OSError) as e:  # OSError: a wheel whose CUDA libraries are missing
+        raise FastkdError(f"TensorRT is not installed ({e}): install NVIDIA's wheels, e.g. pip install tensorrt-cu12 "
+                          "(CUDA 12; tensorrt-cu13 for CUDA 13), on a machine with an NVIDIA GPU") from None
+    if not torch.cuda.is_available():
+        raise FastkdError("TensorRT needs an NVIDIA GPU; torch sees none (check nvidia-smi and CUDA_VISIBLE_DEVICES)")
+    return trt
+
+
+def running_platform() -> dict:
+    """The TensorRT version and GPU of this process: what an engine is built for."""
+    trt = require_tensorrt()
+    major, minor = torch.cuda.get_device_capability()
+    return {"tensorrt_version": trt.__version__,
+            "gpu": {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}}
+
+
+def differences(recorded: dict | None, current: dict, keys=BUILD_KEYS) -> list[str]:
+    """What differs between an engine's recorded metadata and ``current`` (empty: up to date)."""
+    if not isinstance(recorded, dict):
+        return ["no engine metadata"]
+    return [f"{key} {json.dumps(recorded.get(key))} -> {json.dumps(current[key])}"
+            for key in keys if recorded.get(key) != current[key]]
+
+
+def read_onnx(onnx_path: str | Path) -> tuple[dict, set[str]]:
+    """(the ONNX's fastkd metadata {fastkd, nnunet_plans, nnunet_dataset_json}, its normalization node names)."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(onnx_path)
+    if path.suffix != ".onnx" or not path.is_file():
+        raise FastkdError(f"ONNX {path}: no such .onnx file; write one with `fastkd export onnx`")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError) as e:
+        raise FastkdError(f"ONNX {path} is not an ONNX model ({e})") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    missing = [k for k in METADATA_KEYS if k not in props]
+    if missing:
+        raise FastkdError(f"ONNX {path} lacks the metadata {', '.join(missing)}: export it with `fastkd export onnx` "
+                          "(the engine carries that metadata so that a predictor needs no model folder)")
+    norms = {n.name for n in model.graph.node if n.op_type in NORMALIZATION_OPS and n.name}
+    return {k: json.loads(props[k]) for k in METADATA_KEYS}, norms
+
+
+def resolve_profile(meta: dict, profile: dict | None = None, max_batch: int = 1) -> dict:
+    """The optimization profile {min, opt, max} of an ONNX input (``meta``: its fastkd metadata).
+
+    ``profile``: any of min/opt/max given; the others default to nnU-Net's patch at batch 1 (max: batch
+    ``max_batch``) along dynamic axes and the ONNX's own size along static ones. Every shape is checked:
+    rank, channels, static axes, multiples of the network's stride, min <= opt <= max.
+    """
+    shape, n_in, divisible = meta["input"]["shape"], meta["num_input_channels"], meta["divisible_by"]
+    dynamic = {int(a) for a in meta["input"]["dynamic_axes"]}
+    if max_batch > 1 and 0 not in dynamic and max_batch != shape[0]:
+        raise FastkdError(f"max batch {max_batch}: the ONNX input {shape} has a static batch of {shape[0]}; export "
+                          "it with a dynamic batch (fastkd export onnx --batch 0 or --dynamic; config export.dynamic)")
+    base = [1 if 0 in dynamic else shape[0], n_in,
+            *(p if i + 2 in dynamic else s for i, (p, s) in enumerate(zip(meta["patch_size"], shape[2:])))]
+    defaults = {"min": base, "opt": base, "max": [max_batch if 0 in dynamic else shape[0], *base[1:]]}
+    given = {k: v for k, v in (profile or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise FastkdError(f"profile keys {unknown}: valid keys are min, opt, max")
+    resolved = {k: [int(v) for v in given.get(k, defaults[k])] for k in defaults}
+    for key, s in resolved.items():
+        what = f"profile {key} shape {s}"
+        if len(s) != len(shape):
+            raise FastkdError(f"{what}: {len(s)} dims, the ONNX input takes {len(shape)} (b c "
+                              f"{' '.join('xyz'[:len(shape) - 2])})")
+        if s[1] != n_in:
+            raise FastkdError(f"{what}: {s[1]} channels, the network takes {n_in}")
+        fixed = [i for i in range(len(s)) if i not in dynamic and s[i] != shape[i]]
+        if fixed:
+            raise FastkdError(f"{what}: axis {fixed[0]} is static in the ONNX input {shape} (dynamic axes: "
+                              f"{sorted(dynamic) or 'none'}); export with --batch 0 or --dynamic for other sizes")
+        if min(s) < 1 or any(v % d for v, d in zip(s[2:], divisible)):
+            raise FastkdError(f"{what}: sizes must be >= 1 and spatial dims multiples of {divisible} "
+                              "(the network's total stride)")
+    bad = [i for i in range(len(shape)) if not resolved["min"][i] <= resolved["opt"][i] <= resolved["max"][i]]
+    if bad:
+        raise FastkdError(f"profile min {resolved['min']} <= opt {resolved['opt']} <= max {resolved['max']} fails "
+                          f"on axis {bad[0]}")
+    return resolved
+
+
+def calibration_batches(folder: str | Path, shape: list[int], limit: int = CALIBRATION_PATCHES) -> list[np.ndarray]:
+    """INT8 calibration data: the centre patch (``shape[2:]``, zero-padded) of up to ``limit`` preprocessed
+    cases of ``folder`` (nnU-Net's ``<case>.b2nd``), stacked into batches of ``shape[0]``."""
+    folder = Path(folder)
+    cases = [p for p in folder.glob("*.b2nd") if not p.name.endswith("_seg.b2nd")] if folder.is_dir() else []
+    if not cases:
+        raise FastkdError(f"calibration folder {folder}: no preprocessed <case>.b2nd in it (nnU-Net's "
+                          "$nnUNet_preprocessed/<dataset>/<data identifier>)")
+    patches = _real_patches(folder, list(shape[2:]), n=limit)
+    if patches[0].shape[1] != shape[1]:
+        raise FastkdError(f"calibration folder {folder}: cases have {patches[0].shape[1]} channels, the network "
+                          f"takes {shape[1]}")
+    batch = shape[0]
+    if len(patches) < batch:
+        raise FastkdError(f"calibration folder {folder}: {len(patches)} cases, fewer than one batch of {batch}")
+    return [np.concatenate(patches[i:i + batch]) for i in range(0, len(patches) - batch + 1, batch)]
+
+
+def keep_fp32(layer_name: str, layer_type: str, normalization_nodes: set[str]) -> bool:
+    """Whether a TensorRT layer is normalization (held in FP32): by type, or by the ONNX node it came from."""
+    return layer_type == "NORMALIZATION" or any(node in layer_name for node in normalization_nodes)
+
+
+def _pin_fp32(trt, network, normalization_nodes: set[str]) -> list[str]:
+    floats = (trt.float32, trt.float16)
+    pinned = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
+        if not keep_fp32(layer.name, layer.type.name, normalization_nodes) or any(o.dtype not in floats for o in outputs):
+            continue  # shape and index arithmetic inside a decomposed norm has no float precision to set
+        layer.precision = trt.float32
+        for j in range(layer.num_outputs):
+            layer.set_output_type(j, trt.float32)
+        if layer.type == trt.LayerType.NORMALIZATION:
+            layer.__class__ = trt.INormalizationLayer  # the subclass's attributes (get_layer returns ILayer)
+            layer.compute_precision = trt.float32
+        pinned.append(layer.name)
+    return pinned
+
+
+def _calibrator(trt, batches: list[np.ndarray]):
+    """TensorRT's entropy calibrator fed with ``batches`` (copied to the GPU one at a time)."""
+
+    class Calibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self):
+            trt.IInt8EntropyCalibrator2.__init__(self)
+            self.batches = iter(batches)
+            self.on_gpu = None  # the batch TensorRT reads: alive until the next one
+
+        def get_batch_size(self):
+            return batches[0].shape[0]
+
+        def get_batch(self, names):
+            batch = next(self.batches, None)
+            if batch is None:
+                return None
+            self.on_gpu = torch.from_numpy(batch).cuda().contiguous()
+            return [int(self.on_gpu.data_ptr())]
+
+        def read_calibration_cache(self):
+            return None  # always calibrate: a cache keyed by tensor names would survive a retrain
+
+        def write_calibration_cache(self, cache):
+            return None  # the scales live in the engine
+
+    return Calibrator()
+
+
+def _build(trt, onnx_path: Path, precision: str, profile: dict, batches, normalization_nodes: set[str],
+           timing_cache: Path, workspace_gb: float) -> tuple[bytes, list[str], str]:
+    """(serialized engine, layers held in FP32, what happened to the timing cache)."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise FastkdError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors[:800]}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    shapes = builder.create_optimization_profile()
+    shapes.set_shape(INPUT, profile["min"], profile["opt"], profile["max"])
+    config.add_optimization_profile(shapes)
+    pinned = []
+    if precision in ("fp16", "int8"):
+        config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        pinned = _pin_fp32(trt, network, normalization_nodes)
+        if normalization_nodes and not pinned:
+            raise FastkdError(f"{onnx_path} has normalization nodes but no TensorRT layer matched them; they would "
+                              f"run in {precision.upper()}: build with --precision fp32")
+    if precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
+        calibrator = _calibrator(trt, batches)
+        config.int8_calibrator = calibrator
+        if profile["min"] != profile["max"]:  # a dynamic input calibrates at one shape: the batches'
+            fixed = builder.create_optimization_profile()
+            fixed.set_shape(INPUT, profile["opt"], profile["opt"], profile["opt"])
+            config.set_calibration_profile(fixed)
+    blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
+    cache = config.create_timing_cache(blob)
+    cache_note = "reused" if blob else "new"
+    if not config.set_timing_cache(cache, ignore_mismatch=False):  # another GPU or TensorRT version
+        cache_note = "replaced (it came from another GPU or TensorRT version)"
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise FastkdError(f"TensorRT could not build an engine from {onnx_path} (its log above says why)")
+    partial = timing_cache.with_name(f".{timing_cache.name}.{os.getpid()}.partial")  # builds beside it may share it
+    partial.write_bytes(bytes(config.get_timing_cache().serialize()))
+    os.replace(partial, timing_cache)
+    return bytes(serialized), pinned, cache_note
+
+
+def _parity(engine: Path, onnx_path: Path, meta: dict, profile: dict, real: list[np.ndarray], precision: str,
+            min_agreement: float) -> dict:
+    """TensorRT against onnxruntime (CPU) on random inputs of each profile shape and on real patches."""
+    import onnxruntime as ort
+
+    network = TrtNetwork(engine, torch.device("cuda"))
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    shapes = []
+    for key in ("opt", "min", "max"):
+        if profile[key] not in shapes:
+            shapes.append(profile[key])
+    inputs = [(f"random {s}", rng.standard_normal(s).astype(np.float32), precision != "int8") for s in shapes]
+    if profile["opt"][2:] != meta["patch_size"]:
+        real = []  # real patches have nnU-Net's patch size; another opt shape is checked on random data
+    inputs += [(f"preprocessed case {i}", np.repeat(p, profile["opt"][0], 0), True) for i, p in enumerate(real)]
+    checks = []
+    for name, x, gating in inputs:
+        expected = session.run([OUTPUT], {INPUT: x})[0]
+        with torch.no_grad():
+            got = network(torch.from_numpy(x)).numpy()
+        checks.append({"input": name, "shape": list(x.shape), "max_abs_diff": float(np.abs(got - expected).max()),
+                       "agreement": _agreement(got, expected, meta["regions"]), "gating": gating})
+    return {"runtime": f"onnxruntime {ort.__version__} (CPUExecutionProvider)", "min_agreement": min_agreement,
+            "checks": checks, "real_patches": len(real),
+            "passed": all(c["agreement"] >= min_agreement for c in checks if c["gating"])}
+
+
+def build_engine(onnx_path: str | Path, out: str | Path, *, precision: str = "fp16", profile: dict | None = None,
+                 max_batch: int = 1, calibration: str | Path | None = None, timing_cache: str | Path | None = None,
+                 workspace_gb: float = 4.0, min_agreement: float = 0.999, force: bool = False) -> dict:
+    """Build, check and keep a TensorRT engine of a ``fastkd export onnx`` file (see the module docstring).
+
+    Returns the engine's metadata (as written to ``<out>.json``) plus ``built``: False when the engine
+    was up to date. ``profile``: {min, opt, max} shapes, any of them (see :func:`resolve_profile`).
+    ``calibration``: folder of preprocessed ``<case>.b2nd``: INT8 calibration data (required for int8),
+    and the real patches of the parity check. ``force``: rebuild even when up to date. Raises
+    FastkdError, and leaves nothing at ``out``, when anything fails.
+    """
+    import fastkd
+    from fastkd import nnunet
+    from fastkd.config import check_values
+    from fastkd.io import atomic_write_text
+    from fastkd.teachers import sha256
+
+    check_values({"export.tensorrt.precision": precision, "export.tensorrt.max_batch": max_batch,
+                  "export.tensorrt.workspace_gb": workspace_gb})
+    out, onnx_path = Path(out), Path(onnx_path)
+    if out.suffix not in SUFFIXES:
+        raise FastkdError(f"output {out}: the file name must end in {' or '.join(SUFFIXES)}")
+    if not 0 <= min_agreement <= 1:
+        raise FastkdError(f"min agreement {min_agreement}: must be a fraction in [0, 1]")
+    if precision == "int8" and calibration is None:
+        raise FastkdError("precision int8 needs calibration data: --calibration FOLDER of preprocessed <case>.b2nd")
+    if calibration is not None and not Path(calibration).is_dir():
+        raise FastkdError(f"calibration folder {calibration} does not exist")
+    metadata, normalization_nodes = read_onnx(onnx_path)
+    meta = metadata["fastkd"]
+    shapes = resolve_profile(meta, profile, max_batch)
+    trt = require_tensorrt()
+
+    current = {**running_platform(), "precision": precision, "profile": shapes, "onnx_sha256": sha256(onnx_path)}
+    json_path = metadata_path(out)
+    try:
+        recorded = json.loads(json_path.read_text()) if out.is_file() else None
+    except (OSError, ValueError):  # missing or unreadable: rebuild
+        recorded = None
+    if not force and not differences(recorded, current):
+        return {**recorded, "built": False}
+    json_path.unlink(missing_ok=True)  # a stale pair goes first: never an old JSON beside a new engine
+    out.unlink(missing_ok=True)
+
+    started = time.time()
+    preprocessed = calibration
+    if preprocessed is None and os.environ.get("nnUNet_preprocessed"):  # where nnU-Net keeps this model's data
+        preprocessed = (Path(os.environ["nnUNet_preprocessed"]) / meta["dataset_name"]
+                        / nnunet.data_identifier(metadata["nnunet_plans"], meta["configuration"]))
+    batches = calibration_batches(calibration, shapes["opt"]) if precision == "int8" else None
+    timing_cache = Path(timing_cache) if timing_cache else out.parent / "tensorrt_timing.cache"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    try:
+        engine, pinned, cache_note = _build(trt, onnx_path, precision, shapes, batches, normalization_nodes,
+                                            timing_cache, workspace_gb)
+        tmp.write_bytes(engine)
+        parity = _parity(tmp, onnx_path, meta, shapes, _real_patches(preprocessed, meta["patch_size"]), precision,
+                         min_agreement)
+        if not parity["passed"]:
+            worst = min((c for c in parity["checks"] if c["gating"]), key=lambda c: c["agreement"])
+            raise FastkdError(f"TensorRT ({precision}) disagrees with onnxruntime on {worst['input']}: agreement "
+                              f"{worst['agreement']:.6f} (needs >= {min_agreement}), max |logit difference| "
+                              f"{worst['max_abs_diff']:.3g}; no engine written")
+        record = {"format_version": FORMAT_VERSION, "fastkd_version": fastkd.__version__, **current,
+                  "onnx": str(onnx_path), "workspace_gb": workspace_gb,
+                  "timing_cache": {"path": str(timing_cache), "status": cache_note},
+                  "calibration": {"folder": str(calibration), "batches": len(batches)} if batches else None,
+                  "fp32_layers": pinned, "metadata": metadata, "parity": parity,
+                  "seconds": round(time.time() - started, 1)}
+        os.replace(tmp, out)
+        atomic_write_text(json_path, json.dumps(record, indent=2) + "\n")
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {**record, "built": True}
+
+
+class TrtNetwork(torch.nn.Module):
+    """A TensorRT engine as nnU-Net's predictor calls its network: ``logits = network(x)`` (as OnnxNetwork).
+
+    Runs on torch CUDA tensors: TensorRT reads the input and writes the output in place, on torch's
+    current stream; a CPU input is copied over and its logits copied back.
+    """
+
+    def __init__(self, path: str | Path, device: torch.device):
+        trt = require_tensorrt()
+        super().__init__()
+        if device.type != "cuda":
+            raise FastkdError(f"device {device}: a TensorRT engine runs on an NVIDIA GPU (cuda)")
+        self.path, self.device = Path(path), device
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)  # must outlive its engine
+        with torch.cuda.device(device):
+            self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise FastkdError(f"{path}: TensorRT {trt.__version__} cannot load this engine (built by another "
+                              "TensorRT version, or for another GPU?); rebuild it with `fastkd export trt`")
+        self.context = self.engine.create_execution_context()
+        self.profile = [list(s) for s in self.engine.get_tensor_profile_shape(INPUT, 0)]  # min, opt, max
+        self.max_batch = self.profile[2][0]  # fastkd predict batches its tiles up to this
+        self.output_dtype = torch.float16 if self.engine.get_tensor_dtype(OUTPUT) == trt.float16 else torch.float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.cuda.device(self.device):
+            image = x.detach().to(self.device, torch.float32).contiguous()
+            if not self.context.set_input_shape(INPUT, tuple(image.shape)):
+                raise FastkdError(f"input {list(image.shape)} is outside the engine's profile min/opt/max "
+                                  f"{self.profile} ({self.path})")
+            logits = torch.empty(tuple(self.context.get_tensor_shape(OUTPUT)), dtype=self.output_dtype,
+                                 device=self.device)
+            self.context.set_tensor_address(INPUT, image.data_ptr())
+            self.context.set_tensor_address(OUTPUT, logits.data_ptr())
+            stream = torch.cuda.current_stream(self.device)
+            # torch's allocator reuses the input's memory only for work queued after this, on this stream
+            if not self.context.execute_async_v3(stream.cuda_stream):
+                raise FastkdError(f"TensorRT failed to run {self.path} (its log above says why)")
+        return logits.float().to(x.device)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """The weights are in the engine; nnU-Net's predictor hands each fold's (empty) parameters here."""
+        if state_dict:
+            raise FastkdError("a TensorRT engine carries its own weights; it takes no parameters")
+
+
+def load_engine_model(path: str | Path, device: torch.device) -> dict:
+    """What nnU-Net's predictor needs, from an engine and its metadata JSON (as ``fastkd.predict.load_model``
+    gives for an ONNX file): network, parameters, plans, dataset.json, configuration, mirroring axes."""
+    from fastkd.io import read_json
+
+    path = Path(path)
+    if path.suffix not in SUFFIXES or not path.is_file():
+        raise FastkdError(f"-m {path}: the trt backend takes an {' or '.join(SUFFIXES)} file written by "
+                          "`fastkd export trt`")
+    record = read_json(metadata_path(path), "engine metadata",
+                       "written beside the engine by `fastkd export trt`; rebuild the engine with it")
+    missing = [k for k in (*PLATFORM_KEYS, "profile", "metadata") if k not in record]
+    missing += [f"metadata.{k}" for k in METADATA_KEYS if k not in record.get("metadata", {})]
+    if missing:
+        raise FastkdError(f"{metadata_path(path)} lacks {', '.join(missing)}: not written by `fastkd export trt`; "
+                          "rebuild the engine")
+    meta = record["metadata"]["fastkd"]
+    tile, profile = [1, meta["num_input_channels"], *meta["patch_size"]], record["profile"]
+    if not all(lo <= t <= hi for lo, t, hi in zip(profile["min"], tile, profile["max"])):
+        raise FastkdError(f"{path} takes inputs from {profile['min']} to {profile['max']}, but nnU-Net's sliding "
+                          f"window feeds {tile}: rebuild it with the default profile")
+    stale = differences(record, running_platform(), PLATFORM_KEYS)
+    if stale:
+        raise FastkdError(f"{path} was built for another platform ({'; '.join(stale)}): an engine runs only with "
+                          f"the TensorRT version and GPU it was built for; rebuild it with `fastkd export trt "
+                          f"{record.get('onnx', 'STUDENT.onnx')} -o {path}`")
+    return {"network": TrtNetwork(path, device), "parameters": [{}],
+            "plans": record["metadata"]["nnunet_plans"], "dataset_json": record["metadata"]["nnunet_dataset_json"],
+            "configuration": meta["configuration"], "mirror_axes": meta["inference_allowed_mirroring_axes"]}
