@@ -257,14 +257,36 @@ def _export_onnx(args) -> None:
           f"{min(c['agreement'] for c in record['checks']):.6f}; verification in {args.output}.json")
 
 
-def _predict(args) -> None:
-    from fastkd.predict import predict
+def _export_trt(args) -> None:
+    from fastkd.export.tensorrt import build_engine
 
-    set_threads(args.threads)
-    out = predict(args.input, args.output, args.model, backend=args.backend, fold=args.fold, checkpoint=args.checkpoint,
-                  device=args.device, mirroring=not args.disable_mirroring, step_size=args.step_size,
-                  save_probabilities=args.save_probabilities, num_processes=args.threads)
-    print(f"segmentations in {out}")
+    profile = {"min": args.min_shape, "opt": args.opt_shape, "max": args.max_shape}
+    record = build_engine(args.onnx, args.output, precision=args.precision, profile=profile, max_batch=args.max_batch,
+                          calibration=args.calibration, timing_cache=args.timing_cache, workspace_gb=args.workspace_gb,
+                          min_agreement=args.min_agreement, force=args.force)
+    platform = f"TensorRT {record['tensorrt_version']}, {record['gpu']['name']}"
+    if not record["built"]:
+        print(f"{args.output}: up to date ({record['precision']}, {platform}, profile {record['profile']}); "
+              "--force rebuilds it")
+        return
+    checks = record["parity"]["checks"]
+    print(f"wrote {args.output} ({record['precision']}, {platform}, profile {record['profile']}, "
+          f"{len(record['fp32_layers'])} layers held in FP32) in {record['seconds']:.0f} s: agreement with onnxruntime "
+          f"{min(c['agreement'] for c in checks):.6f} on {len(checks)} inputs ({record['parity']['real_patches']} real); "
+          f"metadata in {args.output}.json")
+
+
+def _predict(args) -> None:
+    set_threads(args.threads)  # before nnU-Net is imported: it reads its pool sizes once
+    from fastkd.predict import RECORD, predict
+
+    record = predict(args.input, args.output, args.model, backend=args.backend, folds=args.folds,
+                     checkpoint=args.checkpoint, device=args.device, mirroring=not args.disable_mirroring,
+                     step_size=args.step_size, save_probabilities=args.save_probabilities, num_processes=args.threads,
+                     tile_batch=args.tile_batch)
+    print(f"{record['cases']} segmentations in {args.output} ({record['backend']}, folds {record['folds']}, "
+          f"{record['seconds_per_case']:.2f} s per case, {record['tile_batch']} network inputs per forward); "
+          f"record in {args.output / RECORD}")
 
 
 def _student_report(args) -> None:
@@ -497,22 +519,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-agreement", type=float, default=0.999,
                    help="smallest fraction of voxels whose segmentation agrees (default 0.999)")
     p.set_defaults(func=_export_onnx)
+    p = stage.add_parser("trt", help="build a TensorRT engine of an ONNX export (metadata beside it), checked against "
+                                     "onnxruntime; needs TensorRT and an NVIDIA GPU")
+    p.add_argument("onnx", type=Path, help="an .onnx written by `fastkd export onnx`")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the .engine (or .plan) to write (and <output>.json)")
+    config_flag(p, ["--precision"], "export.tensorrt.precision",
+                "fp32, fp16 or int8 (calibrated; needs --calibration); normalization layers stay FP32")
+    for bound in ("min", "opt", "max"):
+        p.add_argument(f"--{bound}-shape", type=positive_int, nargs="+", default=None, metavar="N",
+                       help=f"b c x y z, the optimization profile's {bound} (default: the ONNX's static shape, or "
+                            "nnU-Net's patch at batch 1, max at --max-batch)")
+    config_flag(p, ["--max-batch"], "export.tensorrt.max_batch", "largest batch of the default profile")
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="folder of preprocessed <case>.b2nd: int8 calibration data and real patches for the parity "
+                        "check (default for the check: nnU-Net's, in $nnUNet_preprocessed)")
+    p.add_argument("--timing-cache", type=Path, default=None,
+                   help="TensorRT timing cache file, reused between builds (default: tensorrt_timing.cache beside the engine)")
+    config_flag(p, ["--workspace-gb"], "export.tensorrt.workspace_gb", "builder workspace, GB of GPU memory")
+    p.add_argument("--min-agreement", type=float, default=0.999,
+                   help="smallest fraction of voxels whose segmentation agrees with onnxruntime (default 0.999)")
+    p.add_argument("--force", action="store_true", help="rebuild even when the engine is up to date")
+    p.set_defaults(func=_export_trt)
 
-    p = sub.add_parser("predict", help="segment images with a student: its model folder (torch) or its .onnx (onnx), "
-                                       "through nnU-Net's predictor")
+    p = sub.add_parser("predict", help="segment images through nnU-Net's predictor: a model folder (torch; one fold "
+                                       "or an ensemble), an .onnx (onnx) or a TensorRT engine (trt)")
     p.add_argument("-i", "--input", type=Path, required=True, help="folder of images, nnU-Net naming (<case>_0000.nii.gz)")
-    p.add_argument("-o", "--output", type=Path, required=True, help="folder for the segmentations")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="folder for the segmentations (and fastkd_predict.json, written last)")
     p.add_argument("-m", "--model", type=Path, required=True,
-                   help="a model folder (Trainer__Plans__configuration) or an .onnx from `fastkd export onnx`")
-    p.add_argument("--backend", choices=("torch", "onnx"), default=None,
-                   help="torch (model folder) or onnx (.onnx); default: from --model")
-    p.add_argument("-f", "--fold", type=fold_arg, default=0, help="fold of the model folder (torch; default 0)")
+                   help="a model folder (Trainer__Plans__configuration), an .onnx from `fastkd export onnx`, "
+                        "or a TensorRT .engine/.plan")
+    p.add_argument("--backend", choices=("torch", "onnx", "trt"), default=None,
+                   help="torch (model folder), onnx (.onnx) or trt (.engine/.plan); default: from --model")
+    p.add_argument("-f", "--folds", type=fold_arg, nargs="+", default=[0],
+                   help="folds of the model folder (torch; default 0); several = nnU-Net's ensemble, "
+                        "e.g. -f 0 1 2 3 4 as nnUNetv2_predict by default")
     p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth", help="checkpoint in fold_X (torch)")
     config_flag(p, ["--device"], "student.device", "device")
     p.add_argument("--disable-mirroring", action="store_true", help="no test-time mirroring (1 pass per tile)")
     config_flag(p, ["--step-size"], "softlabels.step_size", "sliding-window step, fraction of the patch")
+    p.add_argument("--tile-batch", type=positive_int, default=None,
+                   help="network inputs per forward, tiles and their mirrored copies (default: 1 on CPU, "
+                        "8 on CUDA; capped by a fixed-batch ONNX or engine)")
     p.add_argument("--save-probabilities", action="store_true", help="also write the probabilities (.npz)")
-    p.add_argument("--threads", type=positive_int, default=2, help="CPU threads and loading/writing workers (2)")
+    p.add_argument("--threads", type=positive_int, default=2,
+                   help="CPU threads, and the workers of each pool: loading/preprocessing, resampling/writing (2)")
     p.set_defaults(func=_predict, action="")
     return parser
 

@@ -30,7 +30,9 @@ preprocessed patches (from ``calibration``, else nnU-Net's folder of the model u
 >= ``min_agreement`` (99.9 %). For int8 the random inputs are recorded but do not gate: the
 calibrated ranges describe real data, not noise.
 
-Normalization layers: TensorRT 10's ONNX parser imports InstanceNormalization (and Group/Layer
+Normalization layers: fastkd's exports write InstanceNorm as staged means (accurate in float32, see
+:mod:`fastkd.export.onnx`); the nodes in the scopes its metadata lists (``normalization_scopes``) are
+normalization. TensorRT 10's ONNX parser imports a native InstanceNormalization (and Group/Layer
 normalization) as an INormalizationLayer (``LayerType.NORMALIZATION``); older parsers emit a plugin
 (``InstanceNormalization_TRT``) or a reduce/elementwise subgraph. Layers of that type, and every
 layer whose name holds the name of an ONNX normalization node (the parser names layers after their
@@ -116,8 +118,13 @@ def read_onnx(onnx_path: str | Path) -> tuple[dict, set[str]]:
     if missing:
         raise FastkdError(f"ONNX {path} lacks the metadata {', '.join(missing)}: export it with `fastkd export onnx` "
                           "(the engine carries that metadata so that a predictor needs no model folder)")
-    norms = {n.name for n in model.graph.node if n.op_type in NORMALIZATION_OPS and n.name}
-    return {k: json.loads(props[k]) for k in METADATA_KEYS}, norms
+    meta = {k: json.loads(props[k]) for k in METADATA_KEYS}
+    # fastkd exports InstanceNorm as staged means (fastkd.export.onnx.StableInstanceNorm): every node in
+    # one of the norms' scopes belongs to a normalization
+    scopes = tuple(meta["fastkd"].get("normalization_scopes") or ())
+    norms = {n.name for n in model.graph.node
+             if n.name and (n.op_type in NORMALIZATION_OPS or n.name.startswith(scopes) and scopes)}
+    return meta, norms
 
 
 def resolve_profile(meta: dict, profile: dict | None = None, max_batch: int = 1) -> dict:
