@@ -272,18 +272,19 @@ class Paths:
         return self.work / self.dataset_name / "evaluation" / case_set
 
     def evaluation_images(self, case_set: str) -> Path:
-        """The images a case set predicts: the test images (relative: inside the raw dataset), or links."""
+        """The images a case set predicts: the test images (relative: inside the raw dataset where it really
+        lives, so they exist before a job links it into nnUNet_raw), or links to validation cases."""
         if case_set == "test":
             from fastkd.evaluate import test_set
 
-            return self.raw_dataset / test_set(self.config)[0]
+            return self.raw_source / test_set(self.config)[0]
         return self.evaluation(case_set) / "cases" / "images"
 
     def evaluation_labels(self, case_set: str) -> Path:
         if case_set == "test":
             from fastkd.evaluate import test_set
 
-            return self.raw_dataset / test_set(self.config)[1]
+            return self.raw_source / test_set(self.config)[1]
         return self.evaluation(case_set) / "cases" / "labels"
 
     def predictions(self, case_set: str, label: str) -> Path:

@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from wf import TINY, snakemake, workdir
 
@@ -21,3 +22,13 @@ def trained(tmp_path_factory):
     wd = workdir(tmp_path_factory.mktemp("trained"), TINY)
     snakemake(wd, "--cores", "2", "softlabels")
     return wd
+
+
+@pytest.fixture(scope="session")
+def students(trained):
+    """``snakemake student`` on the fixture: r = 2, fold 1, distilled + baseline, 2 tiny epochs."""
+    config = yaml.safe_load((trained / "test.yaml").read_text())
+    config.setdefault("student", {})["folds"] = [1]
+    (trained / "test.yaml").write_text(yaml.safe_dump(config))
+    run = snakemake(trained, "--cores", "2", "student")
+    return trained, run

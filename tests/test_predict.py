@@ -24,10 +24,6 @@ from fastkd.errors import FastkdError
 from fastkd.nnunet import build_network
 from wf import BIN, REPO, nnunet_env
 
-import test_student
-
-#: the session's demo students (`snakemake student`, in test_student.py), as a fixture of this module too
-students = test_student.students
 
 BRATS = REPO.parent / "shared" / "datasets" / "Dataset005_BraTS2015DeepMedic"
 RECORD_KEYS = {"model", "backend", "folds", "device", "mirroring", "step_size", "tile_batch", "cases", "seconds_total",

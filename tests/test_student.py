@@ -13,7 +13,6 @@ import time
 
 import pytest
 import torch
-import yaml
 
 from wf import BIN, nnunet_env, snakemake
 
@@ -268,16 +267,6 @@ def test_student_paths_follow_the_config(tmp_path):
 
 
 # -- slow: real nnU-Net -----------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def students(trained):
-    """``snakemake student`` on the fixture: r = 2, fold 1, distilled + baseline, 2 tiny epochs."""
-    config = yaml.safe_load((trained / "test.yaml").read_text())
-    config.setdefault("student", {})["folds"] = [1]
-    (trained / "test.yaml").write_text(yaml.safe_dump(config))
-    run = snakemake(trained, "--cores", "2", "student")
-    return trained, run
-
-
 @pytest.mark.slow
 def test_snakemake_trains_stock_nnunet_students(students):
     wd, run = students
