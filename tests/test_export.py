@@ -38,8 +38,12 @@ DATASET_JSON = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "orga
 
 @pytest.fixture
 def model(tmp_path):
+    return write_model(tmp_path)
+
+
+def write_model(root):
     """A model folder as nnU-Net writes it: plans.json, dataset.json, fold_0/checkpoint_final.pth."""
-    folder = tmp_path / "nnUNetTrainerFastKD__nnUNetPlans_fastkdR2__3d_fullres"
+    folder = root / "nnUNetTrainerFastKD__nnUNetPlans_fastkdR2__3d_fullres"
     (folder / "fold_0").mkdir(parents=True)
     (folder / "plans.json").write_text(json.dumps(PLANS))
     (folder / "dataset.json").write_text(json.dumps(DATASET_JSON))

@@ -22,21 +22,13 @@ import torch
 
 from fastkd.errors import FastkdError
 from fastkd.nnunet import build_network
+from test_export import ARCH
 from wf import BIN, REPO, nnunet_env
-
 
 BRATS = REPO.parent / "shared" / "datasets" / "Dataset005_BraTS2015DeepMedic"
 RECORD_KEYS = {"model", "backend", "folds", "device", "mirroring", "step_size", "tile_batch", "cases", "seconds_total",
                "seconds_per_case", "fastkd_version"}
 
-ARCH = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-        "arch_kwargs": {"n_stages": 3, "features_per_stage": [8, 16, 32], "conv_op": "torch.nn.modules.conv.Conv3d",
-                        "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
-                        "n_conv_per_stage": [1, 1, 1], "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
-                        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-                        "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None,
-                        "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
-        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
 
 
 def full_plans(spacing=(1.0, 1.0, 1.0), patch=(16, 24, 16)) -> dict:

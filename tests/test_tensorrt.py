@@ -19,8 +19,7 @@ from fastkd.export import tensorrt as fastkd_trt
 from fastkd.export.onnx import export_onnx
 from fastkd.export.tensorrt import (build_engine, calibration_batches, differences, keep_fp32, load_engine_model,
                                     metadata_path, read_onnx, require_tensorrt, resolve_profile)
-from fastkd.nnunet import build_network
-from test_export import DATASET_JSON, PLANS, save_checkpoint
+from test_export import DATASET_JSON, PLANS, write_model
 from wf import BIN, env, job_counts, snakemake, workdir
 
 PLATFORM = {"tensorrt_version": "10.3.0", "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}}
@@ -30,13 +29,7 @@ PLATFORM = {"tensorrt_version": "10.3.0", "gpu": {"name": "NVIDIA H100 80GB HBM3
 def exports(tmp_path_factory):
     """A small student's static and dynamic ONNX exports, and one without fastkd's metadata."""
     tmp = tmp_path_factory.mktemp("exports")
-    folder = tmp / "nnUNetTrainerFastKD__nnUNetPlans_fastkdR2__3d_fullres"
-    (folder / "fold_0").mkdir(parents=True)
-    (folder / "plans.json").write_text(json.dumps(PLANS))
-    (folder / "dataset.json").write_text(json.dumps(DATASET_JSON))
-    torch.manual_seed(0)
-    network, _, _ = build_network(PLANS, "3d_fullres", DATASET_JSON)
-    save_checkpoint(folder / "fold_0" / "checkpoint_final.pth", network.state_dict())
+    folder = write_model(tmp)
     export_onnx(folder, 0, tmp / "static.onnx")
     export_onnx(folder, 0, tmp / "dynamic.onnx", dynamic=True)
     plain = onnx.load(tmp / "static.onnx")
