@@ -150,12 +150,8 @@ def load_model(model: str | Path, backend: str, folds, checkpoint: str, device: 
         if model.suffix not in ENGINE_SUFFIXES or not model.is_file():
             raise FastkdError(f"-m {model}: the trt backend takes a TensorRT engine file "
                               f"({' or '.join(ENGINE_SUFFIXES)})")
-        try:
-            from fastkd.export.tensorrt import load_engine_model
-        except ModuleNotFoundError as e:
-            if e.name != "fastkd.export.tensorrt":
-                raise
-            raise FastkdError("--backend trt: this fastkd has no TensorRT support (fastkd.export.tensorrt)") from None
+        from fastkd.export.tensorrt import load_engine_model  # imports tensorrt only when an engine is loaded
+
         return load_engine_model(model, device)
     import onnx
 

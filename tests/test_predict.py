@@ -290,16 +290,12 @@ def test_errors_name_the_value(model, tmp_path):
 
 
 def test_trt_backend_loads_engines_lazily(model, tmp_path, monkeypatch):
-    """``.engine``/``.plan`` pick the trt backend; fastkd.export.tensorrt is imported only then, and its
-    absence is a clear error."""
+    """``.engine``/``.plan`` pick the trt backend; fastkd.export.tensorrt is imported only then."""
     from fastkd import predict as fp
 
     assert [fp.default_backend(p) for p in ("a.onnx", "a.engine", "a.plan", model)] == ["onnx", "trt", "trt", "torch"]
     engine = tmp_path / "s.engine"
     engine.write_bytes(b"")
-    monkeypatch.setitem(sys.modules, "fastkd.export.tensorrt", None)  # as if the module did not exist
-    with pytest.raises(FastkdError, match="no TensorRT support"):
-        fp.load_model(engine, "trt", (0,), "", torch.device("cpu"))
     seen = {}
 
     class Engine(types.ModuleType):
