@@ -19,7 +19,10 @@ Figures, on the first ``--cases`` cases (sorted) of the dataset:
    - stock ``nnUNetv2_predict``, 5 folds, test-time mirroring (nnU-Net's default);
    - stock ``nnUNetv2_predict``, fold 0, no mirroring (``--disable_tta``);
    - ``fastkd predict`` (torch: the student's model folder; onnx: its export), fold 0, no mirroring,
-     per r.
+     per r; torch runs TorchScript-frozen on the CPU, fastkd's default;
+   - ``fastkd predict`` of the teacher's fold 0 (like for like: the student's share of the gain, with the
+     runtime the same) and of the r = 2 student with ``--no-jit`` (eager PyTorch, as stock: what
+     TorchScript adds).
    Every one uses ``--threads`` worker processes per pool (``-npp``/``-nps`` for stock) and the same
    torch threads (``nnUNet_def_n_proc``); ``--repeats`` rounds, configurations interleaved, the median.
    A run pays once for starting Python, importing, loading the model and starting its workers (8-15 s
@@ -243,12 +246,17 @@ def configurations(args, d: dict, ensemble: bool) -> dict[str, dict]:
         out["stock 5 folds, mirroring"] = {"cmd": [*stock, "-f", *map(str, FOLDS)],
                                            "stock": (FOLDS, True)}
     out["stock fold 0, no mirroring"] = {"cmd": [*stock, "-f", "0", "--disable_tta"], "stock": ([0], False)}
+    fastkd = lambda model, *extra: [*bench_cache.fastkd_cmd(  # noqa: E731
+        "predict", "-m", model, "-f", "0", "--disable-mirroring", "--threads", t, "--device", args.device, *extra)]
+    # like for like: the teacher fold through fastkd's own runtime (TorchScript on the CPU)
+    out["fastkd torch teacher fold 0, no mirroring"] = {"cmd": fastkd(d["teacher"]),
+                                                         "fastkd": (d["teacher"], False, None)}
     for r, s in d["students"].items():
         for backend, model in (("torch", s["folder"]), ("onnx", s["onnx"])):
-            out[f"fastkd {backend} r={r}, no mirroring"] = {
-                "cmd": [*bench_cache.fastkd_cmd("predict", "-m", model, "-f", "0", "--disable-mirroring",
-                                                "--threads", t, "--device", args.device)],
-                "fastkd": (model, False)}
+            out[f"fastkd {backend} r={r}, no mirroring"] = {"cmd": fastkd(model), "fastkd": (model, False, None)}
+        if r == 2 and args.device == "cpu":  # what TorchScript adds
+            out["fastkd torch r=2 --no-jit"] = {"cmd": fastkd(s["folder"], "--no-jit"),
+                                                 "fastkd": (s["folder"], False, False)}
     return out
 
 
@@ -306,9 +314,10 @@ def make_predictor(args, d: dict, config: dict, tile_batch: int | None = None, m
                                     perform_everything_on_device=args.device == "cuda", allow_tqdm=False)
         predictor.initialize_from_trained_model_folder(str(d["teacher"]), folds, "checkpoint_final.pth")
         return predictor, len(folds), mirror
-    model, mirror = config["fastkd"]
+    model, mirror, jit = config["fastkd"]
     mirror = mirror if mirroring is None else mirroring
-    predictor, _ = build_predictor(model, mirroring=mirror, device=args.device, tile_batch=tile_batch, progress=False)
+    predictor, _ = build_predictor(model, mirroring=mirror, device=args.device, tile_batch=tile_batch, progress=False,
+                                   jit=jit)
     return predictor, 1, mirror
 
 
@@ -440,6 +449,7 @@ def bench_dataset(args, env: dict, raw: Path, n_cases: int, ensemble: bool) -> d
         return whole[name][kind]
 
     ensemble_name, one_name = "stock 5 folds, mirroring", "stock fold 0, no mirroring"
+    same_runtime = "fastkd torch teacher fold 0, no mirroring"
     rows = []
     labels = {"marginal_per_case": "whole case, start-up out", "per_case_with_startup": f"run of {n} / {n}",
               "sequential": "phases in turn"}
@@ -458,6 +468,13 @@ def bench_dataset(args, env: dict, raw: Path, n_cases: int, ensemble: bool) -> d
                     est = " (est.)" if base == ensemble_name and estimated else ""
                     rows.append(row(f"{backend} r={r} vs {what}{est}: {labels[kind]}", theirs / ours,
                                     goal if (r == 2 and kind == judged_kind) else None, "x"))
+            if backend == "torch":  # the student's own share: the teacher fold through the same runtime
+                rows.append(row(f"torch r={r} vs 1 teacher fold, both fastkd torch: phases in turn",
+                                seconds(same_runtime, "sequential") / seconds(name, "sequential"), unit="x"))
+    if "fastkd torch r=2 --no-jit" in configs:
+        rows.append(row("torch r=2: --no-jit / TorchScript, phases in turn",
+                        seconds("fastkd torch r=2 --no-jit", "sequential") /
+                        seconds("fastkd torch r=2, no mirroring", "sequential"), unit="x"))
     for name in configs:
         rows.append(row(f"network / floor: {name}", phases[name]["mean"]["network"] / floors[name]["floor_per_case"],
                         unit="x"))
@@ -466,18 +483,19 @@ def bench_dataset(args, env: dict, raw: Path, n_cases: int, ensemble: bool) -> d
 
     print(f"\n{d['dataset']} ({n} case{'s' * (n > 1)}, {args.device}, {args.threads} threads). Settings: stock "
           "nnUNetv2_predict with its defaults (step 0.5, Gaussian), 5 folds with mirroring, and fold 0 with "
-          "--disable_tta; fastkd predict fold 0 with --disable-mirroring and the default tile batch (1 on CPU). "
+          "--disable_tta; fastkd predict fold 0 with --disable-mirroring and the default tile batch (1 on CPU) "
+          "and runtime (TorchScript for torch on the CPU; --no-jit: eager PyTorch as stock). "
           "Seconds per case:")
-    print(f"{'configuration':<32} {'whole':>7} {'start-up':>8} {'run/N':>7} {'peak GB':>7} | {'load+pre':>8} "
+    print(f"{'configuration':<40} {'whole':>7} {'start-up':>8} {'run/N':>7} {'peak GB':>7} | {'load+pre':>8} "
           f"{'network':>8} {'floor':>7} {'res+wri':>7} {'in turn':>7}")
     fmt = lambda v, w, p=3: f"{'-' if v is None else format(v, f'.{p}f'):>{w}}"  # noqa: E731
     for name in configs:
         w, m, f = whole[name], phases[name]["mean"], floors[name]["floor_per_case"]
-        print(f"{name:<32} {fmt(w['marginal_per_case'], 7)} {fmt(w['startup'], 8, 1)} "
+        print(f"{name:<40} {fmt(w['marginal_per_case'], 7)} {fmt(w['startup'], 8, 1)} "
               f"{fmt(w['per_case_with_startup'], 7)} {fmt(w['peak_gb'], 7, 2)} | {fmt(m['load_preprocess'], 8)} "
               f"{fmt(m['network'], 8)} {fmt(f, 7)} {fmt(m['resample_write'], 7)} {fmt(m['sum'], 7)}")
     if estimated:
-        print(f"{ensemble_name + ' (est.)':<32} {'-':>7} {'-':>8} {'-':>7} {'-':>7} | {'':>8} "
+        print(f"{ensemble_name + ' (est.)':<40} {'-':>7} {'-':>8} {'-':>7} {'-':>7} | {'':>8} "
               f"{fmt(estimated['network'], 8)} {'':>7} {'':>7} {fmt(estimated['sequential'], 7)}   "
               f"estimated: {estimated['how']}")
     print("whole = (run of all n cases - run of the first k) / (n - k); start-up = run of k cases - k x whole; "

@@ -26,7 +26,8 @@ from test_export import ARCH
 from wf import BIN, REPO, nnunet_env
 
 BRATS = REPO.parent / "shared" / "datasets" / "Dataset005_BraTS2015DeepMedic"
-RECORD_KEYS = {"model", "backend", "folds", "device", "mirroring", "step_size", "tile_batch", "cases", "seconds_total",
+RECORD_KEYS = {"model", "backend", "folds", "device", "mirroring", "step_size", "tile_batch", "jit", "cases",
+               "seconds_total",
                "seconds_per_case", "fastkd_version"}
 
 
@@ -180,6 +181,39 @@ def test_fold_ensemble_equals_nnunets_predictor_with_the_same_folds(model):
     assert not torch.equal(one.predict_logits_from_preprocessed_data(data), expected)  # the folds differ
 
 
+def test_torchscript_network_gives_each_folds_logits(model):
+    """--jit (the CPU default for torch): each fold's network traced and frozen once, then reused; the
+    ensemble's logits equal eager nnU-Net's up to float rounding, case after case, and each fold's frozen
+    network keeps that fold's weights (loading the next fold must not change it)."""
+    from fastkd.predict import FrozenNetwork, build_predictor, load_model, resolve_jit
+
+    cpu = torch.device("cpu")
+    assert resolve_jit(None, cpu, "torch") and not resolve_jit(None, torch.device("cuda"), "torch")
+    assert not resolve_jit(None, cpu, "onnx") and not resolve_jit(False, cpu, "torch")
+    for backend, device in (("onnx", cpu), ("torch", torch.device("cuda"))):
+        with pytest.raises(FastkdError, match=f"--jit: .* not {backend} on {device.type}"):
+            resolve_jit(True, device, backend)
+    data = torch.from_numpy(np.random.default_rng(3).standard_normal((1, 20, 30, 18)).astype(np.float32))
+    eager, settings = build_predictor(model, folds=(0, 1), mirroring=True, jit=False, progress=False)
+    frozen, frozen_settings = build_predictor(model, folds=(0, 1), mirroring=True, progress=False)
+    assert not settings["jit"] and frozen_settings["jit"] and isinstance(frozen.network, FrozenNetwork)
+    expected = eager.predict_logits_from_preprocessed_data(data)
+    for _ in range(2):  # the second case reuses the frozen networks
+        got = frozen.predict_logits_from_preprocessed_data(data)
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+    assert len(frozen.network._frozen) == 2  # one per fold, traced once
+    m = load_model(model, "torch", (0, 1), "checkpoint_final.pth", cpu)
+    net = FrozenNetwork(m["network"])
+    x = data[None, :, :16, :24, :16]
+    outputs = []
+    for params in m["parameters"]:
+        net.load_state_dict(params)
+        outputs.append(net(x))
+    net.load_state_dict(m["parameters"][0])
+    torch.testing.assert_close(net(x), outputs[0])
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-2  # the folds differ
+
+
 def test_resampling_on_the_device_matches_nnunets_export(tmp_path):
     """The CUDA path's resampling (nnU-Net's torch resampling of the logits, then nnU-Net's export finding
     nothing left to resample), run here on CPU tensors: the shape and the labels of nnU-Net's own export."""
@@ -231,11 +265,11 @@ def test_predict_writes_stock_output_and_its_record_last(model, tmp_path):
     out.mkdir()
     (out / RECORD).write_text("{}")  # a stale record of an earlier run goes first
     record = predict(images, out, model, folds=[0, 1], mirroring=False, step_size=0.75, num_processes=1,
-                     progress=False)
+                     progress=False, jit=False)  # eager: bit for bit nnU-Net's (TorchScript: see the jit test)
     assert set(record) == RECORD_KEYS and json.loads((out / RECORD).read_text()) == record
     assert (record["model"], record["backend"], record["folds"], record["device"], record["mirroring"],
-            record["step_size"], record["tile_batch"], record["cases"]) == \
-        (str(model), "torch", [0, 1], "cpu", False, 0.75, 1, 2)
+            record["step_size"], record["tile_batch"], record["jit"], record["cases"]) == \
+        (str(model), "torch", [0, 1], "cpu", False, 0.75, 1, False, 2)
     assert record["seconds_per_case"] == pytest.approx(record["seconds_total"] / 2)
     assert (out / RECORD).stat().st_mtime_ns >= max(p.stat().st_mtime_ns for p in out.glob("*.nii.gz"))
     assert {"plans.json", "dataset.json", "predict_from_raw_data_args.json"} <= {p.name for p in out.iterdir()}
@@ -330,11 +364,13 @@ def test_cli_flags_reach_predict(monkeypatch, tmp_path, capsys):
     assert [str(a) for a in args] == ["IN", str(tmp_path), "M"]
     assert kwargs == {"backend": None, "folds": [0, 1, 2, 3, 4], "checkpoint": "checkpoint_final.pth", "device": "cpu",
                       "mirroring": False, "step_size": 0.7, "save_probabilities": False, "num_processes": 3,
-                      "tile_batch": None}
+                      "tile_batch": None, "jit": None}
     assert "3 segmentations in" in capsys.readouterr().out
     assert main(["predict", "-i", "IN", "-o", "OUT", "-m", "M.engine", "--backend", "trt", "-f", "all",
                  "--tile-batch", "4"]) == 0
     assert calls[-1][1]["backend"] == "trt" and calls[-1][1]["folds"] == ["all"] and calls[-1][1]["tile_batch"] == 4
+    assert main(["predict", "-i", "IN", "-o", "OUT", "-m", "M", "--no-jit"]) == 0 and calls[-1][1]["jit"] is False
+    assert main(["predict", "-i", "IN", "-o", "OUT", "-m", "M", "--jit"]) == 0 and calls[-1][1]["jit"] is True
     for argv in (["-f", "5"], ["--tile-batch", "0"], ["--backend", "tf"], ["--step-size", "2"]):
         with pytest.raises(SystemExit):
             main(["predict", "-i", "IN", "-o", "OUT", "-m", "M", *argv])
