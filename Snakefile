@@ -31,11 +31,13 @@ include: "workflow/rules/softlabels.smk"
 include: "workflow/rules/student.smk"
 include: "workflow/rules/export.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     input:
         all_targets(),
+        rules.report_summary.output,
     default_target: True
 
 
@@ -68,3 +70,8 @@ rule export:
 rule evaluation:
     input:
         evaluation_targets(),
+
+
+rule summary:
+    input:
+        rules.report_summary.output,

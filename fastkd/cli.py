@@ -1,7 +1,7 @@
 """The fastkd command: ``fastkd <stage> <action>``, one action per workflow rule, each usable without Snakemake.
 
 Stages follow the workflow: ``demo``, ``config``, ``preprocess``, ``teachers``, ``softlabels``,
-``cache`` (inspect a store), ``student``, ``evaluate``, ``export``; and ``fastkd predict``. Flags that set a config
+``cache`` (inspect a store), ``student``, ``evaluate``, ``export``, ``report``; and ``fastkd predict``. Flags that set a config
 value take their default from the config schema and are checked by it, so a value is valid (or not) the same way in ``config.yaml``,
 on the command line and in the reference commands. ``fastkd student train`` takes its settings as
 config keys (``--set student.schedule.epochs=10``), so a new student option needs no new flag.
@@ -106,7 +106,8 @@ def _config_show(args) -> None:
                    for s in teacher_sets(config, p.teacher_folder)},
                 "soft-label cache": p.softlabel_cache, "soft-label preview": p.softlabel_preview,
                 **{f"student plans (r = {r})": p.student_plans_file(r)
-                   for r in config["distillation"]["reduction_factors"]}}
+                   for r in config["distillation"]["reduction_factors"]},
+                "report pages": p.report_folder}
         print("# artifact paths")
         for key, value in rows.items():
             print(f"# {key}: {value}")
@@ -315,6 +316,19 @@ def _evaluate_table(args) -> None:
     print(f"wrote {args.output}/dice.tsv, dice.json, dice.md, dice.png")
 
 
+def _report_summary(args) -> None:
+    from fastkd.report import parse_pairs, write_summary
+
+    result = write_summary(args.output, parse_pairs(args.models, "CHECKPOINT"), parse_pairs(args.onnx, "ONNX"),
+                           args.evaluation, args.cache, args.preprocessed, args.title)
+    for fold in result["no_curves"]:
+        print(f"{fold}: no progress.png (a fold trained elsewhere), no training curves")
+    cache = result["cache"]
+    print(f"wrote {args.output}: {len(result['models'])} models, {len(result['speed'])} predictions of "
+          f"{len(result['evaluations'])} case sets, {len(result['curves'])} training curves"
+          + (f"; soft-label cache: verify {cache['verify']}" if cache else ""))
+
+
 # -- the parser -------------------------------------------------------------------------------------
 def _stage(sub, name: str, help: str):
     parser = sub.add_parser(name, help=help)
@@ -499,6 +513,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mark the table optimistic: the cases are validation cases some models trained on")
     p.add_argument("--threads", type=positive_int, default=1, help="worker processes of nnU-Net's evaluation")
     p.set_defaults(func=_evaluate_table)
+
+    stage = _stage(sub, "report", "tables and figures of the Snakemake report")
+    p = stage.add_parser("summary", help="size and FLOPs of every model, inference speed, Dice tables, soft-label cache "
+                                         "status (TSV and HTML), a size figure and nnU-Net's training curves")
+    p.add_argument("models", nargs="+", metavar="LABEL=CHECKPOINT",
+                   help="every fold's checkpoint, e.g. teachers=nnUNet_results/<ds>/<model>/fold_0/checkpoint_final.pth; "
+                        "folds with the same label are one model; the first model is the reference of the ratios")
+    p.add_argument("--onnx", nargs="+", default=[], metavar="LABEL=ONNX", help="ONNX exports of the models, by label")
+    p.add_argument("--evaluation", type=Path, nargs="+", default=[], metavar="DICE_JSON",
+                   help="dice.json of each evaluated case set (written by `fastkd evaluate table`)")
+    p.add_argument("--cache", type=Path, default=None, help="the soft-label cache (*.zarr): size and verify status")
+    p.add_argument("--preprocessed", type=Path, default=None,
+                   help="folder of the preprocessed <case>.b2nd for the cache check (default: recorded in the cache)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="folder to write (layout: fastkd/report.py)")
+    p.add_argument("--title", default="", help="prefix of the page titles, e.g. the dataset")
+    p.set_defaults(func=_report_summary)
 
     stage = _stage(sub, "export", "export a trained student for deployment")
     p = stage.add_parser("onnx", help="export one fold to ONNX (metadata inside), verified against PyTorch")

@@ -25,6 +25,8 @@ Layout (defaults; ``<ds>`` = ``DatasetXXX_Name``)::
     fastkd_work/<ds>/export/<student model folder>/fold_<f>.onnx (+ .onnx.json)   verified ONNX export
     fastkd_work/<ds>/export/<student model folder>/fold_<f>.engine (+ .engine.json)   TensorRT engine of it
     fastkd_work/<ds>/evaluation/<test | fold_<f>_validation>/   predictions, Dice table (layout: fastkd.evaluate)
+    fastkd_work/<ds>/report/             model size and FLOPs, speed, Dice and cache tables, training curves
+                                         (pages of the Snakemake report; layout: fastkd.report)
     fastkd_work/logs/<rule>/<wildcards>.log, fastkd_work/benchmarks/<rule>/<wildcards>.tsv
 """
 
@@ -293,6 +295,21 @@ class Paths:
 
     def evaluation_table(self, case_set: str, suffix: str = "tsv") -> Path:
         return self.evaluation(case_set) / f"dice.{suffix}"
+
+    # -- report ----------------------------------------------------------------------------------
+    @property
+    def report_folder(self) -> Path:
+        """The report's own pages, written by ``fastkd report summary`` (layout: fastkd.report)."""
+        return self.work / self.dataset_name / "report"
+
+    def report_table(self, name: str, suffix: str = "html") -> Path:
+        """One page of it: ``models`` (html, tsv, png), ``speed`` (html, tsv), ``dice`` (html), ``cache`` (html, tsv)."""
+        return self.report_folder / f"{name}.{suffix}"
+
+    @property
+    def report_curves(self) -> Path:
+        """nnU-Net's progress.png of every trained fold, one copy each (``<model folder>__fold_<f>.png``)."""
+        return self.report_folder / "curves"
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def reference_config(self, rule: str, r: int | str, fold: int | str) -> Path:

@@ -23,7 +23,7 @@ def test_dry_run_dag_of_the_demo(tmp_path):
                                       "softlabels_preview": 1, "student_plans": 1, "student_info": 1,
                                       "train_student": 1, "train_baseline": 1, "student_report": 1,
                                       "export_onnx": 2, "predict_teachers": 1, "predict_student": 2,
-                                      "evaluate": 1, "all": 1}
+                                      "evaluate": 1, "report_summary": 1, "all": 1}
     for fold in range(5):
         assert f"fold_{fold}/checkpoint_final.pth" in run.stdout
     assert "nnUNetTrainerFastKD__nnUNetPlans_fastkdR2__3d_fullres/fold_0/validation/summary.json" in run.stdout
@@ -92,7 +92,7 @@ def test_hippocampus_dag_takes_cases_from_dataset_json(tmp_path):
                                       "train_baseline": 1, "student_report": 1, "export_onnx": 2,
                                       # the Decathlon's test images carry no labels: fold 0's validation cases
                                       "evaluation_cases": 1, "predict_teachers": 1, "predict_student": 2,
-                                      "evaluate": 1, "all": 1}
+                                      "evaluate": 1, "report_summary": 1, "all": 1}
     cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (HIPPOCAMPUS / "imagesTr").glob("*_0000.nii.gz"))
     assert len(cases) == 200
     for case in cases:
