@@ -14,6 +14,8 @@ config (``workflow/schemas/config.schema.yaml`` documents and checks every value
     {"cache": "/abs/path/of/the/soft-label/store.zarr",   # null for the baseline
      "alpha": distillation.alpha,                          # 0.0 for the baseline
      "temperature": distillation.temperature,              # KD students only
+     "teachers": {"<teacher folder>": {"<fold>": sha256}}, # KD students: the checkpoints the cache's
+                                                           # soft labels came from (once it is complete)
      "soft_dice": w, "cauchy_schwarz": w,                  # KD students only (KD_KEYS)
      "validation_mirroring": bool,                         # test-time mirroring in the final validation
      "schedule": {"epochs": n, "iterations_per_epoch": n, "val_iterations_per_epoch": n,
@@ -25,6 +27,10 @@ that is, the config's ``student`` block without the keys that choose which stude
 whether it resumes (:data:`RUN_KEYS`: they name the model folder or steer the job, not the training),
 plus the distillation settings. The baseline's settings hold nothing that only distillation uses, so a
 temperature or KD-weight sweep leaves the baseline's settings, and so its checkpoints, alone.
+
+The teacher checkpoints are part of the settings because a retrained teacher keeps the cache's path
+(its soft labels are rewritten in place): a student trained on the old soft labels must start over,
+not continue from its ``checkpoint_final.pth``.
 
 Resuming: when the fold folder holds a checkpoint written with the same settings, training continues
 from it (final, else latest, else best: nnU-Net's ``--c`` order) with its epoch, learning rate
@@ -42,6 +48,7 @@ import json
 import sys
 from pathlib import Path
 
+from fastkd.cache import root_attrs
 from fastkd.errors import FastkdError
 from fastkd.io import atomic_write_text
 from fastkd.student import CHECKPOINTS, N_SPLITS, RUN_FILES, SETTINGS_FILE, move_aside, trainer_name
@@ -67,6 +74,9 @@ def student_settings(config: dict, cache: str | Path | None, kd: bool) -> dict:
                           "the no-KD baseline)")
     distillation = {"cache": str(Path(cache).resolve()), "alpha": alpha,
                     "temperature": config["distillation"]["temperature"]} if kd else {"cache": None, "alpha": 0.0}
+    root = root_attrs(cache) if kd else None
+    if root and root.get("complete"):
+        distillation["teachers"] = {t["name"]: t["sha256"] for t in root["provenance"]["teachers"]}
     return {**distillation, **{k: copy.deepcopy(v) for k, v in config["student"].items()
                                if k not in RUN_KEYS and (kd or k not in KD_KEYS)}}
 

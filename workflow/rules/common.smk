@@ -63,6 +63,14 @@ def teacher_checkpoints(name):
     return [s["folder"] / f"fold_{f}" / s["checkpoint"] for f in s["folds"]]
 
 
+def file_stamps(paths):
+    """``size:mtime_ns`` of each file (``-`` while it does not exist): a rule parameter that reruns the
+    job when a file is replaced by a copy that kept an older modification time (``cp -p``, ``rsync -a``),
+    which Snakemake's mtime trigger misses. Evaluated again when the job runs, so a file an upstream job
+    writes in the same run is recorded as written."""
+    return " ".join(f"{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}" if os.path.exists(p) else "-" for p in paths)
+
+
 def shard_inputs(wildcards):
     """Preprocessed images of soft-label shard ``shard`` (1-based, as in the shard's file name)."""
     from fastkd.softlabels import shard_cases

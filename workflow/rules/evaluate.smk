@@ -33,6 +33,7 @@ rule predict_teachers:
     input:
         images=lambda w: evaluation_inputs(w.case_set)[0],
         checkpoints=teacher_checkpoints(MAIN_TEACHERS),
+        manifest=P.teacher_manifest_of(MAIN_TEACHERS),  # reruns when a checkpoint's content changes
     output:
         predictions=directory(P.predictions("{case_set}", "teachers")),
     params:

@@ -41,14 +41,15 @@ if TRAIN_TEACHERS:
 
 
 # One manifest per teacher folder of the ensemble (the teachers, then teachers.extra): the folder
-# checked and every checkpoint hashed. The soft-label jobs depend on these manifests, so a changed
-# checkpoint reruns them.
+# checked and every checkpoint hashed. The soft-label jobs and the teachers' predictions depend on these
+# manifests, so a changed checkpoint reruns them, also one copied in with an older modification time.
 rule teacher_manifest:
     input:
         checkpoints=lambda w: teacher_checkpoints(w.teacher),
     output:
         manifest=P.teacher_manifest_of("{teacher}"),
     params:
+        stamps=lambda w: file_stamps(teacher_checkpoints(w.teacher)),
         folder=lambda w: q(TEACHER_SETS[w.teacher]["folder"]),
         configuration=lambda w: TEACHER_SETS[w.teacher]["configuration"],
         folds=lambda w: " ".join(map(str, TEACHER_SETS[w.teacher]["folds"])),
