@@ -306,6 +306,64 @@ def test_gpu_jobs_ask_slurm_for_gpus(slurm_cluster, slurm_softlabels, tmp_path):
 
 
 @pytest.mark.slow
+def test_killed_controller_restarted_ends_with_a_verified_cache(slurm_cluster, slurm_softlabels, tmp_path):
+    """The controller is SIGKILLed while a soft-label shard runs as a SLURM job (which SLURM keeps running:
+    killing Snakemake cancels nothing); after ``--unlock`` the restarted controller (``--rerun-incomplete``)
+    resubmits what is unfinished, the orphaned job and the new ones write the same store side by side, and
+    the store ends complete and verified, also after the orphan has finished."""
+    import signal
+
+    wd = tmp_path / "killed"
+    shutil.copytree(slurm_softlabels[0], wd, symlinks=True)
+    config = yaml.safe_load((wd / "test.yaml").read_text())
+    config.setdefault("distillation", {})["temperature"] = 2.0  # a new store: only the soft labels rerun
+    (wd / "test.yaml").write_text(yaml.safe_dump(config))
+    cmd = [str(BIN / "snakemake"), "--workflow-profile", "workflow/profiles/slurm", "softlabels",
+           "--configfile", "test.yaml"]
+    log = tmp_path / "controller.log"
+    with open(log, "w") as out:
+        controller = subprocess.Popen(cmd, cwd=wd, env=slurm_cluster.env, stdout=out, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+    orphan, deadline = None, time.monotonic() + RUN_TIMEOUT_S
+    try:
+        while orphan is None:
+            assert controller.poll() is None, f"the controller ended before a shard ran:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"no shard job running in time:\n{log.read_text()}"
+            for job_id, slurm_log in SUBMITTED.findall(log.read_text()):
+                if "rule_softlabels_shard" in slurm_log and slurm_cluster.job(job_id)["JobState"] == "RUNNING":
+                    orphan = job_id
+                    break
+            time.sleep(0.5)
+    finally:
+        os.killpg(controller.pid, signal.SIGKILL)
+        controller.wait()
+    assert slurm_cluster.job(orphan)["JobState"] in ("RUNNING", "COMPLETED"), slurm_cluster.job(orphan)
+    stores = lambda: list(wd.glob("fastkd_work/*/softlabels/*T2*.zarr"))  # noqa: E731
+    assert not any((store / "zarr.json").is_file() for store in stores())  # unfinished: its root comes last
+
+    def verify():
+        [store] = stores()
+        return subprocess.run([str(BIN / "fastkd"), "cache", "verify", str(store)], cwd=wd, env=env(),
+                              capture_output=True, text=True, timeout=120)
+
+    locked = cluster_snakemake(slurm_cluster, wd, "slurm", "softlabels")
+    assert locked.returncode != 0 and "LockException" in locked.stdout + locked.stderr
+    assert cluster_snakemake(slurm_cluster, wd, "slurm", "--unlock").returncode == 0
+    rerun = cluster_snakemake(slurm_cluster, wd, "slurm", "softlabels", "--rerun-incomplete")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    result = verify()
+    assert result.returncode == 0, result.stdout + result.stderr
+    deadline = time.monotonic() + 120  # the orphan may still be writing: the store must stay complete
+    while slurm_cluster.job(orphan)["JobState"] in ("PENDING", "RUNNING", "COMPLETING"):
+        assert time.monotonic() < deadline, slurm_cluster.job(orphan)
+        time.sleep(1)
+    result = verify()
+    assert result.returncode == 0, result.stdout + result.stderr
+    again = cluster_snakemake(slurm_cluster, wd, "slurm", "softlabels", "-n")
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stdout + again.stderr
+
+
+@pytest.mark.slow
 def test_generic_cluster_profile_submits_with_sbatch(slurm_cluster, tmp_path):
     """workflow/profiles/slurm-generic: sbatch --parsable to submit, status.sh (scontrol) to follow."""
     wd = workdir(tmp_path, CLUSTER_CONFIG)
