@@ -230,7 +230,8 @@ def _class_names(dataset_json: dict, classes: list) -> list[str]:
     return [by_value.get(tuple(c) if isinstance(c, (list, tuple)) else c, str(c)) for c in classes]
 
 
-def _fmt(value, digits: int = 4) -> str:
+def format_cell(value, digits: int = 4) -> str:
+    """One table cell: '-' for None, lower-case booleans, floats to ``digits``, lists comma-joined."""
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -247,9 +248,9 @@ def table_lines(rows: list[dict], names: list[str], sep: str = "\t") -> list[str
             "seconds_per_case", "cases", "optimistic"]
     lines = [sep.join(head)]
     for row in rows:
-        lines.append(sep.join([row["label"], row["kind"], _fmt(row["r"]), _fmt(row["folds"]), _fmt(row["mirroring"]),
-                               *(_fmt(row["dice"][n]) for n in names), _fmt(row["mean_dice"]),
-                               _fmt(row["seconds_per_case"], 3), str(row["cases"]), _fmt(row["optimistic"])]))
+        lines.append(sep.join([row["label"], row["kind"], format_cell(row["r"]), format_cell(row["folds"]), format_cell(row["mirroring"]),
+                               *(format_cell(row["dice"][n]) for n in names), format_cell(row["mean_dice"]),
+                               format_cell(row["seconds_per_case"], 3), str(row["cases"]), format_cell(row["optimistic"])]))
     return lines
 
 
@@ -260,9 +261,9 @@ def markdown(rows: list[dict], names: list[str], meta: dict) -> str:
                 if meta["optimistic"] else ", none of them seen in training by any model"),
              "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
-        lines.append("| " + " | ".join([row["label"], row["kind"], _fmt(row["r"]),
-                                        *(_fmt(row["dice"][n], 3) for n in names), _fmt(row["mean_dice"], 3),
-                                        _fmt(row["seconds_per_case"], 2)]) + " |")
+        lines.append("| " + " | ".join([row["label"], row["kind"], format_cell(row["r"]),
+                                        *(format_cell(row["dice"][n], 3) for n in names), format_cell(row["mean_dice"], 3),
+                                        format_cell(row["seconds_per_case"], 2)]) + " |")
     return "\n".join(lines) + "\n"
 
 

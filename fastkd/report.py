@@ -50,7 +50,7 @@ from pathlib import Path
 
 from fastkd import nnunet
 from fastkd.errors import FastkdError
-from fastkd.evaluate import KINDS, PREDICT_RECORD
+from fastkd.evaluate import KINDS, PREDICT_RECORD, format_cell as _fmt
 from fastkd.io import atomic_write_text, read_json
 
 TEACHER_ENSEMBLE = KINDS[0]
@@ -277,18 +277,6 @@ def copy_curves(checkpoints: list[tuple[str, Path]], out: str | Path) -> tuple[l
 
 
 # -- writing ----------------------------------------------------------------------------------------
-def _fmt(value, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        return "nan" if value != value else f"{value:.{digits}f}"
-    if isinstance(value, (list, tuple)):
-        return ",".join(map(str, value))
-    return str(value)
-
-
 def _tsv(header, rows: list[list[str]]) -> str:
     return "".join("\t".join(cells) + "\n" for cells in [list(header), *rows])
 
