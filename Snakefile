@@ -15,7 +15,7 @@ include: "workflow/rules/common.smk"
 
 
 # Every wildcard, constrained once: reduction factor, fold, soft-label shard, teacher folder, model folder,
-# evaluation case set.
+# evaluation case set, soft-label cache, student model folder.
 wildcard_constraints:
     r=r"\d+",
     fold=r"[0-4]|all",
@@ -23,6 +23,8 @@ wildcard_constraints:
     teacher="|".join(re.escape(name) for name in TEACHER_SETS),
     model=r"[^/]+__[^/]+__[^/]+",
     case_set=r"test|fold_[0-4]_validation",
+    cache="|".join(re.escape(name) for name in CACHES) or "$^",  # soft-label caches (none: nothing matches)
+    student="|".join(re.escape(name) for name in STUDENTS),
 
 
 include: "workflow/rules/preprocess.smk"

@@ -2,7 +2,7 @@
 
 One Zarr v3 store holds the teacher ensemble's soft labels for every training case of one
 (dataset, configuration, teacher set, temperature, mirroring, step, dtype); its path encodes all of
-them (:attr:`fastkd.paths.Paths.softlabel_cache`). Layout::
+them (:meth:`fastkd.paths.Paths.softlabel_cache`). Layout::
 
     <name>.zarr/                 Zarr v3 group; its zarr.json is written LAST (by `fastkd cache
         zarr.json                finalize`, once every case is in), so the store opens only when complete
@@ -32,6 +32,8 @@ Attributes live under the key ``fastkd_softlabels``. On each case array::
 
     {"complete": true,              # rewritten last, just before the array is renamed into place
      "case", "shape": [C, x, y, z], "tiles": int, "teacher_forwards": int, "seconds": float,
+     "teacher_folds": [[fold, ...], ...],   # the folds that made this case, per teacher folder of
+                                            # provenance["teachers"] (all of them, or out-of-fold)
      "created": ISO time, "versions": {...}, "provenance": {...}}
 
 On the root group::
@@ -40,7 +42,10 @@ On the root group::
      "preprocessed_folder": path of the <case>.b2nd files, "created", "versions", "provenance": {...}}
 
 ``provenance`` is identical for every case of a store: ``format_version``, ``temperature``,
-``activation`` (softmax | sigmoid), ``ensemble`` (how folds were combined), ``channels`` (names),
+``activation`` (softmax | sigmoid), ``ensemble`` (how folds were combined), ``folds_per_case``
+(``all``: every fold for every case; ``out_of_fold``: per case the folds that held it out, see
+:mod:`fastkd.softlabels`), ``splits_sha256`` (sha256 of nnU-Net's splits_final.json that chose them
+for ``out_of_fold``, else null), ``channels`` (names),
 ``labels`` and ``regions`` (dataset.json), ``teachers`` (per folder: ``name``, ``model_folder``,
 ``trainer``, ``plans_name``, ``configuration``, ``folds``, ``checkpoint``, ``sha256`` per fold,
 ``weight``), ``dataset_name``, ``plans_name``, ``configuration``, ``data_identifier``, ``spacing``,
@@ -372,7 +377,8 @@ def info(store: str | Path) -> dict:
         dtype = (attrs.get("provenance") or {}).get("dtype", "uint8")
         values = int(np.prod(shape)) if shape else 0
         cases[case] = {"shape": shape, "complete": bool(attrs.get("complete")), "bytes": _bytes_on_disk(store / case),
-                       "logical_bytes": values * np.dtype(dtype).itemsize, "values": values}
+                       "logical_bytes": values * np.dtype(dtype).itemsize, "values": values,
+                       "teacher_folds": attrs.get("teacher_folds")}
         provenance = provenance or attrs.get("provenance")
     total = sum(c["bytes"] for c in cases.values())
     logical = sum(c["logical_bytes"] for c in cases.values())
@@ -403,7 +409,9 @@ def format_info(report: dict, list_cases: bool = False) -> str:
                   f"({p['data_identifier']}), spacing {p['spacing']}, patch {p['patch_size']}",
                   f"  prediction:    sliding window step {p['step_size']}, gaussian, "
                   + (f"mirroring over axes {p['mirror_axes']}" if p["mirroring"] else "no mirroring"),
-                  f"  ensemble:      {p['ensemble']}"]
+                  f"  ensemble:      {p['ensemble']}",
+                  f"  folds/case:    {p.get('folds_per_case', 'all')}"  # stores before the key: all
+                  + (f" (split sha256 {p['splits_sha256'][:16]}...)" if p.get("splits_sha256") else "")]
         for t in p["teachers"]:
             lines.append(f"  teacher:       {t['model_folder']} folds {t['folds']} ({t['checkpoint']}), "
                          f"weight {t['weight']}")
@@ -420,10 +428,10 @@ def format_info(report: dict, list_cases: bool = False) -> str:
     if incomplete:
         lines.append(f"  incomplete cases: {', '.join(incomplete)}")
     if list_cases:
-        lines.append("  case                      shape                 bytes   ratio")
+        lines.append("  case                      shape                 bytes   ratio  teacher folds")
         for case, v in report["cases"].items():
             r = v["logical_bytes"] / v["bytes"] if v["bytes"] else 0
-            lines.append(f"  {case:<25} {str(v['shape']):<20} {v['bytes']:>8} {r:>6.1f}x")
+            lines.append(f"  {case:<25} {str(v['shape']):<20} {v['bytes']:>8} {r:>6.1f}x  {v['teacher_folds'] or ''}")
     return "\n".join(lines)
 
 

@@ -92,21 +92,29 @@ def _config_show(args) -> None:
 
     from fastkd.config import load_config
     from fastkd.paths import Paths
+    from fastkd.student import students
     from fastkd.teachers import teacher_sets
 
     config = load_config(args.configfiles)
     print(yaml.safe_dump(config, sort_keys=False), end="")
     if args.paths:
         p = Paths(config)
-        rows = {"raw dataset": p.raw_dataset, "plans": p.plans_file, "splits": p.splits_file,
+        n_test = config["dataset"]["holdout"]["n_test"]
+        held_out = {f"held-out test cases ({n_test}, linked)": p.evaluation("test") / "cases"} if n_test else {}
+        rows = {"raw dataset": p.raw_dataset, **held_out, "plans": p.plans_file, "splits": p.splits_file,
                 **{f"preprocess manifest ({c})": p.preprocess_manifest(c) for c in config["plans"]["configurations"]},
                 "teacher folder": p.teacher_folder,
                 **{f"teacher fold {f}": p.teacher_checkpoint(f) for f in config["teachers"]["folds"]},
                 **{f"teacher manifest ({s['name']})": p.teacher_manifest_of(s["name"])
                    for s in teacher_sets(config, p.teacher_folder)},
-                "soft-label cache": p.softlabel_cache, "soft-label preview": p.softlabel_preview,
                 **{f"student plans (r = {r})": p.student_plans_file(r)
-                   for r in config["distillation"]["reduction_factors"]},
+                   for r in config["distillation"]["reduction_factors"]}}
+        for s in students(config):  # one per combination of the swept settings
+            sp = Paths(s.config(config))
+            if s.kd:
+                rows[f"soft-label cache (T = {s.temperature:g}, {s.folds_per_case})"] = sp.softlabel_cache()
+            rows[f"student ({s.label})"] = sp.student_folder(s.r, s.kd)
+        rows = {**rows,
                 "report pages": p.report_folder}
         print("# artifact paths")
         for key, value in rows.items():
@@ -119,7 +127,8 @@ def _preprocess_run(args) -> None:
     set_threads(args.num_processes, training=True)  # the planner sizes torch's pool by nnUNet_n_proc_DA
     plans = plan_preprocess(args.dataset_id, args.raw_source, args.configurations, args.manifests,
                             planner_class=args.planner, teacher_folder=args.plans_from,
-                            num_processes=args.num_processes, gpu_memory_target_gb=args.gpu_memory_target)
+                            num_processes=args.num_processes, gpu_memory_target_gb=args.gpu_memory_target,
+                            holdout_n_test=args.holdout, holdout_seed=args.holdout_seed)
     print(f"plans {plans}: preprocessed {', '.join(args.configurations)}")
 
 
@@ -138,7 +147,8 @@ def _teachers_train(args) -> None:
                 "val_iterations_per_epoch": args.val_iterations, "batch_size": args.batch_size,
                 "save_every": args.save_every}
     folder = train_teacher(args.dataset, args.configuration, args.fold, args.plans, args.trainer, schedule=schedule,
-                           device=args.device, resume=not args.no_resume)
+                           device=args.device, resume=not args.no_resume,
+                           validation_mirroring=not args.disable_validation_mirroring)
     print(f"teacher fold {args.fold} done: {folder}")
 
 
@@ -163,9 +173,11 @@ def _softlabels_fill(args) -> None:
     shard, n_shards = args.shard
     summary = fill_cache(args.output, args.teachers, args.preprocess_manifest, args.temperature, weights=args.weights,
                          step_size=args.step_size, mirroring=not args.disable_mirroring, dtype=args.dtype,
-                         n_shards=n_shards, shard=shard, device=args.device, marker=args.marker)
-    print(f"shard {shard + 1}/{n_shards}: computed {len(summary['computed'])} cases, kept {len(summary['skipped'])} "
-          f"already cached, {summary['teacher_forwards']} teacher forwards in {summary['seconds']:.1f} s -> {args.output}")
+                         n_shards=n_shards, shard=shard, device=args.device, marker=args.marker,
+                         folds_per_case=args.folds_per_case, splits=args.splits)
+    print(f"shard {shard + 1}/{n_shards} ({args.folds_per_case}): computed {len(summary['computed'])} cases, "
+          f"kept {len(summary['skipped'])} already cached, {summary['teacher_forwards']} teacher forwards in "
+          f"{summary['seconds']:.1f} s -> {args.output}")
 
 
 def _softlabels_finalize(args) -> None:
@@ -233,6 +245,7 @@ def _student_info(args) -> None:
 
 def _student_train(args) -> None:
     from fastkd.config import parse_overrides, validate_config
+    from fastkd.student import student_tag
     from fastkd.student.run import student_settings, train_student
 
     set_threads(args.threads, training=True)
@@ -241,7 +254,7 @@ def _student_train(args) -> None:
     s = config["student"]
     folder = train_student(args.dataset, args.plans, args.configuration, args.fold, settings,
                            da5=s["augmentation"] == "da5", device=s["device"], num_gpus=s["num_gpus"],
-                           resume=s["resume"])
+                           resume=s["resume"], tag=student_tag(config, kd=not args.baseline))
     print(f"student fold {args.fold} done: {folder}")
 
 
@@ -298,8 +311,14 @@ def _student_report(args) -> None:
 
 
 def _evaluate_cases(args) -> None:
-    from fastkd.evaluate import write_validation_cases
+    from fastkd.evaluate import link_cases, write_validation_cases
 
+    if args.cases:
+        cases = link_cases(args.cases, args.raw, args.images, args.labels)
+        print(f"linked {len(cases)} cases into {args.images} and {args.labels}")
+        return
+    if args.fold is None:
+        raise FastkdError("--splits needs -f FOLD: the fold whose validation cases to link")
     cases = write_validation_cases(args.splits, args.fold, args.raw, args.images, args.labels)
     print(f"linked fold {args.fold}'s {len(cases)} validation cases into {args.images} and {args.labels}")
 
@@ -323,10 +342,10 @@ def _report_summary(args) -> None:
                            args.evaluation, args.cache, args.preprocessed, args.title)
     for fold in result["no_curves"]:
         print(f"{fold}: no progress.png (a fold trained elsewhere), no training curves")
-    cache = result["cache"]
+    caches = result["caches"]
     print(f"wrote {args.output}: {len(result['models'])} models, {len(result['speed'])} predictions of "
           f"{len(result['evaluations'])} case sets, {len(result['curves'])} training curves"
-          + (f"; soft-label cache: verify {cache['verify']}" if cache else ""))
+          + "".join(f"; soft-label cache {Path(c['store']).name}: verify {c['verify']}" for c in caches))
 
 
 # -- the parser -------------------------------------------------------------------------------------
@@ -372,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="use the plans.json of this existing teacher model folder instead of planning")
     config_flag(p, ["-np", "--num-processes"], "plans.num_processes", "worker processes")
     config_flag(p, ["--gpu-memory-target"], "plans.gpu_memory_target_gb", "planner GPU memory target in GB")
+    config_flag(p, ["--holdout"], "dataset.holdout.n_test", "labelled cases to hold back as the test set, never "
+                "shown to nnU-Net", metavar="N")
+    config_flag(p, ["--holdout-seed"], "dataset.holdout.seed", "which cases to hold back", metavar="S")
     p.set_defaults(func=_preprocess_run)
     p = stage.add_parser("adopt", help="a dataset preprocessed already (nnUNetv2_plan_and_preprocess): check every "
                                        "case, write nnU-Net's split if missing, and the manifests")
@@ -396,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_flag(p, ["--device"], "teachers.device", "device")
     p.add_argument("--threads", type=positive_int, default=1, help="CPU threads (torch and nnU-Net worker pools)")
     p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint_latest.pth left by a killed run")
+    p.add_argument("--disable-validation-mirroring", action="store_true",
+                   help="final validation without test-time mirroring (teachers.validation_mirroring: false)")
     p.set_defaults(func=_teachers_train)
     for action, help in (("check", "check an nnU-Net teacher model folder holds every fold's checkpoint"),
                          ("manifest", "check a teacher model folder and write its manifest (folds, sha256)")):
@@ -422,6 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable-mirroring", action="store_true", help="no test-time mirroring (1 pass per tile)")
     config_flag(p, ["--dtype"], "softlabels.dtype", "stored dtype")
     p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N", help="compute shard I of N (default 1/1)")
+    # one value per job (the config's list is a sweep over jobs): checked by fill_cache, naming the valid ones
+    p.add_argument("--folds-per-case", default=default("softlabels.folds_per_case"), metavar="{all,out_of_fold}",
+                   help="all: every teacher fold on every case; out_of_fold: per case only the folds that held it "
+                        "out in nnU-Net's split (config softlabels.folds_per_case; "
+                        f"default {default('softlabels.folds_per_case')})")
+    p.add_argument("--splits", type=Path, default=None,
+                   help="nnU-Net's splits_final.json the teachers were trained with, for out_of_fold "
+                        "(default: $nnUNet_preprocessed/<dataset>/splits_final.json)")
     config_flag(p, ["--device"], "softlabels.device", "device")
     p.add_argument("--threads", type=positive_int, default=1, help="CPU threads for torch")
     p.add_argument("--marker", type=Path, default=None, help="write the shard's summary JSON here when done")
@@ -494,9 +526,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_student_report)
 
     stage = _stage(sub, "evaluate", "Dice and speed of the teacher ensemble, students and baselines on held-out cases")
-    p = stage.add_parser("cases", help="link one fold's validation cases (images and labels) for evaluation")
-    p.add_argument("--splits", type=Path, required=True, help="nnU-Net's splits_final.json")
-    p.add_argument("-f", "--fold", type=int, required=True, choices=range(5), help="the student fold")
+    p = stage.add_parser("cases", help="link one fold's validation cases, or the given cases (images and labels) "
+                                       "for evaluation")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--splits", type=Path, help="nnU-Net's splits_final.json (with -f: that fold's validation cases)")
+    which.add_argument("--cases", nargs="+", metavar="CASE", help="these cases, e.g. dataset.holdout's test cases")
+    p.add_argument("-f", "--fold", type=int, choices=range(5), help="the student fold (with --splits)")
     p.add_argument("--raw", type=Path, required=True, help="the raw dataset folder (imagesTr/, labelsTr/)")
     p.add_argument("--images", type=Path, required=True, help="folder to link the images into")
     p.add_argument("--labels", type=Path, required=True, help="folder to link the label maps into")
@@ -523,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", nargs="+", default=[], metavar="LABEL=ONNX", help="ONNX exports of the models, by label")
     p.add_argument("--evaluation", type=Path, nargs="+", default=[], metavar="DICE_JSON",
                    help="dice.json of each evaluated case set (written by `fastkd evaluate table`)")
-    p.add_argument("--cache", type=Path, default=None, help="the soft-label cache (*.zarr): size and verify status")
+    p.add_argument("--cache", type=Path, nargs="*", default=[],
+                   help="the soft-label caches (*.zarr; one per temperature and fold selection): size and verify status")
     p.add_argument("--preprocessed", type=Path, default=None,
                    help="folder of the preprocessed <case>.b2nd for the cache check (default: recorded in the cache)")
     p.add_argument("-o", "--output", type=Path, required=True, help="folder to write (layout: fastkd/report.py)")

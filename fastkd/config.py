@@ -83,19 +83,27 @@ def _floats(instance: Any, schema: dict, root: dict) -> None:
     if not isinstance(instance, dict):
         return
     for key, sub in schema.get("properties", {}).items():
-        value = instance.get(key)
-        if _resolve(sub, root).get("type") == "number" and isinstance(value, int) and not isinstance(value, bool):
+        value, sub = instance.get(key), _resolve(sub, root)
+        branches = sub.get("anyOf", [sub])  # a setting or a sweep of it: a number or a list of numbers
+        if any(b.get("type") == "number" for b in branches) and _is_int(value):
             instance[key] = float(value)
+        elif isinstance(value, list) and any(b.get("type") == "array" and b.get("items", {}).get("type") == "number"
+                                             for b in branches):
+            instance[key] = [float(v) if _is_int(v) else v for v in value]
         elif isinstance(value, (dict, list)):
             _floats(value, sub, root)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _coerce(value: str, schema: dict):
     """A string where the schema wants a number or boolean, as Snakemake's ``--config key=value`` passes
     nested values (``--config "distillation={'temperature': 2}"`` gives '2'): parse it as YAML."""
-    types = schema.get("type", [])
-    types = [types] if isinstance(types, str) else types
-    wanted = {"number": (int, float), "integer": (int,), "boolean": (bool,)}
+    types = [t for b in schema.get("anyOf", [schema]) for t in
+             ([b["type"]] if isinstance(b.get("type"), str) else b.get("type", []))]
+    wanted = {"number": (int, float), "integer": (int,), "boolean": (bool,), "array": (list,)}
     if "string" in types or not any(t in wanted for t in types):
         return value
     try:
@@ -245,11 +253,31 @@ def _describe(error, prefix: str = "") -> str:
         what = f"must hold at least {expected} item(s)"
     elif v == "uniqueItems":
         what = "must not repeat a value"
+    elif v == "anyOf":
+        # a setting or a sweep of it: the branch of the value's own shape says what is wrong with it
+        is_list = isinstance(value, list)
+        specific = [e for e in error.context if e.validator != "type"
+                    and is_list == bool(e.relative_path or e.validator in ("minItems", "uniqueItems"))]
+        if len(specific) == 1:
+            sweep = " (or a list of such values: a sweep)" if isinstance(value, (int, float, str)) else ""
+            return _describe(specific[0], prefix) + sweep
+        what = "must be " + ", or ".join(_form(branch) for branch in expected)
     else:
         what = error.message
     description = error.schema.get("description")
     hint = f" ({' '.join(str(description).split())})" if description else ""
     return f"{key} = {shown}: {what}{hint}"
+
+
+def _form(schema: dict) -> str:
+    """A value a schema accepts, in words (for the alternatives of an ``anyOf``)."""
+    if "enum" in schema:
+        return "one of " + ", ".join(map(str, schema["enum"]))
+    if schema.get("type") == "array":
+        return "a list of such values (no repeats)"
+    bounds = [f"{op} {schema[k]}" for k, op in (("exclusiveMinimum", ">"), ("minimum", ">="),
+                                                  ("exclusiveMaximum", "<"), ("maximum", "<=")) if k in schema]
+    return f"a {schema.get('type', 'value')}" + (f" {' and '.join(bounds)}" if bounds else "")
 
 
 def validate_config(config: dict, base_dir: str | Path | None = None, check_files: bool = True) -> dict:
@@ -266,7 +294,8 @@ def validate_config(config: dict, base_dir: str | Path | None = None, check_file
     errors = sorted(Draft7Validator(schema).iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
     problems = [_describe(e) for e in errors]
     if not problems:
-        problems = _semantic_problems(config, Path(base_dir or "."), check_files)
+        base_dir = Path(base_dir or ".")
+        problems = _holdout_problems(config, base_dir, check_files) or _semantic_problems(config, base_dir, check_files)
     if problems:
         raise ConfigError("invalid fastkd config:\n  - " + "\n  - ".join(problems))
     _floats(config, schema, schema)
@@ -312,12 +341,48 @@ def _semantic_problems(config: dict, base_dir: Path, check_files: bool) -> list[
     return problems
 
 
+def _holdout_problems(config: dict, base_dir: Path, check_files: bool) -> list[str]:
+    """``dataset.holdout``: a real dataset's, the only test set, fastkd preprocesses (so nnU-Net never sees
+    the held-out cases), and at least 5 cases are left to train on."""
+    n_test, dataset = config["dataset"]["holdout"]["n_test"], config["dataset"]
+    if n_test == 0:
+        return []
+    key = f"dataset.holdout.n_test = {n_test}"
+    if dataset["raw"] == "demo":
+        return [f"{key}: dataset.raw = 'demo' holds its test cases apart already (dataset.demo.n_test = "
+                f"{dataset['demo']['n_test']}); set dataset.holdout.n_test: 0, or dataset.demo.n_test for more"]
+    evaluation = config["evaluation"]
+    if evaluation["test_images"] or evaluation["test_labels"]:
+        return [f"{key} and evaluation.test_images = {evaluation['test_images']!r}: one test set only; hold cases "
+                "back (dataset.holdout) or name a test set (evaluation.test_images / test_labels), not both"]
+    if not config["plans"]["preprocess"]:
+        return [f"{key} needs plans.preprocess: true: fastkd preprocesses the training cases only, so nnU-Net "
+                "never sees the held-out cases (a dataset preprocessed elsewhere holds them all)"]
+    if not check_files:
+        return []
+    from fastkd.nnunet import raw_case_ids
+
+    raw = base_dir / dataset["raw"]
+    if (raw / "imagesTs").is_dir() and (raw / "labelsTs").is_dir():
+        return [f"{key}: {dataset['raw']} has its own labelled test set (imagesTs, labelsTs); one test set only: "
+                "evaluate on it (dataset.holdout.n_test: 0)"]
+    try:
+        n_cases = len(raw_case_ids(raw))
+    except (FastkdError, ValueError, OSError):
+        return []  # the dataset's own problems are reported by the soft-label checks
+    if n_cases - n_test < 5:
+        valid = f"0-{n_cases - 5}" if n_cases > 5 else "0"
+        return [f"{key}: {dataset['raw']} has {n_cases} labelled cases, which leaves {n_cases - n_test} to train on; "
+                f"nnU-Net's 5-fold split needs at least 5: use {valid}"]
+    return []
+
+
 def _evaluation_problems(config: dict, base_dir: Path, check_files: bool) -> list[str]:
     """A test set is complete (images and labels) and holds no training case; without one, every student
     fold has validation cases to be evaluated on."""
     evaluation, demo = config["evaluation"], config["dataset"]["raw"] == "demo"
-    if not evaluation["enabled"]:
-        return []
+    if not evaluation["enabled"] or config["dataset"]["holdout"]["n_test"]:
+        return []  # held-out cases are a test set, never training cases: they are picked out of them
     images, labels = evaluation["test_images"], evaluation["test_labels"]
     if (images is None) != (labels is None):
         return [f"evaluation.test_images = {images!r}, evaluation.test_labels = {labels!r}: give both folders of "

@@ -11,7 +11,8 @@ window and resampling, and is timed the same way):
 Case sets (``evaluation_sets``):
 
 - ``test``: ``evaluation.test_images`` / ``test_labels`` (the demo writes ``imagesTs``/``labelsTs``),
-  checked to share no case with the training cases;
+  checked to share no case with the training cases; or the cases ``dataset.holdout`` holds back from a
+  real dataset's labelled cases (nnU-Net never sees them: :mod:`fastkd.preprocess`);
 - ``fold_<f>_validation``, without a test set: the validation cases of student fold ``f`` (nnU-Net's
   ``splits_final.json``). The table is marked **optimistic**: 4 of the 5 teacher folds trained on these
   cases, and the students learnt from those teachers' soft labels.
@@ -22,14 +23,18 @@ network, resampling, writing) over the number of cases, from its ``fastkd_predic
 
 Layout (``fastkd_work/<ds>/evaluation/<set>/``)::
 
-    cases/images/<case>_<ch><fe>, cases/labels/<case><fe>   validation sets only: links to the raw cases
+    cases/images/<case>_<ch><fe>, cases/labels/<case><fe>   links to the raw cases of a validation set, or
+                                                 of the held-out test set (dataset.holdout)
     predictions/<label>/<case><fe>               segmentations (nnU-Net naming and geometry)
     predictions/<label>/fastkd_predict.json      written last by ``fastkd predict``: the prediction is complete
     summaries/<label>.json                       nnU-Net's summary.json of that model (per case and mean)
-    dice.tsv      one row per model: label, kind, r, folds, mirroring, Dice per class, mean, s/case, cases,
+    dice.tsv      one row per model: label, kind, r, temperature, alpha, folds_per_case, seed (students'
+                  settings; '-' for the teachers), folds, mirroring, Dice per class, mean, s/case, cases,
                   optimistic
-    dice.json     the same rows plus the case set, the case list and the label and prediction folders
-    dice.md       the table as Markdown (README command 1 prints it)
+    dice.json     the same rows plus the case set, the case list, the label and prediction folders, and
+                  "groups": per setting, the mean and sample standard deviation over its seeds
+    dice.md       the table as Markdown (README command 1 prints it), with a mean ± sd table when a
+                  setting has several seeds (student.seeds)
     dice.png      Dice per class and model; mean Dice against seconds per case
 """
 
@@ -43,6 +48,7 @@ from pathlib import Path
 from fastkd import nnunet
 from fastkd.errors import FastkdError
 from fastkd.io import atomic_write_text, read_json
+from fastkd.preprocess import case_files, holdout_cases
 
 PREDICT_RECORD = "fastkd_predict.json"  # written last by `fastkd predict`
 TEST_SET = "test"
@@ -51,11 +57,13 @@ KINDS = ("teacher ensemble", "student (KD)", "no-KD baseline")
 
 # -- which cases, which models (parse time) --------------------------------------------------------
 def test_set(config: dict) -> tuple[str, str] | None:
-    """(images, labels) folders of the test set, relative to the raw dataset unless absolute, or None.
+    """(images, labels) folders of a test set on disk, relative to the raw dataset unless absolute, or None.
 
     ``evaluation.test_images`` / ``test_labels`` when set; else the dataset's own labelled test set: the
     demo's ``imagesTs``/``labelsTs`` (``dataset.demo.n_test`` > 0), a real dataset's ``imagesTs`` when it
     has ``labelsTs`` beside it (the Medical Segmentation Decathlon's test images have no labels: none).
+    ``dataset.holdout`` makes the test set of training cases instead (:func:`holds_out`); the config
+    check allows one test set only.
     """
     evaluation = config["evaluation"]
     if evaluation["test_images"]:
@@ -68,9 +76,14 @@ def test_set(config: dict) -> tuple[str, str] | None:
     return ("imagesTs", "labelsTs") if has_own else None
 
 
+def holds_out(config: dict) -> bool:
+    """Whether the test set is the labelled cases ``dataset.holdout`` holds back (linked, like validation cases)."""
+    return config["dataset"]["raw"] != "demo" and config["dataset"]["holdout"]["n_test"] > 0
+
+
 def evaluation_sets(config: dict) -> list[str]:
-    """``["test"]`` with a test set, else one optimistic validation set per student fold."""
-    if test_set(config):
+    """``["test"]`` with a test set (on disk, or held out), else one optimistic validation set per student fold."""
+    if holds_out(config) or test_set(config):
         return [TEST_SET]
     return [f"fold_{fold}_validation" for fold in config["student"]["folds"]]
 
@@ -118,39 +131,48 @@ def held_out_problems(images: Path, labels: Path, dataset_json: dict, training: 
 
 def test_set_files(config: dict, paths) -> tuple[list[Path], list[Path]]:
     """(images, labels) of the test set, known at parse time: the demo's from its config (its demo_data
-    job writes them), a real test set's from its folder."""
+    job writes them), the held-out cases' links from ``dataset.holdout``, a real test set's from its folder."""
     images, labels = paths.evaluation_images(TEST_SET), paths.evaluation_labels(TEST_SET)
     if config["dataset"]["raw"] == "demo":
         from fastkd.demo_data import held_out_case_ids
 
-        cases, ending, channels = held_out_case_ids(config["dataset"]["demo"]["n_test"]), ".nii.gz", 1
+        cases = held_out_case_ids(config["dataset"]["demo"]["n_test"])
+        dataset_json = {"file_ending": ".nii.gz", "channel_names": {"0": "image"}}
     else:
         dataset_json = nnunet.read_dataset_json(config["dataset"]["raw"])
-        ending, channels = dataset_json["file_ending"], len(dataset_json["channel_names"])
-        cases = held_out_cases(images, dataset_json)
-    return ([images / f"{c}_{ch:04d}{ending}" for c in cases for ch in range(channels)],
-            [labels / f"{c}{ending}" for c in cases])
+        cases = holdout_cases(config) if holds_out(config) else held_out_cases(images, dataset_json)
+    files = [case_files(dataset_json, c) for c in cases]
+    return [images / name for names, _ in files for name in names], [labels / label for _, label in files]
 
 
-# -- cases of a validation set ---------------------------------------------------------------------
+# -- cases of a linked case set -------------------------------------------------------------------
 def write_validation_cases(splits_file: str | Path, fold: int, raw_dataset: str | Path, images: str | Path,
                            labels: str | Path) -> list[str]:
     """Link the raw images and labels of fold ``fold``'s validation cases into ``images`` / ``labels``."""
     splits = read_json(splits_file, "nnU-Net split", "nnU-Net writes splits_final.json when it plans the dataset")
     if not isinstance(splits, list) or not 0 <= int(fold) < len(splits):
         raise FastkdError(f"{splits_file}: no fold {fold} (it lists {len(splits) if isinstance(splits, list) else 0})")
+    return link_cases(splits[int(fold)]["val"], raw_dataset, images, labels)
+
+
+def link_cases(cases: list[str], raw_dataset: str | Path, images: str | Path, labels: str | Path) -> list[str]:
+    """Link the images and labels of ``cases`` (from the raw dataset's ``imagesTr``/``labelsTr``) into
+    ``images`` / ``labels``, replacing what they held; nothing is linked unless every file is there.
+    Returns the cases, sorted."""
     raw_dataset = Path(raw_dataset)
     dataset_json = nnunet.read_dataset_json(raw_dataset)
-    ending, channels = dataset_json["file_ending"], len(dataset_json["channel_names"])
-    cases = sorted(splits[int(fold)]["val"])
+    cases = sorted(cases)
+    if not cases:
+        raise FastkdError(f"no cases to link from {raw_dataset}")
     links = {}
     for case in cases:
-        for ch in range(channels):
-            links[Path(images) / f"{case}_{ch:04d}{ending}"] = raw_dataset / "imagesTr" / f"{case}_{ch:04d}{ending}"
-        links[Path(labels) / f"{case}{ending}"] = raw_dataset / "labelsTr" / f"{case}{ending}"
+        names, label = case_files(dataset_json, case)
+        links.update({Path(images) / name: raw_dataset / "imagesTr" / name for name in names})
+        links[Path(labels) / label] = raw_dataset / "labelsTr" / label
     missing = [str(source) for source in links.values() if not source.is_file()]
     if missing:
-        raise FastkdError(f"fold {fold}'s validation cases are missing from {raw_dataset}: {', '.join(missing[:5])}")
+        raise FastkdError(f"{len(missing)} file(s) of the cases to link are missing from {raw_dataset}: "
+                          f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     for folder in (images, labels):
         shutil.rmtree(folder, ignore_errors=True)
         Path(folder).mkdir(parents=True)
@@ -160,8 +182,15 @@ def write_validation_cases(splits_file: str | Path, fold: int, raw_dataset: str 
 
 
 # -- the table --------------------------------------------------------------------------------------
+#: a student's training settings shown in the table (from its fold's fastkd_student.json; None: teachers)
+SETTING_KEYS = ("temperature", "alpha", "folds_per_case", "seed")
+
+
 def _model_row(label: str, record: dict) -> dict:
-    """What kind of model a prediction came from: its model folder's trainer and plans say it."""
+    """What kind of model a prediction came from: its model folder's trainer and plans say it, and a
+    student's settings file its temperature, alpha, soft-label fold selection and seed."""
+    from fastkd.student import SETTINGS_FILE, _tag
+
     folder = Path(record["model"])
     trainer = folder.name.split("__")[0]
     plans = nnunet.read_plans(folder / "plans.json") if (folder / "plans.json").is_file() else {}
@@ -169,10 +198,46 @@ def _model_row(label: str, record: dict) -> dict:
     kind = (KINDS[2] if trainer.startswith("nnUNetTrainerFastKDNoKD") else
             KINDS[1] if trainer.startswith("nnUNetTrainerFastKD") else KINDS[0])
     folds = record["folds"]
-    short = (f"teacher ensemble ({len(folds)} fold{'s' if len(folds) > 1 else ''})" if kind == KINDS[0] else
-             f"{'KD' if kind == KINDS[1] else 'no-KD'} r{r} fold {','.join(map(str, folds))}")
-    return {"label": label, "short": short, "kind": kind, "r": r, "model": str(folder), "folds": record["folds"],
-            "mirroring": record["mirroring"], "seconds_per_case": record["seconds_per_case"]}
+    settings = dict.fromkeys(SETTING_KEYS)
+    if kind != KINDS[0]:
+        found = folder / f"fold_{folds[0]}" / SETTINGS_FILE
+        written = json.loads(found.read_text()) if found.is_file() else {}
+        settings.update({k: written.get(k) for k in SETTING_KEYS})
+    if kind == KINDS[0]:
+        short = f"teacher ensemble ({len(folds)} fold{'s' if len(folds) > 1 else ''})"
+    else:
+        kd = kind == KINDS[1]
+        tag = _tag(kd, settings["temperature"], settings["alpha"], settings["folds_per_case"], settings["seed"])
+        short = " ".join([f"{'KD' if kd else 'no-KD'} r{r}", *filter(None, tag.split("_"))]) + f" fold {','.join(map(str, folds))}"
+    return {"label": label, "short": short, "kind": kind, "r": r, **settings, "model": str(folder),
+            "folds": record["folds"], "mirroring": record["mirroring"], "seconds_per_case": record["seconds_per_case"]}
+
+
+def seed_groups(rows: list[dict], names: list[str]) -> list[dict]:
+    """The rows of one setting (kind, r, T, alpha, soft-label folds, student folds) over their seeds: the mean
+    and sample standard deviation (0 for one seed) of each class's Dice, the mean Dice and seconds per case."""
+    import statistics
+
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        key = (row["kind"], row["r"], row.get("temperature"), row.get("alpha"), row.get("folds_per_case"),
+               tuple(row["folds"]))
+        groups.setdefault(key, []).append(row)
+
+    def stats(values):
+        return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+    out = []
+    for (kind, r, t, a, f, folds), members in groups.items():
+        label = members[0]["short"]
+        if kind != KINDS[0] and members[0].get("seed"):
+            label = label.replace(f" s{members[0]['seed']}", "")
+        out.append({"label": label, "kind": kind, "r": r, "temperature": t, "alpha": a, "folds_per_case": f,
+                    "folds": list(folds), "seeds": [m.get("seed") for m in members], "n": len(members),
+                    "dice": {n: stats([m["dice"][n] for m in members]) for n in names},
+                    "mean_dice": stats([m["mean_dice"] for m in members]),
+                    "seconds_per_case": stats([m["seconds_per_case"] for m in members])})
+    return out
 
 
 def evaluate(labels: str | Path, predictions: list[str | Path], out: str | Path, *, dataset_json: dict,
@@ -219,7 +284,7 @@ def evaluate(labels: str | Path, predictions: list[str | Path], out: str | Path,
         rows.append(row)
     rows.sort(key=lambda row: (KINDS.index(row["kind"]), row["r"] or 0, row["label"]))
     _write_tables(rows, names, out, {"case_set": case_set, "optimistic": optimistic, "cases": cases,
-                                     "labels": str(labels), "classes": names})
+                                     "labels": str(labels), "classes": names, "groups": seed_groups(rows, names)})
     return rows
 
 
@@ -244,11 +309,13 @@ def format_cell(value, digits: int = 4) -> str:
 
 
 def table_lines(rows: list[dict], names: list[str], sep: str = "\t") -> list[str]:
-    head = ["model", "kind", "r", "folds", "mirroring", *(f"dice_{n}" for n in names), "mean_dice",
+    head = ["model", "kind", "r", *SETTING_KEYS, "folds", "mirroring", *(f"dice_{n}" for n in names), "mean_dice",
             "seconds_per_case", "cases", "optimistic"]
     lines = [sep.join(head)]
     for row in rows:
-        lines.append(sep.join([row["label"], row["kind"], format_cell(row["r"]), format_cell(row["folds"]), format_cell(row["mirroring"]),
+        lines.append(sep.join([row["label"], row["kind"], format_cell(row["r"]),
+                               *(format_cell(row.get(k)) for k in SETTING_KEYS),
+                               format_cell(row["folds"]), format_cell(row["mirroring"]),
                                *(format_cell(row["dice"][n]) for n in names), format_cell(row["mean_dice"]),
                                format_cell(row["seconds_per_case"], 3), str(row["cases"]), format_cell(row["optimistic"])]))
     return lines
@@ -264,6 +331,15 @@ def markdown(rows: list[dict], names: list[str], meta: dict) -> str:
         lines.append("| " + " | ".join([row["label"], row["kind"], format_cell(row["r"]),
                                         *(format_cell(row["dice"][n], 3) for n in names), format_cell(row["mean_dice"], 3),
                                         format_cell(row["seconds_per_case"], 2)]) + " |")
+    groups = meta.get("groups") or []
+    if any(g["n"] > 1 for g in groups):  # repeats (student.seeds): mean and spread, to tell a difference from noise
+        cols = ["setting", "seeds", *(f"Dice {n}" for n in names), "mean Dice", "s / case"]
+        lines += ["", "Mean ± sample standard deviation over the seeds of each setting", "",
+                  "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for g in groups:
+            cells = [g["dice"][n] for n in names] + [g["mean_dice"]]
+            lines.append("| " + " | ".join([g["label"], str(g["n"]), *(f"{c['mean']:.3f} ± {c['sd']:.3f}" for c in cells),
+                                            f"{g['seconds_per_case']['mean']:.2f}"]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -9,7 +9,8 @@ Relative config paths stay relative (Snakemake resolves them against its working
 
 Layout (defaults; ``<ds>`` = ``DatasetXXX_Name``)::
 
-    nnUNet_raw/<ds>/                     raw dataset (demo written here; a real one is linked here)
+    nnUNet_raw/<ds>/                     raw dataset (demo written here; a real one is linked here, or
+                                         with dataset.holdout its training cases: fastkd.preprocess)
     nnUNet_preprocessed/<ds>/            nnU-Net plans, fingerprint, splits_final.json,
                                          <data_identifier>/<case>.b2nd, <case>_seg.b2nd, <case>.pkl
     nnUNet_results/<ds>/<tr>__<plans>__<cfg>/fold_<f>/checkpoint_final.pth   teachers trained here
@@ -73,7 +74,8 @@ class Paths:
 
     @property
     def raw_dataset(self) -> Path:
-        """The dataset as nnU-Net sees it: ``nnUNet_raw/<ds>`` (a link to ``raw_source`` if external)."""
+        """The dataset as nnU-Net sees it: ``nnUNet_raw/<ds>`` (a link to ``raw_source`` if external; with
+        ``dataset.holdout`` a folder of its training cases only, layout: fastkd.preprocess)."""
         return self.nnunet_raw / self.dataset_name
 
     @property
@@ -169,30 +171,32 @@ class Paths:
     # -- soft-label cache ------------------------------------------------------------------------
     @property
     def softlabel_name(self) -> str:
+        from fastkd.student import one
         from fastkd.teachers import teacher_set_id, teacher_sets
 
         s = self.config["softlabels"]
         mirror = "mirror" if s["mirroring"] else "nomirror"
         teachers = teacher_set_id(teacher_sets(self.config, self.teacher_folder))
-        return (f"{self.config['teachers']['configuration']}__T{self.config['distillation']['temperature']:g}"
-                f"__{mirror}__step{s['step_size']:g}__{s['dtype']}__teachers-{teachers}")
+        oof = "__oof" if one(self.config, "softlabels.folds_per_case") == "out_of_fold" else ""
+        return (f"{self.config['teachers']['configuration']}__T{one(self.config, 'distillation.temperature'):g}"
+                f"__{mirror}__step{s['step_size']:g}__{s['dtype']}{oof}__teachers-{teachers}")
 
-    @property
-    def softlabel_cache(self) -> Path:
-        return self.work / self.dataset_name / "softlabels" / f"{self.softlabel_name}.zarr"
+    # Each method takes the cache's name (``softlabel_name`` of a config with that temperature and fold
+    # selection; a sweep has several, the Snakemake wildcard ``{cache}`` stands for one); default: this config's.
+    def softlabel_cache(self, name: str | None = None) -> Path:
+        return self.work / self.dataset_name / "softlabels" / f"{name or self.softlabel_name}.zarr"
 
-    @property
-    def softlabel_cache_root(self) -> Path:
+    def softlabel_cache_root(self, name: str | None = None) -> Path:
         """The store's root ``zarr.json``: written last, by the finalize job, once every case is in."""
-        return self.softlabel_cache / "zarr.json"
+        return self.softlabel_cache(name) / "zarr.json"
 
-    def softlabel_shard(self, shard: int | str) -> Path:
+    def softlabel_shard(self, shard: int | str, name: str | None = None) -> Path:
         n = self.config["softlabels"]["shards"]
-        return self.work / self.dataset_name / "softlabels" / f"{self.softlabel_name}.shards" / f"shard-{shard}-of-{n}.json"
+        return (self.work / self.dataset_name / "softlabels" / f"{name or self.softlabel_name}.shards"
+                / f"shard-{shard}-of-{n}.json")
 
-    @property
-    def softlabel_preview(self) -> Path:
-        return self.work / self.dataset_name / "softlabels" / f"{self.softlabel_name}.preview.png"
+    def softlabel_preview(self, name: str | None = None) -> Path:
+        return self.work / self.dataset_name / "softlabels" / f"{name or self.softlabel_name}.preview.png"
 
     # -- students --------------------------------------------------------------------------------
     @property
@@ -231,9 +235,9 @@ class Paths:
 
     def student_folder(self, r: int | str, kd: bool = True) -> Path:
         """nnU-Net model folder of the r-student (``kd=False``: the no-KD baseline)."""
-        from fastkd.student import trainer_name
+        from fastkd.student import student_tag, trainer_name
 
-        trainer = trainer_name(kd, self.config["student"]["augmentation"] == "da5")
+        trainer = trainer_name(kd, self.config["student"]["augmentation"] == "da5", student_tag(self.config, kd))
         return self.model_folder(nnunet.model_folder_name(trainer, self.student_plans_name(r),
                                                           self.config["teachers"]["configuration"]))
 
@@ -274,18 +278,19 @@ class Paths:
         return self.work / self.dataset_name / "evaluation" / case_set
 
     def evaluation_images(self, case_set: str) -> Path:
-        """The images a case set predicts: the test images (relative: inside the raw dataset where it really
-        lives, so they exist before a job links it into nnUNet_raw), or links to validation cases."""
-        if case_set == "test":
-            from fastkd.evaluate import test_set
+        """The images a case set predicts: a test set's folder (relative: inside the raw dataset where it
+        really lives, so they exist before a job links it into nnUNet_raw), or links to the cases of a
+        validation set or of the test set ``dataset.holdout`` holds back."""
+        from fastkd.evaluate import holds_out, test_set
 
+        if case_set == "test" and not holds_out(self.config):
             return self.raw_source / test_set(self.config)[0]
         return self.evaluation(case_set) / "cases" / "images"
 
     def evaluation_labels(self, case_set: str) -> Path:
-        if case_set == "test":
-            from fastkd.evaluate import test_set
+        from fastkd.evaluate import holds_out, test_set
 
+        if case_set == "test" and not holds_out(self.config):
             return self.raw_source / test_set(self.config)[1]
         return self.evaluation(case_set) / "cases" / "labels"
 

@@ -32,6 +32,7 @@ from fastkd.config import arg_type, default
 from fastkd.errors import FastkdError
 from fastkd.nnunet import model_folder_trainer
 from fastkd.paths import Paths
+from fastkd.student import one
 from fastkd.workflow import inside, spell
 
 PROG = "nnUNetv2_distillation_train"
@@ -82,7 +83,7 @@ class Plan:
     configuration = property(lambda self: self.config["teachers"]["configuration"])
     fold = property(lambda self: self.config["student"]["folds"][0])
     r = property(lambda self: self.config["distillation"]["reduction_factors"][0])
-    kd = property(lambda self: self.config["distillation"]["alpha"] > 0)
+    kd = property(lambda self: one(self.config, "distillation.alpha") > 0)
     resume = property(lambda self: self.config["student"]["resume"])
     device = property(lambda self: self.config["student"]["device"])
     num_gpus = property(lambda self: self.config["student"]["num_gpus"])
@@ -91,7 +92,7 @@ class Plan:
     student_plans_name = property(lambda self: self.paths.student_plans_name(self.r))
     student_plans_file = property(lambda self: self.paths.student_plans_file(self.r))
     #: the soft-label store the student reads (None: alpha = 0, the no-KD baseline needs none)
-    cache = property(lambda self: self.paths.softlabel_cache if self.kd else None)
+    cache = property(lambda self: self.paths.softlabel_cache() if self.kd else None)
     model_folder = property(lambda self: self.paths.student_folder(self.r, self.kd) / f"fold_{self.fold}")
     trainer = property(lambda self: model_folder_trainer(self.model_folder.parent))
     target = property(lambda self: self.paths.student_validation_summary(self.r, self.fold, self.kd))

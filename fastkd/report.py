@@ -31,7 +31,7 @@ Layout (``fastkd_work/<ds>/report/``)::
                   ensemble's seconds per case over this one's, '-' where the set has no teacher row)
     speed.html    the same table
     dice.html     the Dice table of every case set: model, kind, r, Dice per class, mean Dice, s / case
-    cache.tsv     one row: store, complete, cases, expected_cases, dtype, temperature, bytes, logical_bytes,
+    cache.tsv     one row per soft-label cache: store, complete, cases, expected_cases, dtype, temperature, bytes, logical_bytes,
                   float32_bytes, compression, verify ('ok' or the number of problems), problems ('; '-joined)
     cache.html    the same, with every problem on its own line
     curves/<model folder>__fold_<f>.png   each fold's progress.png, scaled to 900 pixels wide
@@ -191,6 +191,25 @@ def _dice_cells(table: dict) -> list[list[str]]:
                       _fmt(row["mean_dice"], 4), _fmt(row["seconds_per_case"], 2)] for row in table["rows"]]
 
 
+def _group_cells(table: dict) -> list[list[str]] | None:
+    """Mean ± sample standard deviation over the seeds of each setting (None without repeats)."""
+    groups, names = table.get("groups") or [], table["classes"]
+    if not any(g["n"] > 1 for g in groups):
+        return None
+    head = ["setting", "seeds", *(f"Dice {n}" for n in names), "mean Dice", "s / case"]
+    return [head] + [[g["label"], str(g["n"]), *(f"{c['mean']:.4f} ± {c['sd']:.4f}" for c in
+                                                 [*(g["dice"][n] for n in names), g["mean_dice"]]),
+                      _fmt(g["seconds_per_case"]["mean"], 2)] for g in groups]
+
+
+def _dice_section(table: dict) -> str:
+    section = f"<h2>{html.escape(_dice_title(table))}</h2>\n{html_table(_dice_cells(table))}"
+    groups = _group_cells(table)
+    if groups:
+        section += "\n<p>Mean ± sample standard deviation over the seeds of each setting:</p>\n" + html_table(groups)
+    return section
+
+
 def _dice_title(table: dict) -> str:
     return (f"{table['case_set']}: {len(table['cases'])} cases, "
             + ("OPTIMISTIC: the teachers (and through them the students) saw these cases in training"
@@ -336,17 +355,18 @@ def _models_figure(rows: list[dict], png: Path, title: str) -> None:
 
 
 def write_summary(out: str | Path, checkpoints: list[tuple[str, Path]], onnx: list[tuple[str, Path]] = (),
-                  evaluations: list[str | Path] = (), cache: str | Path | None = None,
+                  evaluations: list[str | Path] = (), caches: list[str | Path] = (),
                   preprocessed: str | Path | None = None, title: str = "") -> dict:
     """Read every input first (a bad one is an error before anything but the curves' temporary folder is
-    written), then write the layout of this module into ``out``.
+    written), then write the layout of this module into ``out``. ``caches``: every soft-label cache the
+    students read (one per temperature and fold selection of a sweep), one row each.
 
-    Returns ``{"models", "speed", "evaluations", "cache", "curves", "no_curves"}``."""
+    Returns ``{"models", "speed", "evaluations", "caches", "curves", "no_curves"}``."""
     out = Path(out)
     models = model_rows(checkpoints, onnx)
     tables = [read_evaluation(f) for f in evaluations]
     speed = speed_rows(tables)
-    status = cache_status(cache, preprocessed) if cache is not None else None
+    statuses = [cache_status(c, preprocessed) for c in caches]
     copies, missing = copy_curves(checkpoints, out / "curves")
     prefix = f"{title}: " if title else ""
 
@@ -368,19 +388,19 @@ def write_summary(out: str | Path, checkpoints: list[tuple[str, Path]], onnx: li
     none = "<p>No evaluation tables given.</p>"
     atomic_write_text(out / "speed.html", html_page(f"{prefix}inference speed",
                                                     html_table([head, *speed_cells]) if speed else none))
-    dice = "\n".join(f"<h2>{html.escape(_dice_title(t))}</h2>\n{html_table(_dice_cells(t))}" for t in tables)
+    dice = "\n".join(_dice_section(t) for t in tables)
     atomic_write_text(out / "dice.html", html_page(f"{prefix}Dice per class", dice or none))
 
-    if status is None:
-        atomic_write_text(out / "cache.tsv", _tsv(CACHE_COLUMNS, []))
-        cache_body = "<p>No soft-label cache given.</p>"
-    else:
-        atomic_write_text(out / "cache.tsv", _tsv(CACHE_COLUMNS, [_cache_cells(status)]))
+    atomic_write_text(out / "cache.tsv", _tsv(CACHE_COLUMNS, [_cache_cells(status) for status in statuses]))
+    bodies = []
+    for status in statuses:
         verdict = ('<p class="ok">fastkd cache verify: OK, every chunk of every case read back (checksums, values, '
                    'sums to one, shapes)</p>' if not status["problems"] else
                    f'<p class="bad">fastkd cache verify: {status["verify"]}</p>\n<ul>'
                    + "".join(f"<li>{html.escape(p)}</li>" for p in status["problems"]) + "</ul>")
-        cache_body = verdict + "\n" + html_table(_cache_html_cells(status))
-    atomic_write_text(out / "cache.html", html_page(f"{prefix}soft-label cache", cache_body))
-    return {"models": models, "speed": speed, "evaluations": tables, "cache": status, "curves": copies,
+        bodies.append(f"<h2>{html.escape(Path(status['store']).name)}</h2>\n{verdict}\n"
+                      + html_table(_cache_html_cells(status)))
+    atomic_write_text(out / "cache.html", html_page(f"{prefix}soft-label cache{'s' * (len(statuses) > 1)}",
+                                                    "\n".join(bodies) or "<p>No soft-label cache given.</p>"))
+    return {"models": models, "speed": speed, "evaluations": tables, "caches": statuses, "curves": copies,
             "no_curves": missing}

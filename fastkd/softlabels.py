@@ -1,22 +1,39 @@
-"""Fill the soft-label cache: every teacher fold runs once per training case.
+"""Fill the soft-label cache: the teacher folds run on every training case, tempered and averaged.
 
 Per case (nnU-Net's preprocessed array, read with nnU-Net's own dataset class) and per teacher fold:
 nnU-Net's sliding-window prediction (:meth:`nnUNetPredictor.predict_sliding_window_return_logits`:
 Gaussian tile weighting, the configured step, optional mirroring), then ``softmax(logits / T)`` in
 float32 (per-region ``sigmoid(logits / T)`` for region-based datasets), then the weighted mean over
-all folds of all teacher folders::
+the case's folds ``F_t(c)`` of each teacher folder ``t`` (both sums over the folders whose ``F_t(c)``
+is not empty)::
 
-    p = sum_t w_t * mean_{f in folds_t} act(logits_{t,f} / T) / sum_t w_t
+    p_c = sum_t w_t * mean_{f in F_t(c)} act(logits_{t,f} / T) / sum_t w_t
 
 We average **probabilities**, not logits as nnU-Net's predictor does when it ensembles folds: the
 student is trained to match a distribution, and the mean of the folds' distributions is the ensemble's
 predictive distribution (a confident fold cannot outvote the others through large logits). The
 tempered probabilities are what the KD loss compares with ``softmax(student / T)``.
 
-A job handles one shard of the cases (:func:`shard_cases`), loads every teacher fold once, and writes
-each case atomically (:func:`fastkd.cache.write_case`); a case already in the store with the same
-provenance (settings and checkpoint sha256) is skipped, so a rerun after a kill only computes what is
-missing. The store layout is described in :mod:`fastkd.cache`.
+Which folds a case gets (``softlabels.folds_per_case``, :data:`FOLDS_PER_CASE`):
+
+- ``all``: ``F_t(c)`` = every fold of the folder's manifest, for every case.
+- ``out_of_fold``: ``F_t(c)`` = the folds ``f`` of the folder whose validation set in nnU-Net's split
+  file (``splits_final.json``: ``splits[f]["val"]``) holds ``c``, i.e. the folds that did not train on
+  it (:func:`out_of_fold`); a folder with none contributes nothing to that case, and a fold ``all``
+  (trained on every case) never does. Why: a fold that trained on a case has mostly memorised its
+  label, so its soft labels there are near one-hot; the held-out folds show the teachers' real
+  uncertainty, as on the unseen cases the student will meet. And with nnU-Net's 5 folds each case
+  costs one fold's forwards per folder instead of five. Every case of the shard is checked before any
+  teacher runs: one that no selected fold holds out is an error naming the case, the fold that
+  validates it and the folds there are. A job loads only the folds some case of its shard needs.
+
+A job handles one shard of the cases (:func:`shard_cases`), loads its teacher folds once, and writes
+each case atomically (:func:`fastkd.cache.write_case`), with the folds it used (``teacher_folds``) and
+the forwards they cost among the case's attributes. The provenance records ``folds_per_case`` and, for
+``out_of_fold``, ``splits_sha256`` (the split file's sha256); a case already in the store with the same
+provenance (settings, mode, split and checkpoint sha256) is skipped, so a rerun after a kill only
+computes what is missing, and a changed mode or split recomputes every case. The store layout is
+described in :mod:`fastkd.cache`.
 """
 
 from __future__ import annotations
@@ -33,6 +50,8 @@ from fastkd import cache, nnunet
 from fastkd.errors import FastkdError
 from fastkd.io import read_json
 
+#: values of ``softlabels.folds_per_case``: which teacher folds make a case's soft labels (module docstring)
+FOLDS_PER_CASE = ("all", "out_of_fold")
 #: plans entries that must agree for two models to read the same preprocessed data
 GRID_KEYS = ("data_identifier", "spacing", "transpose_forward", "normalization_schemes", "use_mask_for_norm")
 
@@ -45,6 +64,46 @@ def shard_cases(cases, n_shards: int, shard: int) -> list[str]:
     if not 0 <= shard < n_shards:
         raise FastkdError(f"shard = {shard}: must be between 0 and {n_shards - 1}")
     return cases[shard::n_shards]
+
+
+def read_splits(path: str | Path) -> list[dict]:
+    """nnU-Net's split file: per fold ``{"train": [cases], "val": [cases]}``, fold f at index f."""
+    splits = read_json(path, "nnU-Net split file", "nnU-Net writes splits_final.json into "
+                       "nnUNet_preprocessed/<dataset>/ when a fold trains; give the split the teachers were trained with")
+    if not isinstance(splits, list) or not all(isinstance(s, dict) and isinstance(s.get("val"), list) for s in splits):
+        raise FastkdError(f"nnU-Net split file {path}: expected a list with one {{\"train\": [...], \"val\": [...]}} "
+                          "per fold (nnU-Net's splits_final.json)")
+    return splits
+
+
+def out_of_fold(cases, teacher_folds: list[list], splits: list[dict], names: list[str] | None = None,
+                source: str = "the split") -> dict[str, list[list]]:
+    """Per case, per teacher folder: the folds that held the case out, i.e. whose ``splits[f]["val"]`` holds it.
+
+    ``teacher_folds``: the folds of each teacher folder (ints or their strings, as in a manifest; a fold
+    ``all`` trained on every case and holds none out). Returns the folds as given. Raises
+    :class:`FastkdError` naming every case no fold holds out, the fold(s) that validate it and the
+    folds there are (``names``: the folders, for that message; ``source``: the split file).
+    """
+    validated_by: dict[str, list[int]] = {}
+    for fold, split in enumerate(splits):
+        for case in split["val"]:
+            validated_by.setdefault(case, []).append(fold)
+    selection, problems = {}, []
+    for case in cases:
+        held_out = {str(f) for f in validated_by.get(case, [])}
+        selection[case] = [[f for f in folds if str(f) in held_out] for folds in teacher_folds]
+        if not any(selection[case]):
+            by = validated_by.get(case)
+            problems.append(f"{case}: " + (f"validated by fold {', '.join(map(str, by))}" if by else
+                                           "in no fold's validation set"))
+    if problems:
+        names = names or [f"teacher {i + 1}" for i in range(len(teacher_folds))]
+        have = "; ".join(f"{n}: {', '.join(map(str, folds))}" for n, folds in zip(names, teacher_folds))
+        raise FastkdError(f"folds_per_case = out_of_fold: no teacher fold holds out {len(problems)} case(s) "
+                          f"(split {source}; teacher folds {have}):\n  - " + "\n  - ".join(problems)
+                          + "\nadd the teacher folds that validate them, or use folds_per_case = all")
+    return selection
 
 
 def grid_differences(teacher_plans: dict, teacher_cfg: str, grid_plans: dict, grid_cfg: str) -> list[str]:
@@ -86,23 +145,30 @@ def tiles_per_case(spatial_shape, patch_size, step_size: float) -> int:
 
 
 class TeacherEnsemble:
-    """Every fold of every teacher folder, loaded once, each predicting through nnU-Net's predictor.
+    """The teacher folds, loaded once, each predicting through nnU-Net's predictor.
 
-    Each fold keeps its own network on the device (as nnU-Net's predictor would after loading its
-    weights), so nothing is reloaded or copied per case.
+    ``folds``: per teacher folder, the folds to load (manifest keys; default: all of them; a folder
+    with none is not loaded). Each fold keeps its own network on the device (as nnU-Net's predictor
+    would after loading its weights), so nothing is reloaded or copied per case. ``predict`` and
+    ``forwards_per_case`` take the folds of one case in the same form (default: every loaded fold).
     """
 
-    def __init__(self, teachers: list[dict], weights: list[float], step_size: float, mirroring: bool, device: str):
+    def __init__(self, teachers: list[dict], weights: list[float], step_size: float, mirroring: bool, device: str,
+                 folds: list[list[str]] | None = None):
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
         from fastkd.device import torch_device
         from fastkd.teachers import sha256
 
         self.device = torch_device(device, "softlabels.device")
-        total = float(sum(weights))
-        self.members = []  # (predictor of the teacher folder, [network per fold], weight per fold)
-        for t, weight in zip(teachers, weights):
-            for fold, entry in t["folds"].items():
+        self.weights = [float(w) for w in weights]
+        self.members = []  # per teacher folder: (its predictor, [network per loaded fold], [its fold keys])
+        for t, use in zip(teachers, folds if folds is not None else [list(t["folds"]) for t in teachers]):
+            if not use:
+                self.members.append((None, [], []))
+                continue
+            for fold in use:
+                entry = t["folds"][fold]
                 if sha256(entry["checkpoint"]) != entry["sha256"]:
                     raise FastkdError(f"{entry['checkpoint']} changed since its teacher manifest was written "
                                       "(sha256 differs); rerun the teacher_manifest rule")
@@ -111,7 +177,7 @@ class TeacherEnsemble:
                                         verbose=False, allow_tqdm=False)
             with nnunet.safe_unpickling():  # teacher checkpoints come from elsewhere: plain data only
                 predictor.initialize_from_trained_model_folder(t["model_folder"],
-                                                               use_folds=[int(f) for f in t["folds"]],
+                                                               use_folds=[int(f) for f in use],
                                                                checkpoint_name=t["checkpoint"])
             networks = []
             for params in predictor.list_of_parameters:
@@ -119,8 +185,8 @@ class TeacherEnsemble:
                 network.load_state_dict(params)
                 networks.append(network.to(self.device).eval())
             predictor.list_of_parameters = None  # the networks hold the weights now
-            self.members.append((predictor, networks, weight / total / len(networks)))
-        first = self.members[0][0]
+            self.members.append((predictor, networks, list(use)))
+        first = next(p for p, _, _ in self.members if p is not None)
         self.label_manager = first.label_manager
         self.mirror_axes = list(first.allowed_mirroring_axes or []) if mirroring else []
 
@@ -134,23 +200,39 @@ class TeacherEnsemble:
         names = {int(v): k for k, v in self.label_manager.label_dict.items() if isinstance(v, int)}
         return [names.get(i, str(i)) for i in self.label_manager.all_labels]
 
-    def forwards_per_case(self, spatial_shape) -> tuple[int, int]:
-        """(tiles of the first teacher, network forward passes of all folds) for one case."""
+    def _runs(self, folds: list[list[str]] | None) -> list[tuple]:
+        """(predictor, [network], weight per network) of each teacher folder with folds in ``folds``."""
+        folds = folds if folds is not None else [keys for _, _, keys in self.members]
+        runs = []
+        for (predictor, networks, keys), weight, use in zip(self.members, self.weights, folds):
+            missing = [f for f in use if f not in keys]
+            if missing:
+                raise FastkdError(f"teacher folds {missing} were not loaded (loaded: {keys})")
+            if use:
+                runs.append((predictor, [networks[keys.index(f)] for f in use], weight))
+        if not runs:
+            raise FastkdError(f"no teacher fold selected (folds per teacher folder: {folds})")
+        total = sum(weight for _, _, weight in runs)
+        return [(predictor, networks, weight / total / len(networks)) for predictor, networks, weight in runs]
+
+    def forwards_per_case(self, spatial_shape, folds: list[list[str]] | None = None) -> tuple[int, int]:
+        """(tiles of the first teacher run, network forward passes of the case's folds) for one case."""
+        runs = self._runs(folds)
         tiles = [tiles_per_case(spatial_shape, p.configuration_manager.patch_size, p.tile_step_size)
-                 for p, _, _ in self.members]
+                 for p, _, _ in runs]
         forwards = sum(
             n * 2 ** (len(p.allowed_mirroring_axes or []) if p.use_mirroring else 0) * len(networks)
-            for n, (p, networks, _) in zip(tiles, self.members))  # identity + every combination of flips
+            for n, (p, networks, _) in zip(tiles, runs))  # identity + every combination of flips
         return tiles[0], forwards
 
-    def predict(self, data: np.ndarray, temperature: float) -> np.ndarray:
-        """Weighted mean over folds of the tempered probabilities, float32 (C, x, y, z)."""
+    def predict(self, data: np.ndarray, temperature: float, folds: list[list[str]] | None = None) -> np.ndarray:
+        """Weighted mean over the case's folds of the tempered probabilities, float32 (C, x, y, z)."""
         import torch
 
         x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
         total = None
         with torch.inference_mode():
-            for predictor, networks, weight in self.members:
+            for predictor, networks, weight in self._runs(folds):
                 for network in networks:
                     predictor.network = network
                     logits = predictor.predict_sliding_window_return_logits(x).float() / temperature
@@ -162,15 +244,24 @@ class TeacherEnsemble:
 
 def provenance(teachers: list[dict], weights: list[float], grid_plans: dict, configuration: str,
                dataset_json: dict, ensemble: TeacherEnsemble, temperature: float, step_size: float,
-               mirroring: bool, dtype: str) -> dict:
-    """What a case's soft labels depend on (identical for every case of one store)."""
+               mirroring: bool, dtype: str, folds_per_case: str = "all", splits_sha256: str | None = None) -> dict:
+    """What a case's soft labels depend on (identical for every case of one store).
+
+    ``splits_sha256``: of the split file that picks the folds (``out_of_fold``; None for ``all``).
+    """
     cfg = nnunet.configuration(grid_plans, configuration)
+    act = "softmax" if ensemble.softmax else "sigmoid"
     return {
         "format_version": cache.FORMAT_VERSION,
         "temperature": float(temperature),
-        "activation": "softmax" if ensemble.softmax else "sigmoid",
-        "ensemble": "weighted mean over folds of " + ("softmax" if ensemble.softmax else "sigmoid")
-                    + "(logits / T); folds of a teacher folder share its weight equally",
+        "activation": act,
+        "ensemble": (f"weighted mean over folds of {act}(logits / T); folds of a teacher folder share its weight "
+                     "equally" if folds_per_case == "all" else
+                     f"per case, weighted mean of {act}(logits / T) over the folds that held the case out (their "
+                     "split's val set holds it); those of a teacher folder share its weight equally, folders "
+                     "without one are left out"),
+        "folds_per_case": folds_per_case,
+        "splits_sha256": splits_sha256,
         "channels": ensemble.channels(),
         "labels": dataset_json["labels"],
         "regions": ensemble.label_manager.has_regions,
@@ -198,6 +289,7 @@ def provenance(teachers: list[dict], weights: list[float], grid_plans: dict, con
 def fill_cache(store: str | Path, teacher_manifests: list[str | Path], preprocess_manifest: str | Path,
                temperature: float, *, step_size: float, mirroring: bool, dtype: str, device: str,
                weights: list[float] | None = None, n_shards: int = 1, shard: int = 0,
+               folds_per_case: str = "all", splits: str | Path | None = None,
                marker: str | Path | None = None, progress: bool = True) -> dict:
     """Compute and write the soft labels of one shard of the cases; return (and write to ``marker``) a summary.
 
@@ -205,14 +297,20 @@ def fill_cache(store: str | Path, teacher_manifests: list[str | Path], preproces
     ``preprocess_manifest``: from :func:`fastkd.preprocess.plan_preprocess` (cases and shapes); the
     preprocessed arrays are read from ``nnUNet_preprocessed`` (environment) as nnU-Net does.
     ``temperature``, ``step_size``, ``mirroring``, ``dtype``, ``device`` are checked by the config
-    schema (their ``distillation.*`` / ``softlabels.*`` keys).
+    schema (their ``distillation.*`` / ``softlabels.*`` keys). ``folds_per_case``: one of
+    :data:`FOLDS_PER_CASE` (module docstring); ``out_of_fold`` reads nnU-Net's split file ``splits``
+    (default ``$nnUNet_preprocessed/<dataset>/splits_final.json``). Every case of the shard is checked
+    before anything is written.
     """
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from tqdm import tqdm
 
     from fastkd.config import check_values
     from fastkd.io import atomic_write_text
+    from fastkd.teachers import sha256
 
+    if folds_per_case not in FOLDS_PER_CASE:
+        raise FastkdError(f"softlabels.folds_per_case = {folds_per_case!r}: must be one of {', '.join(FOLDS_PER_CASE)}")
     check_values({"distillation.temperature": temperature, "softlabels.step_size": step_size,
                   "softlabels.mirroring": mirroring, "softlabels.dtype": dtype, "softlabels.device": device})
     weights = list(weights) if weights else [1.0] * len(teacher_manifests)
@@ -233,15 +331,26 @@ def fill_cache(store: str | Path, teacher_manifests: list[str | Path], preproces
     if missing:
         raise FastkdError(f"preprocessed cases missing in {case_folder}: {', '.join(missing)} "
                           "(rerun plan_preprocess, or check nnUNet_preprocessed)")
+    teacher_folds = [list(t["folds"]) for t in teachers]
+    splits_sha256 = None
+    if folds_per_case == "out_of_fold":
+        splits = Path(splits) if splits else dataset_folder / "splits_final.json"
+        selection = out_of_fold(cases, teacher_folds, read_splits(splits),
+                                [Path(t["model_folder"]).name for t in teachers], str(splits))
+        splits_sha256 = sha256(splits)
+    else:
+        selection = {case: teacher_folds for case in cases}
+    # load only the folds some case of the shard uses, in the manifest's order
+    load = [[f for f in folds if any(f in selection[c][i] for c in cases)] for i, folds in enumerate(teacher_folds)]
 
     cache.invalidate(store)  # the store is being changed: it must not open as complete until finalize
-    ensemble = TeacherEnsemble(teachers, weights, step_size, mirroring, device)
+    ensemble = TeacherEnsemble(teachers, weights, step_size, mirroring, device, load)
     prov = provenance(teachers, weights, grid_plans, pm["configuration"], dataset_json, ensemble, temperature,
-                      step_size, mirroring, dtype)
+                      step_size, mirroring, dtype, folds_per_case, splits_sha256)
     dataset = infer_dataset_class(str(case_folder))(str(case_folder), cases)
     n_channels = len(prov["channels"])
     summary = {"store": str(Path(store).resolve()), "shard": shard, "n_shards": n_shards, "cases": cases,
-               "computed": [], "skipped": [], "teacher_forwards": 0, "seconds": 0.0}
+               "folds_per_case": folds_per_case, "computed": [], "skipped": [], "teacher_forwards": 0, "seconds": 0.0}
     start = time.perf_counter()
     for case in tqdm(cases, desc=f"soft labels, shard {shard + 1}/{n_shards}", unit="case", disable=not progress):
         shape = (n_channels, *pm["cases"][case]["shape"][1:])
@@ -250,13 +359,14 @@ def fill_cache(store: str | Path, teacher_manifests: list[str | Path], preproces
             continue
         t0 = time.perf_counter()
         data, _, _, _ = dataset.load_case(case)
-        probs = ensemble.predict(data[:], temperature)
+        probs = ensemble.predict(data[:], temperature, selection[case])
         if probs.shape != shape:
             raise FastkdError(f"{case}: teachers predicted shape {list(probs.shape)}, expected {list(shape)} "
                               f"from the preprocess manifest {preprocess_manifest}")
-        tiles, forwards = ensemble.forwards_per_case(shape[1:])
-        cache.write_case(store, case, probs, prov, {"tiles": tiles, "teacher_forwards": forwards,
-                                                    "seconds": round(time.perf_counter() - t0, 3)})
+        tiles, forwards = ensemble.forwards_per_case(shape[1:], selection[case])
+        cache.write_case(store, case, probs, prov, {
+            "tiles": tiles, "teacher_forwards": forwards, "seconds": round(time.perf_counter() - t0, 3),
+            "teacher_folds": [[int(f) for f in folds] for folds in selection[case]]})
         summary["computed"].append(case)
         summary["teacher_forwards"] += forwards
     summary["seconds"] = round(time.perf_counter() - start, 3)

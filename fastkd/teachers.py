@@ -125,12 +125,14 @@ def write_manifest(folder: str | Path, configuration: str, folds: list[int], che
 
 
 def train_teacher(dataset: str | int, configuration: str, fold: int, plans_name: str, trainer_name: str, *,
-                  schedule: dict, device: str, resume: bool = True) -> Path:
+                  schedule: dict, device: str, resume: bool = True, validation_mirroring: bool = True) -> Path:
     """Train one teacher fold with nnU-Net's trainer and run its final validation.
 
     ``schedule``: the config's ``teachers.schedule`` block (epochs, iterations_per_epoch,
     val_iterations_per_epoch, batch_size or None, save_every). ``resume``: continue from ``checkpoint_latest.pth`` if a killed run left one (written every
-    ``save_every`` epochs), so a kill loses at most that many epochs. Returns the fold folder.
+    ``save_every`` epochs), so a kill loses at most that many epochs. ``validation_mirroring=False``: the
+    final validation without test-time mirroring (the checkpoint, written before it, keeps nnU-Net's
+    mirroring axes, so every later prediction mirrors as usual). Returns the fold folder.
     Needs the nnU-Net folder variables in ``os.environ`` (see :meth:`fastkd.paths.Paths.nnunet_env`).
     """
     from nnunetv2.run.run_training import get_trainer_from_args
@@ -162,5 +164,11 @@ def train_teacher(dataset: str | int, configuration: str, fold: int, plans_name:
             latest.unlink()
             trainer = make_trainer()
     trainer.run_training()
-    trainer.perform_actual_validation(save_probabilities=False)
+    axes = trainer.inference_allowed_mirroring_axes
+    if not validation_mirroring:
+        trainer.inference_allowed_mirroring_axes = None
+    try:
+        trainer.perform_actual_validation(save_probabilities=False)
+    finally:
+        trainer.inference_allowed_mirroring_axes = axes
     return Path(trainer.output_folder)

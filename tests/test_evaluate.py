@@ -81,8 +81,9 @@ def test_table_scores_each_model_with_nnunets_dice(tmp_path):
     assert baseline["dice"]["lesion"] == 0.0 and baseline["dice"]["organ"] == pytest.approx(organ)
     assert baseline["mean_dice"] == pytest.approx(organ / 2)
     tsv = (tmp_path / "eval" / "dice.tsv").read_text().splitlines()
-    assert tsv[0].split("\t") == ["model", "kind", "r", "folds", "mirroring", "dice_organ", "dice_lesion", "mean_dice",
-                                  "seconds_per_case", "cases", "optimistic"]
+    assert tsv[0].split("\t") == ["model", "kind", "r", "temperature", "alpha", "folds_per_case", "seed", "folds",
+                                  "mirroring", "dice_organ", "dice_lesion", "mean_dice", "seconds_per_case", "cases",
+                                  "optimistic"]
     assert tsv[3].split("\t")[:2] == [f"{nokd.name}__fold_0", "no-KD baseline"] and tsv[3].endswith("\t3\tfalse")
     table = json.loads((tmp_path / "eval" / "dice.json").read_text())
     assert table["cases"] == ["case_0", "case_1", "case_2"] and not table["optimistic"]
@@ -90,6 +91,52 @@ def test_table_scores_each_model_with_nnunets_dice(tmp_path):
     assert "none of them seen in training" in (tmp_path / "eval" / "dice.md").read_text()
     summary = json.loads((tmp_path / "eval" / "summaries" / "teachers.json").read_text())
     assert len(summary["metric_per_case"]) == 3  # nnU-Net's own summary.json
+
+
+def test_sweep_rows_carry_their_settings_and_repeats_give_mean_and_spread(tmp_path):
+    """Each student of a sweep is its own row with its T, alpha, soft-label folds and seed (from its settings
+    file); the seeds of one setting are summarised as mean and sample standard deviation."""
+    maps = _labels(tmp_path / "labels")
+    preds, folders = tmp_path / "predictions", []
+
+    def lesion_lost(fraction):
+        def change(seg):
+            out = seg.copy()
+            xs = np.argwhere(seg == 2)
+            for x in xs[: int(len(xs) * fraction)]:
+                out[tuple(x)] = 1
+            return out
+        return change
+
+    settings = [("nnUNetTrainerFastKD_T1_oof", 1.0, "out_of_fold", 0, 0.0),
+                ("nnUNetTrainerFastKD_T1_oof_s1", 1.0, "out_of_fold", 1, 0.5),
+                ("nnUNetTrainerFastKD", 3.0, "all", 0, 1.0)]
+    for trainer, t, f, seed, lost in settings:
+        model = _model(tmp_path, f"{trainer}__nnUNetPlans_fastkdR4__3d_fullres", r=4)
+        (model / "fold_0").mkdir()
+        (model / "fold_0" / "fastkd_student.json").write_text(json.dumps(
+            {"temperature": t, "alpha": 0.3, "folds_per_case": f, "seed": seed}))
+        folders.append(_prediction(preds / f"{model.name}__fold_0", maps, model, change=lesion_lost(lost)))
+    rows = evaluate(tmp_path / "labels", folders, tmp_path / "eval", dataset_json=DATASET_JSON, optimistic=False,
+                    case_set="test", num_processes=1)
+    by_seed = {(r["temperature"], r["seed"]): r for r in rows}
+    assert by_seed[(1.0, 1)]["short"] == "KD r4 T1 oof s1 fold 0" and by_seed[(3.0, 0)]["short"] == "KD r4 fold 0"
+    assert by_seed[(1.0, 0)]["folds_per_case"] == "out_of_fold" and by_seed[(1.0, 0)]["alpha"] == 0.3
+    table = json.loads((tmp_path / "eval" / "dice.json").read_text())
+    groups = {g["label"]: g for g in table["groups"]}
+    assert set(groups) == {"KD r4 T1 oof fold 0", "KD r4 fold 0"}
+    oof = groups["KD r4 T1 oof fold 0"]
+    lesion = [by_seed[(1.0, s)]["dice"]["lesion"] for s in (0, 1)]
+    assert oof["n"] == 2 and oof["seeds"] == [0, 1] and lesion[0] > lesion[1]
+    assert oof["dice"]["lesion"]["mean"] == pytest.approx(np.mean(lesion))
+    assert oof["dice"]["lesion"]["sd"] == pytest.approx(np.std(lesion, ddof=1))
+    assert groups["KD r4 fold 0"]["n"] == 1 and groups["KD r4 fold 0"]["dice"]["lesion"]["sd"] == 0.0
+    md = (tmp_path / "eval" / "dice.md").read_text()
+    assert "Mean ± sample standard deviation over the seeds" in md
+    assert f"| KD r4 T1 oof fold 0 | 2 | {oof['dice']['organ']['mean']:.3f} ± {oof['dice']['organ']['sd']:.3f}" in md
+    tsv = [line.split("\t") for line in (tmp_path / "eval" / "dice.tsv").read_text().splitlines()]
+    assert [row[3:7] for row in tsv[1:]] == [["1.0000", "0.3000", "out_of_fold", "0"], ["1.0000", "0.3000", "out_of_fold", "1"],
+                                             ["3.0000", "0.3000", "all", "0"]]
 
 
 def test_incomplete_or_mismatched_predictions_are_errors(tmp_path):

@@ -214,7 +214,7 @@ def test_same_cache_path_as_the_workflow(fake):
     """The default workflow config (relative paths, teachers trained in the workflow) names the same store."""
     workflow = validate_config({"teachers": {"folds": [0, 1]}}, check_files=False)
     plan = resolve("-d_device", "cpu")
-    assert plan.cache == Paths(workflow).softlabel_cache
+    assert plan.cache == Paths(workflow).softlabel_cache()
     assert plan.paths.teacher_manifest == Paths(workflow).teacher_manifest
     assert plan.paths.preprocess_manifest("3d_fullres") == Paths(workflow).preprocess_manifest("3d_fullres")
     assert plan.student_plans_file == Paths(workflow).student_plans_file(2)
@@ -257,7 +257,7 @@ def test_a_complete_store_of_the_same_settings_is_reused(fake):
     (["-temp", "0"], 2, "argument -temp/--temperature: distillation.temperature = 0 (int): must be > 0"),
     (["-r", "0"], 2, "argument -r/--reduction_factor: distillation.reduction_factors[] = 0 (int): must be >= 1"),
     (["-e", "0"], 2, "argument -e/--epochs: student.schedule.epochs = 0 (int): must be >= 1"),
-    (["-a", "x"], 2, "argument -a/--alpha: distillation.alpha = 'x' (str): expected number"),
+    (["-a", "x"], 2, "argument -a/--alpha: distillation.alpha = 'x' (str): must be a number >= 0 and <= 1"),
     (["-tf", "7"], 2, "argument -tf/--teacher_folds: teachers.folds[] = 7 (int): must be <= 4"),
     (["-f", "5"], 2, "a fold is 0-4 or 'all'"),
     (["-c", "3d_cascade"], 2, "argument -c: invalid choice"),
@@ -339,8 +339,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(fake, capsys):
     for text in ("dry run", f"build fastkd_work/{DS}/softlabels/3d_fullres__T2__mirror__",
                  "5 cases x 2 teacher fold(s)",
                  f"nnUNetPlans_fastkdR2 -> nnUNet_preprocessed/{DS}/nnUNetPlans_fastkdR2.json",
-                 f"nnUNet_results/{DS}/nnUNetTrainerFastKD__nnUNetPlans_fastkdR2__3d_fullres/fold_0 (new)",
-                 "nnUNetTrainerFastKD, alpha = 0.3, T = 2, 1000 epochs x 250 iterations",
+                 f"nnUNet_results/{DS}/nnUNetTrainerFastKD_T2__nnUNetPlans_fastkdR2__3d_fullres/fold_0 (new)",
+                 "nnUNetTrainerFastKD_T2, alpha = 0.3, T = 2, 1000 epochs x 250 iterations",
                  "cuda:1 (CUDA_VISIBLE_DEVICES=1)", '"temperature": 2.0', "fastkd config", "reduction_factors:"):
         assert text in out, text
     assert "CUDA_VISIBLE_DEVICES" not in os.environ
@@ -384,11 +384,12 @@ def test_trains_a_student_on_the_workflows_cache(trained):
     assert [p.stat().st_mtime_ns for p in manifests] == mtimes  # identical manifests are not rewritten
     plans = json.loads((wd / "nnUNet_preprocessed" / DS / "nnUNetPlans_fastkdR2.json").read_text())
     assert plans["fastkd"]["reduction_factor"] == 2
-    fold = wd / "nnUNet_results" / DS / "nnUNetTrainerFastKD__nnUNetPlans_fastkdR2__3d_fullres" / "fold_0"
+    # alpha 0.4 is off its default: it is in the model folder's name (fastkd.student.student_tag)
+    fold = wd / "nnUNet_results" / DS / "nnUNetTrainerFastKD_a0.4__nnUNetPlans_fastkdR2__3d_fullres" / "fold_0"
     assert (fold / "checkpoint_final.pth").is_file() and (fold / "validation" / "summary.json").is_file()
     settings = json.loads((fold / "fastkd_student.json").read_text())
     assert (settings["alpha"], settings["temperature"], settings["cache"]) == (0.4, 3.0, str(stores[0]))
-    assert "nnUNetv2_predict -i INPUT_FOLDER -o OUTPUT_FOLDER -d 900 -c 3d_fullres -f 0 -tr nnUNetTrainerFastKD " \
+    assert "nnUNetv2_predict -i INPUT_FOLDER -o OUTPUT_FOLDER -d 900 -c 3d_fullres -f 0 -tr nnUNetTrainerFastKD_a0.4 " \
            "-p nnUNetPlans_fastkdR2" in run.stdout
 
     dry = subprocess.run([*base, "-temp", "2", "--dry-run"], cwd=wd, env=env, capture_output=True, text=True)

@@ -138,7 +138,7 @@ def test_summary_writes_every_table_page_figure_and_curve(models, tmp_path):
     dice = evaluation(tmp_path / "evaluation" / "test", {"teachers": 8.0, "S__fold_1": 2.0})
     store, preprocessed = verified_cache(tmp_path)
     out = tmp_path / "report"
-    result = report.write_summary(out, checkpoints, onnx, [dice], store, preprocessed, title="Dataset999_T")
+    result = report.write_summary(out, checkpoints, onnx, [dice], [store], preprocessed, title="Dataset999_T")
 
     models_tsv = [line.split("\t") for line in (out / "models.tsv").read_text().splitlines()]
     assert models_tsv[0] == list(report.MODEL_COLUMNS)
@@ -168,11 +168,11 @@ def test_summary_writes_every_table_page_figure_and_curve(models, tmp_path):
 
     # a fold trained elsewhere may have no progress.png: no curve, said so; nothing else changes
     (checkpoints[0][1].parent / "progress.png").unlink()
-    result = report.write_summary(out, checkpoints, onnx, [dice], store, preprocessed)
+    result = report.write_summary(out, checkpoints, onnx, [dice], [store], preprocessed)
     assert result["no_curves"] == [checkpoints[0][1].parent] and len(list((out / "curves").iterdir())) == 2
     (checkpoints[1][1].parent / "progress.png").write_bytes(b"not a png")
     with pytest.raises(FastkdError, match=r"fold_1/progress.png is not a readable PNG"):
-        report.write_summary(out, checkpoints, onnx, [dice], store, preprocessed)
+        report.write_summary(out, checkpoints, onnx, [dice], [store], preprocessed)
     assert len(list((out / "curves").iterdir())) == 2 and not list(out.glob(".curves.*"))  # the old ones stay
 
 

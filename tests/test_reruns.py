@@ -29,6 +29,9 @@ from wf import BIN, TINY, env, nnunet_env, sha256, snakemake
 DS = "Dataset900_FastkdDemo"
 TEACHERS = "nnUNetTrainer__nnUNetPlans__3d_fullres"
 KD = "nnUNetTrainerFastKD__nnUNetPlans_fastkdR2__3d_fullres"
+# the distilled student at T = 2: a setting off its default is in the model folder's name, so the T = 3
+# student stays as it was (the tests after the temperature test run at T = 2)
+KD_T2 = "nnUNetTrainerFastKD_T2__nnUNetPlans_fastkdR2__3d_fullres"
 NOKD = "nnUNetTrainerFastKDNoKD__nnUNetPlans_fastkdR2__3d_fullres"
 #: the student fold of the ``students`` fixture, so a session that built it lends its students to the copy
 FOLD = 1
@@ -107,7 +110,7 @@ def stamps(wd: Path) -> dict[Path, int]:
     return {f: f.stat().st_mtime_ns for f in files}
 
 
-def student_folder(wd: Path, model: str = KD) -> Path:
+def student_folder(wd: Path, model: str = KD_T2) -> Path:
     return wd / "nnUNet_results" / DS / model / f"fold_{FOLD}"
 
 
@@ -169,9 +172,10 @@ def test_new_temperature_reruns_soft_labels_and_what_follows_only(wf):
     assert not ran.keys() & (UPSTREAM | {"train_baseline", "predict_teachers", "student_plans", "student_info"})
     shard = reason(dry, "softlabels_shard", "shard-1-of-2")
     assert shard.startswith("Missing output files: ") and "3d_fullres__T2__" in shard  # T is in the store's name
-    assert "Params have changed since last execution" in reason(dry, "train_student")
-    assert "distillation.temperature=2.0" in reason(dry, "train_student")
-    assert KD in reason(dry, "export_onnx") and KD in reason(dry, "predict_student")  # the KD student's, not NOKD's
+    # a new student (its own folder, T in the name), while the T = 3 student stays where it is
+    assert reason(dry, "train_student").startswith("Missing output files: ") and KD_T2 in reason(dry, "train_student")
+    assert KD_T2 in reason(dry, "export_onnx") and KD_T2 in reason(dry, "predict_student")  # not NOKD's
+    kd_t3 = (student_folder(wf, KD) / "validation" / "summary.json").stat().st_mtime_ns
 
     run = snakemake(wf, "--cores", "2", *BUILT)
     assert rules(run) == {"softlabels_shard": 2, "softlabels_finalize": 1, "softlabels_preview": 1, "train_student": 1,
@@ -182,8 +186,14 @@ def test_new_temperature_reruns_soft_labels_and_what_follows_only(wf):
     assert verify(wf, new).returncode == 0
     settings = json.loads((student_folder(wf) / "fastkd_student.json").read_text())
     assert settings["temperature"] == 2.0 and settings["cache"] == str(new.resolve())
-    log = (wf / "fastkd_work" / "logs" / "train_student" / f"{DS}__r2_fold_{FOLD}.log").read_text()
+    log = (wf / "fastkd_work" / "logs" / "train_student" / f"{DS}__{KD_T2}_fold_{FOLD}.log").read_text()
     assert "Epoch 0" in log and "resuming" not in log  # other settings: trained from scratch, never continued
+    assert (student_folder(wf, KD) / "validation" / "summary.json").stat().st_mtime_ns == kd_t3
+    assert nothing_to_do(wf, *BUILT)
+    # back to T = 3: its student and store are still there, only the r = 2 report (its list of students) would rerun
+    configure(wf, distillation={"temperature": 3.0})
+    assert set(rules(snakemake(wf, "-n", "--cores", "2", *BUILT))) <= {"student_report", "student"}
+    configure(wf, distillation={"temperature": 2.0})
     assert nothing_to_do(wf, *BUILT)
 
 
@@ -193,7 +203,7 @@ def test_forcerun_reruns_the_rule_and_what_follows(wf):
     dry = snakemake(wf, "-n", "--cores", "2", *BUILT, "-R", "train_student")
     assert rules(dry) == {"train_student": 1, "export_onnx": 1, "student_report": 1, "student": 1, "export": 1}
     assert reason(dry, "train_student") == "Forced execution"
-    assert KD in reason(dry, "export_onnx")
+    assert KD_T2 in reason(dry, "export_onnx")
     # --forcerun (the same option) with a target before it: the soft-label jobs, up to that target
     dry = snakemake(wf, "-n", "--cores", "2", "softlabels", "--forcerun", "softlabels_shard")
     assert rules(dry) == {"softlabels_shard": 2, "softlabels_finalize": 1, "softlabels_preview": 1, "softlabels": 1}
@@ -211,23 +221,23 @@ def test_forcerun_reruns_the_rule_and_what_follows(wf):
 @pytest.mark.slow
 def test_new_reduction_factor_adds_its_students_only(wf):
     before = stamps(wf)
-    r2 = {m: (student_folder(wf, m) / "validation" / "summary.json").stat().st_mtime_ns for m in (KD, NOKD)}
+    r2 = {m: (student_folder(wf, m) / "validation" / "summary.json").stat().st_mtime_ns for m in (KD_T2, NOKD)}
     configure(wf, distillation={"reduction_factors": [2, 4]})
     dry = snakemake(wf, "-n", "--cores", "2", *BUILT)
     assert rules(dry) == {"student_plans": 1, "student_info": 1, "train_student": 1, "train_baseline": 1,
                           "export_onnx": 2, "student_report": 1, "student": 1, "export": 1}
     for job in jobs(dry):
         if job["rule"] in ("student_plans", "student_info", "train_student", "train_baseline", "student_report"):
-            assert job["wildcards"].startswith("r=4"), job
+            assert job["wildcards"].startswith("r=4") or "fastkdR4" in job["wildcards"], job
             assert job["reason"].startswith("Missing output files: "), job
         if job["rule"] == "export_onnx":
             assert "fastkdR4" in job["output"] and "fastkdR2" not in job["output"], job
 
     run = snakemake(wf, "--cores", "2", "export")  # the r = 4 students and their exports, for real
     assert rules(run) == {"student_plans": 1, "train_student": 1, "train_baseline": 1, "export_onnx": 2, "export": 1}
-    assert {m: (student_folder(wf, m) / "validation" / "summary.json").stat().st_mtime_ns for m in (KD, NOKD)} == r2
+    assert {m: (student_folder(wf, m) / "validation" / "summary.json").stat().st_mtime_ns for m in (KD_T2, NOKD)} == r2
     assert stamps(wf) == before
-    r4 = wf / "fastkd_work" / DS / "export" / "nnUNetTrainerFastKD__nnUNetPlans_fastkdR4__3d_fullres"
+    r4 = wf / "fastkd_work" / DS / "export" / "nnUNetTrainerFastKD_T2__nnUNetPlans_fastkdR4__3d_fullres"
     assert (r4 / f"fold_{FOLD}.onnx").is_file()
     # back to r = 2 alone: the r = 2 results are what they were, nothing to do
     configure(wf, distillation={"reduction_factors": [2]})
@@ -295,7 +305,7 @@ def test_replaced_teacher_checkpoint_reruns_soft_labels_and_a_killed_run_resumes
     assert settings["teachers"] == {TEACHERS: {"0": new_sha}}
     [moved] = set(student_folder(wf).glob("previous_settings*")) - aside  # the student of the old soft labels
     assert json.loads((moved / "fastkd_student.json").read_text())["teachers"] == {TEACHERS: {"0": old_sha}}
-    log = (wf / "fastkd_work" / "logs" / "train_student" / f"{DS}__r2_fold_{FOLD}.log").read_text()
+    log = (wf / "fastkd_work" / "logs" / "train_student" / f"{DS}__{KD_T2}_fold_{FOLD}.log").read_text()
     assert "Epoch 0" in log and "resuming" not in log  # retrained on the new soft labels, not continued
     assert (student_folder(wf, NOKD) / "validation" / "summary.json").stat().st_mtime_ns == baseline
     assert nothing_to_do(wf, *BUILT)
@@ -327,5 +337,5 @@ def test_deleted_cache_case_is_rebuilt_when_its_jobs_are_forced(wf):
     assert rules(dry) == {"train_student": 1, "student_report": 1, "export_onnx": 1, "student": 1, "export": 1}
     assert reason(dry, "train_student").startswith("Updated input files: ")
     snakemake(wf, "--cores", "2", *BUILT)
-    log = (wf / "fastkd_work" / "logs" / "train_student" / f"{DS}__r2_fold_{FOLD}.log").read_text()
+    log = (wf / "fastkd_work" / "logs" / "train_student" / f"{DS}__{KD_T2}_fold_{FOLD}.log").read_text()
     assert re.search(r"fastkd: resuming .* at epoch 2", log) and "Epoch 0" not in log

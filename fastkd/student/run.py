@@ -6,14 +6,18 @@ with ``plans.json``, ``dataset.json``, ``checkpoint_final.pth`` and ``validation
 ``fold_<f>/fastkd_student.json`` (the settings below) and ``fold_<f>/kd_losses.json`` (hard and KD
 loss per epoch). ``<trainer>`` is ``nnUNetTrainerFastKD`` (``_DA5`` with DA5), or
 ``nnUNetTrainerFastKDNoKD`` for the alpha = 0 baseline, so the baseline and the distilled student of
-one plans file live side by side (the classes: :mod:`fastkd.student.trainers`).
+one plans file live side by side (the classes: :mod:`fastkd.student.trainers`). The students of a sweep
+add a tag of the settings that differ from their defaults (:func:`fastkd.student.student_tag`), e.g.
+``nnUNetTrainerFastKD_T1_a0.7_oof_s1`` (T = 1, alpha = 0.7, out-of-fold soft labels, seed 1).
 
 Settings (``fastkd_student.json``), made by :func:`student_settings` from the validated workflow
 config (``workflow/schemas/config.schema.yaml`` documents and checks every value)::
 
     {"cache": "/abs/path/of/the/soft-label/store.zarr",   # null for the baseline
      "alpha": distillation.alpha,                          # 0.0 for the baseline
+     "seed": student.seeds (this student's one seed),
      "temperature": distillation.temperature,              # KD students only
+     "folds_per_case": softlabels.folds_per_case,          # KD students only: the soft labels' teacher folds
      "teachers": {"<teacher folder>": {"<fold>": sha256}}, # KD students: the checkpoints the cache's
                                                            # soft labels came from (once it is complete)
      "soft_dice": w, "cauchy_schwarz": w,                  # KD students only (KD_KEYS)
@@ -51,11 +55,11 @@ from pathlib import Path
 from fastkd.cache import root_attrs
 from fastkd.errors import FastkdError
 from fastkd.io import atomic_write_text
-from fastkd.student import CHECKPOINTS, N_SPLITS, RUN_FILES, SETTINGS_FILE, move_aside, trainer_name
+from fastkd.student import CHECKPOINTS, N_SPLITS, RUN_FILES, SETTINGS_FILE, move_aside, one, trainer_name
 
 #: keys of the config's student block that choose which student trains, where, and what the job does with
 #: an earlier run (``resume``: an argument of :func:`train_student`), not how the student learns
-RUN_KEYS = ("folds", "baseline", "plans", "block_strategy", "augmentation", "device", "num_gpus", "resume")
+RUN_KEYS = ("folds", "baseline", "plans", "block_strategy", "augmentation", "device", "num_gpus", "resume", "seeds")
 #: keys of the student block that only distillation uses (meaningless for the no-KD baseline)
 KD_KEYS = ("soft_dice", "cauchy_schwarz")
 
@@ -66,14 +70,16 @@ def student_settings(config: dict, cache: str | Path | None, kd: bool) -> dict:
     ``cache``: the soft-label store the KD student reads (ignored for the baseline). The schema has
     checked every value; what is left are the checks across values.
     """
-    alpha = config["distillation"]["alpha"]
+    alpha = one(config, "distillation.alpha")
     if kd and alpha == 0:
         raise FastkdError("distillation.alpha = 0: a KD student needs alpha > 0 (alpha = 0 is the no-KD baseline)")
     if kd and cache is None:
         raise FastkdError(f"distillation.alpha = {alpha} needs a soft-label cache (cache = None is only valid for "
                           "the no-KD baseline)")
     distillation = {"cache": str(Path(cache).resolve()), "alpha": alpha,
-                    "temperature": config["distillation"]["temperature"]} if kd else {"cache": None, "alpha": 0.0}
+                    "temperature": one(config, "distillation.temperature"),
+                    "folds_per_case": one(config, "softlabels.folds_per_case")} if kd else {"cache": None, "alpha": 0.0}
+    distillation["seed"] = one(config, "student.seeds")
     root = root_attrs(cache) if kd else None
     if root and root.get("complete"):
         distillation["teachers"] = {t["name"]: t["sha256"] for t in root["provenance"]["teachers"]}
@@ -82,10 +88,10 @@ def student_settings(config: dict, cache: str | Path | None, kd: bool) -> dict:
 
 
 def student_fold_folder(results: str | Path, dataset_name: str, plans_name: str, configuration: str, fold,
-                        kd: bool, da5: bool = False) -> Path:
+                        kd: bool, da5: bool = False, tag: str = "") -> Path:
     from fastkd.nnunet import model_folder_name
 
-    folder = model_folder_name(trainer_name(kd, da5), plans_name, configuration)
+    folder = model_folder_name(trainer_name(kd, da5, tag), plans_name, configuration)
     return Path(results) / dataset_name / folder / f"fold_{fold}"
 
 
@@ -118,7 +124,7 @@ def fold_state(fold_folder: Path, settings: dict, resume: bool) -> str:
 
 
 def _build_trainer(dataset_name: str, plans_name: str, configuration: str, fold, kd: bool, da5: bool, device,
-                   resume: bool):
+                   resume: bool, tag: str = ""):
     from nnunetv2.paths import nnUNet_preprocessed
 
     from fastkd.nnunet import configuration as check_configuration, read_dataset_json, read_plans
@@ -132,7 +138,7 @@ def _build_trainer(dataset_name: str, plans_name: str, configuration: str, fold,
     plans = read_plans(plans_file)
     check_configuration(plans, configuration)  # FastkdError naming the configurations the plans have
     plans["continue_training"] = resume
-    return trainer_class(kd, da5)(plans=plans, configuration=configuration, fold=fold,
+    return trainer_class(kd, da5, tag)(plans=plans, configuration=configuration, fold=fold,
                                   dataset_json=read_dataset_json(base), device=device)
 
 
@@ -162,16 +168,31 @@ def _ddp_worker(rank: int, world_size: int, port: int, args: tuple) -> None:
     dist.init_process_group("nccl", rank=rank, world_size=world_size)
     torch.cuda.set_device(torch.device("cuda", rank))
     try:
-        dataset_name, plans_name, configuration, fold, kd, da5, resume = args
+        dataset_name, plans_name, configuration, fold, kd, da5, resume, tag, seed = args
         device = torch_device("cuda", "student.device")  # a spawned process: set up CUDA here too
-        trainer = _build_trainer(dataset_name, plans_name, configuration, fold, kd, da5, device, resume)
+        seed_everything(seed + rank)
+        trainer = _build_trainer(dataset_name, plans_name, configuration, fold, kd, da5, device, resume, tag)
         _train(trainer, resume)
     finally:
         dist.destroy_process_group()
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's generators: the weight initialisation, and nnU-Net's patch sampling
+    and augmentation (numpy, in this process or in the loader processes nnU-Net forks afterwards)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def train_student(dataset: str | int, plans_name: str, configuration: str, fold, settings: dict, *,
-                  da5: bool = False, device: str = "cpu", num_gpus: int = 1, resume: bool = True) -> Path:
+                  da5: bool = False, device: str = "cpu", num_gpus: int = 1, resume: bool = True,
+                  tag: str = "") -> Path:
     """Train one student fold into its nnU-Net model folder and run nnU-Net's final validation.
 
     ``fold``: 0-4 or ``"all"`` (every case trains; validation then runs on training cases).
@@ -195,7 +216,7 @@ def train_student(dataset: str | int, plans_name: str, configuration: str, fold,
     fold = fold if fold == "all" else int(fold)
     dataset_name = maybe_convert_to_dataset_name(dataset)
     kd = settings["alpha"] > 0
-    folder = student_fold_folder(nnUNet_results, dataset_name, plans_name, configuration, fold, kd, da5)
+    folder = student_fold_folder(nnUNet_results, dataset_name, plans_name, configuration, fold, kd, da5, tag)
     resume = prepare_fold_folder(folder, settings) and resume
     if num_gpus > 1:
         import socket
@@ -205,8 +226,10 @@ def train_student(dataset: str | int, plans_name: str, configuration: str, fold,
         with socket.socket() as s:
             s.bind(("", 0))
             port = s.getsockname()[1]
-        mp.spawn(_ddp_worker, args=(num_gpus, port, (dataset_name, plans_name, configuration, fold, kd, da5, resume)),
+        mp.spawn(_ddp_worker, args=(num_gpus, port, (dataset_name, plans_name, configuration, fold, kd, da5, resume, tag,
+                                                      settings["seed"])),
                  nprocs=num_gpus, join=True)
         return folder
-    trainer = _build_trainer(dataset_name, plans_name, configuration, fold, kd, da5, on, resume)
+    seed_everything(settings["seed"])
+    trainer = _build_trainer(dataset_name, plans_name, configuration, fold, kd, da5, on, resume, tag)
     return _train(trainer, resume)

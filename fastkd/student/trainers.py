@@ -306,8 +306,11 @@ TRAINERS = {c.__name__: c for c in (nnUNetTrainerFastKD, nnUNetTrainerFastKD_DA5
                                     nnUNetTrainerFastKDNoKD, nnUNetTrainerFastKDNoKD_DA5)}
 
 
-def trainer_class(kd: bool, da5: bool) -> type:
-    return TRAINERS[trainer_name(kd, da5)]
+def trainer_class(kd: bool, da5: bool, tag: str = "") -> type:
+    """The trainer class; with a sweep's ``tag`` (:func:`fastkd.student.student_tag`) a subclass named
+    ``<class><tag>``, because nnU-Net names the model folder after the trainer class."""
+    base = TRAINERS[trainer_name(kd, da5)]
+    return type(trainer_name(kd, da5, tag), (base,), {"__doc__": base.__doc__}) if tag else base
 
 
 def load_settings(fold_folder: Path) -> dict:

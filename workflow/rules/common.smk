@@ -7,10 +7,10 @@ from pathlib import Path
 
 from fastkd.config import overrides, validate_config
 from fastkd.demo_data import held_out_case_ids
-from fastkd.evaluate import TEST_SET, evaluation_sets, is_optimistic, set_fold, test_set_files
+from fastkd.evaluate import TEST_SET, evaluation_sets, holds_out, is_optimistic, set_fold, test_set_files
 from fastkd.paths import Paths
-from fastkd.preprocess import training_cases
-from fastkd.student import student_kinds
+from fastkd.preprocess import holdout_cases, training_cases
+from fastkd.student import one, soft_label_settings, students
 from fastkd.student.run import KD_KEYS
 from fastkd.teachers import teacher_sets
 
@@ -24,18 +24,32 @@ P.export_nnunet_env()
 os.environ.setdefault("FASTKD_SOURCE", workflow.basedir)
 
 CASES = training_cases(config)  # at parse time, never from a checkpoint: Snakemake tracks every case
+HELD_OUT_CASES = holdout_cases(config)  # dataset.holdout's test cases: nnU-Net never sees them
 DEMO_TEST_CASES = held_out_case_ids(config["dataset"]["demo"]["n_test"]) if P.is_demo else []
 TEACHER_CFG = config["teachers"]["configuration"]
 TRAIN_TEACHERS = config["teachers"]["model_folder"] is None
 TEACHER_SETS = {s["name"]: s for s in teacher_sets(config, P.teacher_folder)}  # the teachers, then teachers.extra
 N_SHARDS = config["softlabels"]["shards"]
 STUDENT = config["student"]
-STUDENT_KINDS = student_kinds(config)  # True: distilled, False: the no-KD baseline
 REDUCTION_FACTORS = config["distillation"]["reduction_factors"]
+# Every student of the config, by model folder name: (fastkd.student.Student, Paths of its single-valued
+# config). One per combination of the swept settings (r, T, alpha, soft-label fold selection, seed); the
+# no-KD baselines per r and seed. The Snakemake wildcard {student} is one of these names.
+STUDENTS = {}
+for _s in students(config):
+    _p = Paths(_s.config(config))
+    STUDENTS[_p.student_folder(_s.r, _s.kd).name] = (_s, _p)
+# Every soft-label cache the KD students read, by name (one per temperature and fold selection): the Paths
+# of a config with those values. The Snakemake wildcard {cache} is one of these names.
+CACHES = {}
+for _t, _f in soft_label_settings(config):
+    _p = Paths(next(p.config for s, p in STUDENTS.values() if s.kd and (s.temperature, s.folds_per_case) == (_t, _f)))
+    CACHES[_p.softlabel_name] = _p
 MAIN_TEACHERS = next(iter(TEACHER_SETS))  # the teachers' own folder: nnU-Net's default prediction is its folds
 EVALUATION = config["evaluation"]
 EVALUATION_SETS = evaluation_sets(config) if EVALUATION["enabled"] else []
-TEST_FILES = test_set_files(config, P) if TEST_SET in EVALUATION_SETS else ([], [])
+# a test set on disk, file by file (held-out cases are linked into folders, as validation cases are)
+TEST_FILES = test_set_files(config, P) if TEST_SET in EVALUATION_SETS and not holds_out(config) else ([], [])
 # What training jobs wait for: the preprocess manifest, and nnU-Net's split where this workflow writes it
 # (an adopted dataset's split is written by the manifest job only if missing, so it is no output).
 TRAINING_DATA = [P.preprocess_manifest(TEACHER_CFG)] + ([P.splits_file] if config["plans"]["preprocess"] else [])
@@ -78,15 +92,27 @@ def shard_inputs(wildcards):
     return [P.preprocessed_case(TEACHER_CFG, c) for c in shard_cases(CASES, N_SHARDS, int(wildcards.shard) - 1)]
 
 
-def student_settings_args(kd):
-    """`fastkd student train --set` pairs of the r-student (kd) or its no-KD baseline: every student
-    key but the ones choosing which students exist, plus T and alpha for KD. A new student option in
-    the schema reaches the trainer through here without a new flag."""
-    keep = {k: v for k, v in STUDENT.items() if k not in ("folds", "baseline") and (kd or k not in KD_KEYS)}
+def student_settings_args(name):
+    """`fastkd student train --set` pairs of the student ``name`` (a key of STUDENTS): every student key but
+    the ones choosing which students exist, its seed, plus for KD its T, alpha and soft-label fold selection.
+    A new student option in the schema reaches the trainer through here without a new flag."""
+    s, sp = STUDENTS[name]
+    keep = {k: v for k, v in sp.config["student"].items() if k not in ("folds", "baseline") and (s.kd or k not in KD_KEYS)}
     subset = {"student": keep}
-    if kd:
-        subset["distillation"] = {k: config["distillation"][k] for k in ("temperature", "alpha")}
+    if s.kd:
+        subset["distillation"] = {k: sp.config["distillation"][k] for k in ("temperature", "alpha")}
+        subset["softlabels"] = {"folds_per_case": s.folds_per_case}
     return " ".join(q(pair) for pair in overrides(subset))
+
+
+def students_of(r=None, kd=None):
+    """Names of the students (of reduction factor ``r``, of kind ``kd``), in STUDENTS' order."""
+    return [n for n, (s, _) in STUDENTS.items() if (r is None or s.r == int(r)) and (kd is None or s.kd == kd)]
+
+
+def student_cache(name):
+    """The soft-label cache (its name) a KD student reads."""
+    return STUDENTS[name][1].softlabel_name
 
 
 def student_report_models(wildcards):
@@ -95,14 +121,15 @@ def student_report_models(wildcards):
     for fold in STUDENT["folds"]:
         if TRAIN_TEACHERS and fold in config["teachers"]["folds"]:
             models.append(f"teacher fold {fold}={P.teacher_checkpoint(fold).parent}")
-        for kd in STUDENT_KINDS:
-            folder = P.student_checkpoint(wildcards.r, fold, kd).parent
-            models.append(f"{'KD' if kd else 'no-KD'} r{wildcards.r} fold {fold}={folder}")
+        for name in students_of(wildcards.r):
+            s, sp = STUDENTS[name]
+            models.append(f"{s.label} fold {fold}={sp.student_checkpoint(s.r, fold, s.kd).parent}")
     return " ".join(q(m) for m in models)
 
 
 def student_report_inputs(wildcards):
-    students = [P.student_validation_summary(wildcards.r, f, kd) for f in STUDENT["folds"] for kd in STUDENT_KINDS]
+    students = [STUDENTS[n][1].student_validation_summary(int(wildcards.r), f, STUDENTS[n][0].kd)
+                for f in STUDENT["folds"] for n in students_of(wildcards.r)]
     teachers = [P.teacher_validation_summary(f) for f in STUDENT["folds"]
                 if TRAIN_TEACHERS and f in config["teachers"]["folds"]]
     return students + teachers
@@ -113,13 +140,13 @@ def evaluation_models(case_set):
     evaluated there (all of them on the test set; fold f's on fold f's validation cases)."""
     fold = set_fold(case_set)
     folds = [f for f in STUDENT["folds"] if fold is None or str(f) == fold]
-    return ["teachers"] + [f"{P.student_folder(r, kd).name}__fold_{f}"
-                           for r in REDUCTION_FACTORS for f in folds for kd in STUDENT_KINDS]
+    return ["teachers"] + [f"{name}__fold_{f}" for name in STUDENTS for f in folds]
 
 
 def evaluation_inputs(case_set):
-    """(images, labels) a case set's jobs wait for: the test set's files, or the linked validation cases."""
-    if case_set == TEST_SET:
+    """(images, labels) a case set's jobs wait for: the test set's files, or the folders of linked cases
+    (validation cases; dataset.holdout's test cases)."""
+    if case_set == TEST_SET and not holds_out(config):
         return TEST_FILES
     return P.evaluation_images(case_set), P.evaluation_labels(case_set)
 
@@ -133,29 +160,22 @@ def teacher_targets():
 
 
 def softlabel_targets():
-    return [P.softlabel_cache_root, P.softlabel_preview]
+    return [path for name in CACHES for path in (P.softlabel_cache_root(name), P.softlabel_preview(name))]
 
 
 def student_targets():
     """Every student (each r, fold and kind: its final validation, written after checkpoint_final.pth),
     their size and reports."""
-    return [
-        path
-        for r in REDUCTION_FACTORS
-        for path in [
-            *[P.student_validation_summary(r, fold, kd) for fold in STUDENT["folds"] for kd in STUDENT_KINDS],
-            P.student_info(r),
-            P.student_report(r),
-        ]
-    ]
+    return [sp.student_validation_summary(s.r, fold, s.kd) for s, sp in STUDENTS.values() for fold in STUDENT["folds"]] + [
+        path for r in REDUCTION_FACTORS for path in (P.student_info(r), P.student_report(r))]
 
 
 def export_targets():
     """The verified ONNX export of every student fold (export.onnx), and its TensorRT engine
     (export.tensorrt.enabled; the engine's job asks for the ONNX export either way)."""
-    students = [(r, fold, kd) for r in REDUCTION_FACTORS for fold in STUDENT["folds"] for kd in STUDENT_KINDS]
-    onnx = [P.student_onnx(*s) for s in students] if config["export"]["onnx"] else []
-    engines = [P.student_engine(*s) for s in students] if config["export"]["tensorrt"]["enabled"] else []
+    students = [(sp, s.r, fold, s.kd) for s, sp in STUDENTS.values() for fold in STUDENT["folds"]]
+    onnx = [sp.student_onnx(*s) for sp, *s in students] if config["export"]["onnx"] else []
+    engines = [sp.student_engine(*s) for sp, *s in students] if config["export"]["tensorrt"]["enabled"] else []
     return onnx + engines
 
 

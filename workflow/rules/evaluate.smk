@@ -4,17 +4,24 @@
 # Layout: fastkd/evaluate.py.
 
 
+# The cases of a validation set (from nnU-Net's split), or of the test set dataset.holdout holds back (linked
+# from the raw dataset where it really lives: nnUNet_raw/<ds> lacks them).
 rule evaluation_cases:
     wildcard_constraints:
-        case_set=r"fold_[0-4]_validation",
+        case_set=r"fold_[0-4]_validation" + ("|test" if HELD_OUT_CASES else ""),
     input:
-        splits=P.splits_file,
+        splits=lambda w: [] if w.case_set == TEST_SET else [P.splits_file],
         dataset_json=P.raw_dataset_json,
     output:
         images=directory(P.evaluation_images("{case_set}")),
         labels=directory(P.evaluation_labels("{case_set}")),
     params:
-        fold=lambda w: set_fold(w.case_set),
+        # the held-out cases themselves: another pick reruns the job and every prediction of them
+        cases=lambda w, input: (
+            "--cases " + " ".join(q(c) for c in HELD_OUT_CASES)
+            if w.case_set == TEST_SET
+            else f"--splits {q(input.splits[0])} -f {set_fold(w.case_set)}"
+        ),
         raw=lambda w, input: q(Path(input.dataset_json).parent),
     log:
         P.log("evaluation_cases", "{case_set}"),
@@ -25,8 +32,8 @@ rule evaluation_cases:
     conda:
         NNUNET_ENV
     shell:
-        "fastkd evaluate cases --splits {input.splits} -f {params.fold} --raw {params.raw}"
-        " --images {output.images} --labels {output.labels} > {log} 2>&1"
+        "fastkd evaluate cases {params.cases} --raw {params.raw} --images {output.images} --labels {output.labels}"
+        " > {log} 2>&1"
 
 
 rule predict_teachers:

@@ -60,6 +60,12 @@ if config["plans"]["preprocess"]:
                 else ""
             ),
             num_processes=config["plans"]["num_processes"],
+            # dataset.holdout: nnUNet_raw/<ds> holds the training cases only; another holdout reruns the job
+            holdout=(
+                f"--holdout {config['dataset']['holdout']['n_test']} --holdout-seed {config['dataset']['holdout']['seed']}"
+                if HELD_OUT_CASES
+                else ""
+            ),
         log:
             P.log("plan_preprocess"),
         benchmark:
@@ -73,7 +79,7 @@ if config["plans"]["preprocess"]:
         shell:
             "fastkd preprocess run -d {params.dataset_id} --raw-source {params.raw_source}"
             " -c {params.configurations} --manifests {output.manifests} {params.plans} {params.gpu_memory}"
-            " -np {params.num_processes} > {log} 2>&1"
+            " -np {params.num_processes} {params.holdout} > {log} 2>&1"
 
 else:
 

@@ -6,21 +6,18 @@
 # then each student and baseline. Students declare only their final validation (written after the checkpoint).
 REPORT_MODELS = [("teachers" if name == MAIN_TEACHERS else name, c) for name in TEACHER_SETS
                  for c in teacher_checkpoints(name)] + [
-    (f"{'KD' if kd else 'no-KD'} r{r}", P.student_checkpoint(r, fold, kd))
-    for r in REDUCTION_FACTORS for kd in STUDENT_KINDS for fold in STUDENT["folds"]]
-REPORT_ONNX = [(f"{'KD' if kd else 'no-KD'} r{r}", P.student_onnx(r, fold, kd))
-               for r in REDUCTION_FACTORS for kd in STUDENT_KINDS for fold in STUDENT["folds"]
+    (s.label, sp.student_checkpoint(s.r, fold, s.kd)) for s, sp in STUDENTS.values() for fold in STUDENT["folds"]]
+REPORT_ONNX = [(s.label, sp.student_onnx(s.r, fold, s.kd)) for s, sp in STUDENTS.values() for fold in STUDENT["folds"]
                ] if config["export"]["onnx"] else []
 
 
 rule report_summary:
     input:
         teachers=[c for name in TEACHER_SETS for c in teacher_checkpoints(name)],
-        students=[P.student_validation_summary(r, fold, kd)
-                  for r in REDUCTION_FACTORS for kd in STUDENT_KINDS for fold in STUDENT["folds"]],
+        students=[sp.student_validation_summary(s.r, fold, s.kd) for s, sp in STUDENTS.values() for fold in STUDENT["folds"]],
         onnx=[path for _, path in REPORT_ONNX],
         evaluation=[P.evaluation_table(s, "json") for s in EVALUATION_SETS],
-        cache=P.softlabel_cache_root,
+        caches=[P.softlabel_cache_root(name) for name in CACHES],
     output:
         models=report(P.report_table("models"), caption="../report/models.rst", category="Models"),
         models_png=report(P.report_table("models", "png"), caption="../report/models_figure.rst", category="Models"),
@@ -37,7 +34,7 @@ rule report_summary:
         models=" ".join(q(f"{label}={path}") for label, path in REPORT_MODELS),
         onnx=f"--onnx {' '.join(q(f'{label}={path}') for label, path in REPORT_ONNX)}" if REPORT_ONNX else "",
         evaluation=lambda w, input: f"--evaluation {input.evaluation}" if input.evaluation else "",
-        store=lambda w, input: q(Path(input.cache).parent),
+        stores=lambda w, input: " ".join(q(Path(root).parent) for root in input.caches),
         out=lambda w, output: q(Path(output.models).parent),
         title=q(P.dataset_name),
     log:
@@ -49,5 +46,5 @@ rule report_summary:
     conda:
         NNUNET_ENV
     shell:
-        "fastkd report summary {params.models} {params.onnx} {params.evaluation} --cache {params.store}"
+        "fastkd report summary {params.models} {params.onnx} {params.evaluation} --cache {params.stores}"
         " -o {params.out} --title {params.title} > {log} 2>&1"

@@ -1,7 +1,8 @@
 # Soft-label cache: every teacher fold runs once per case (nnU-Net's sliding window), the tempered
 # fold-averaged probabilities go to one Zarr store. Cases are split into shards, one job each (each
 # loads the teachers once); each case is written atomically, and the store's root is written last by
-# softlabels_finalize, once every case is in. Layout: fastkd/cache.py.
+# softlabels_finalize, once every case is in. One cache per temperature and soft-label fold selection (a
+# sweep has several; the wildcard {cache} is its name, CACHES in common.smk). Layout: fastkd/cache.py.
 
 
 rule softlabels_shard:
@@ -9,21 +10,25 @@ rule softlabels_shard:
         teachers=teacher_targets(),
         manifest=P.preprocess_manifest(TEACHER_CFG),
         cases=shard_inputs,
+        # out_of_fold: nnU-Net's split says which fold held each case out
+        splits=lambda w: [P.splits_file] if one(CACHES[w.cache].config, "softlabels.folds_per_case") == "out_of_fold" else [],
     output:
-        marker=P.softlabel_shard("{shard}"),
+        marker=P.softlabel_shard("{shard}", "{cache}"),
     params:
-        store=lambda w, output: q(P.softlabel_cache),
+        store=lambda w: q(P.softlabel_cache(w.cache)),
         weights=" ".join(str(s["weight"]) for s in TEACHER_SETS.values()),
-        temperature=config["distillation"]["temperature"],
+        temperature=lambda w: one(CACHES[w.cache].config, "distillation.temperature"),
+        folds_per_case=lambda w, input: (f"--folds-per-case out_of_fold --splits {q(input.splits[0])}" if input.splits
+                                         else "--folds-per-case all"),
         step=config["softlabels"]["step_size"],
         mirroring="" if config["softlabels"]["mirroring"] else "--disable-mirroring",
         dtype=config["softlabels"]["dtype"],
         device=config["softlabels"]["device"],
         n_shards=N_SHARDS,
     log:
-        P.log("softlabels_shard", "{shard}"),
+        P.log("softlabels_shard", "{cache}__{shard}"),
     benchmark:
-        P.benchmark("softlabels_shard", "{shard}")
+        P.benchmark("softlabels_shard", "{cache}__{shard}")
     threads: rule_resources("softlabels")["threads"]
     resources:
         mem_mb=rule_resources("softlabels")["mem_mb"],
@@ -33,21 +38,21 @@ rule softlabels_shard:
         SOFTLABELS_ENV
     shell:
         "fastkd softlabels fill -o {params.store} -t {input.teachers} -w {params.weights} -m {input.manifest}"
-        " -T {params.temperature} --step-size {params.step} {params.mirroring} --dtype {params.dtype}"
+        " -T {params.temperature} {params.folds_per_case} --step-size {params.step} {params.mirroring} --dtype {params.dtype}"
         " --shard {wildcards.shard}/{params.n_shards} --device {params.device} --threads {threads}"
         " --marker {output.marker} > {log} 2>&1"
 
 
 rule softlabels_finalize:
     input:
-        shards=[P.softlabel_shard(i) for i in range(1, N_SHARDS + 1)],
+        shards=[P.softlabel_shard(i, "{cache}") for i in range(1, N_SHARDS + 1)],
         manifest=P.preprocess_manifest(TEACHER_CFG),
     output:
-        root=P.softlabel_cache_root,
+        root=P.softlabel_cache_root("{cache}"),
     params:
         store=lambda w, output: q(Path(output.root).parent),
     log:
-        P.log("softlabels_finalize"),
+        P.log("softlabels_finalize", "{cache}"),
     threads: 1
     resources:
         mem_mb=2000,
@@ -60,14 +65,14 @@ rule softlabels_finalize:
 
 rule softlabels_preview:
     input:
-        root=P.softlabel_cache_root,
+        root=P.softlabel_cache_root("{cache}"),
     output:
-        png=report(P.softlabel_preview, caption="../report/softlabels.rst", category="Soft-label cache"),
+        png=report(P.softlabel_preview("{cache}"), caption="../report/softlabels.rst", category="Soft-label cache"),
     params:
         store=lambda w, input: q(Path(input.root).parent),
         case=CASES[0],
     log:
-        P.log("softlabels_preview"),
+        P.log("softlabels_preview", "{cache}"),
     threads: 1
     resources:
         mem_mb=2000,

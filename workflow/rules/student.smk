@@ -1,6 +1,8 @@
 # Students: plans derived from the teachers' (features per stage / r), then one nnU-Net training job
-# per reduction factor and fold on patches plus cached soft labels, and (student.baseline) the same
-# student trained without KD. Each result is a stock nnU-Net model folder; layout: fastkd/student/run.py.
+# per student (reduction factor x the swept T, alpha, soft-label fold selection and seed; the wildcard
+# {student} is its model folder name, STUDENTS in common.smk) and fold on patches plus cached soft labels,
+# and (student.baseline) the same student trained without KD, per r and seed. Each result is a stock
+# nnU-Net model folder; layout: fastkd/student/run.py.
 
 
 rule student_plans:
@@ -46,25 +48,27 @@ rule student_info:
 
 
 rule train_student:
+    wildcard_constraints:
+        student="|".join(re.escape(name) for name in students_of(kd=True)) or "$^",
     input:
         TRAINING_DATA,
-        plans=P.student_plans_file("{r}"),
-        cache=P.softlabel_cache_root,
+        plans=lambda w: STUDENTS[w.student][1].student_plans_file(STUDENTS[w.student][0].r),
+        cache=lambda w: P.softlabel_cache_root(student_cache(w.student)),
     # nnU-Net's final validation, written after checkpoint_final.pth. The checkpoints are no outputs:
     # Snakemake deletes a job's outputs before it reruns it, and a student's checkpoints are only ever
     # continued or moved aside by the trainer (fastkd/student/run.py).
     output:
-        validation=P.student_validation_summary("{r}", "{fold}", kd=True),
+        validation=P.model_folder("{student}") / "fold_{fold}" / "validation" / "summary.json",
     params:
         dataset_id=P.dataset_id,
         plans=lambda w, input: Path(input.plans).stem,
         configuration=TEACHER_CFG,
         softlabels=lambda w, input: f"--cache {q(Path(input.cache).parent)}",
-        settings=student_settings_args(kd=True),
+        settings=lambda w: student_settings_args(w.student),
     log:
-        P.log("train_student", "r{r}_fold_{fold}"),
+        P.log("train_student", "{student}_fold_{fold}"),
     benchmark:
-        P.benchmark("train_student", "r{r}_fold_{fold}")
+        P.benchmark("train_student", "{student}_fold_{fold}")
     threads: rule_resources("train_student")["threads"]
     resources:
         mem_mb=rule_resources("train_student")["mem_mb"],
@@ -79,21 +83,21 @@ rule train_student:
 
 # The no-KD baseline: same student plans, schedule and checkpointing, alpha = 0 (no cache needed).
 use rule train_student as train_baseline with:
+    wildcard_constraints:
+        student="|".join(re.escape(name) for name in students_of(kd=False)) or "$^",
     input:
         TRAINING_DATA,
-        plans=P.student_plans_file("{r}"),
-    output:
-        validation=P.student_validation_summary("{r}", "{fold}", kd=False),
+        plans=lambda w: STUDENTS[w.student][1].student_plans_file(STUDENTS[w.student][0].r),
     params:
         dataset_id=P.dataset_id,
         plans=lambda w, input: Path(input.plans).stem,
         configuration=TEACHER_CFG,
         softlabels="--baseline",
-        settings=student_settings_args(kd=False),
+        settings=lambda w: student_settings_args(w.student),
     log:
-        P.log("train_baseline", "r{r}_fold_{fold}"),
+        P.log("train_baseline", "{student}_fold_{fold}"),
     benchmark:
-        P.benchmark("train_baseline", "r{r}_fold_{fold}")
+        P.benchmark("train_baseline", "{student}_fold_{fold}")
 
 
 # Per r: training curves and the final validation Dice of the teachers (folds trained here), the

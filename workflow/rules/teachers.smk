@@ -16,6 +16,7 @@ if TRAIN_TEACHERS:
             trainer=config["teachers"]["trainer"],
             device=config["teachers"]["device"],
             schedule=config["teachers"]["schedule"],
+            mirroring="" if config["teachers"]["validation_mirroring"] else "--disable-validation-mirroring",
             batch_size=(
                 f"--batch-size {config['teachers']['schedule']['batch_size']}"
                 if config["teachers"]["schedule"]["batch_size"]
@@ -37,7 +38,7 @@ if TRAIN_TEACHERS:
             " -p {params.plans} -tr {params.trainer} --device {params.device}"
             " --epochs {params.schedule[epochs]} --iterations {params.schedule[iterations_per_epoch]}"
             " --val-iterations {params.schedule[val_iterations_per_epoch]} {params.batch_size}"
-            " --save-every {params.schedule[save_every]} --threads {threads} > {log} 2>&1"
+            " --save-every {params.schedule[save_every]} {params.mirroring} --threads {threads} > {log} 2>&1"
 
 
 # One manifest per teacher folder of the ensemble (the teachers, then teachers.extra): the folder
