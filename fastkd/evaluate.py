@@ -189,7 +189,7 @@ SETTING_KEYS = ("temperature", "alpha", "folds_per_case", "seed")
 def _model_row(label: str, record: dict) -> dict:
     """What kind of model a prediction came from: its model folder's trainer and plans say it, and a
     student's settings file its temperature, alpha, soft-label fold selection and seed."""
-    from fastkd.student import SETTINGS_FILE, _tag
+    from fastkd.student import SETTINGS_FILE
 
     folder = Path(record["model"])
     trainer = folder.name.split("__")[0]
@@ -203,14 +203,23 @@ def _model_row(label: str, record: dict) -> dict:
         found = folder / f"fold_{folds[0]}" / SETTINGS_FILE
         written = json.loads(found.read_text()) if found.is_file() else {}
         settings.update({k: written.get(k) for k in SETTING_KEYS})
-    if kind == KINDS[0]:
-        short = f"teacher ensemble ({len(folds)} fold{'s' if len(folds) > 1 else ''})"
-    else:
-        kd = kind == KINDS[1]
-        tag = _tag(kd, settings["temperature"], settings["alpha"], settings["folds_per_case"], settings["seed"])
-        short = " ".join([f"{'KD' if kd else 'no-KD'} r{r}", *filter(None, tag.split("_"))]) + f" fold {','.join(map(str, folds))}"
-    return {"label": label, "short": short, "kind": kind, "r": r, **settings, "model": str(folder),
-            "folds": record["folds"], "mirroring": record["mirroring"], "seconds_per_case": record["seconds_per_case"]}
+    row = {"label": label, "kind": kind, "r": r, **settings, "model": str(folder), "folds": record["folds"],
+           "mirroring": record["mirroring"], "seconds_per_case": record["seconds_per_case"]}
+    return {**row, "short": _short(row)}
+
+
+def _short(row: dict, seed: bool = True) -> str:
+    """A row's model in words: ``teacher ensemble (5 folds)``, ``KD r4 T1 oof s1 fold 0`` (``seed=False``:
+    the name of its setting over the seeds)."""
+    from fastkd.student import settings_tag
+
+    folds = row["folds"]
+    if row["kind"] == KINDS[0]:
+        return f"teacher ensemble ({len(folds)} fold{'s' if len(folds) > 1 else ''})"
+    kd = row["kind"] == KINDS[1]
+    tag = settings_tag(kd, row["temperature"], row["alpha"], row["folds_per_case"], row["seed"] if seed else None)
+    return " ".join([f"{'KD' if kd else 'no-KD'} r{row['r']}", *filter(None, tag.split("_"))]) + \
+        f" fold {','.join(map(str, folds))}"
 
 
 def seed_groups(rows: list[dict], names: list[str]) -> list[dict]:
@@ -229,10 +238,7 @@ def seed_groups(rows: list[dict], names: list[str]) -> list[dict]:
 
     out = []
     for (kind, r, t, a, f, folds), members in groups.items():
-        label = members[0]["short"]
-        if kind != KINDS[0] and members[0].get("seed"):
-            label = label.replace(f" s{members[0]['seed']}", "")
-        out.append({"label": label, "kind": kind, "r": r, "temperature": t, "alpha": a, "folds_per_case": f,
+        out.append({"label": _short(members[0], seed=False), "kind": kind, "r": r, "temperature": t, "alpha": a, "folds_per_case": f,
                     "folds": list(folds), "seeds": [m.get("seed") for m in members], "n": len(members),
                     "dice": {n: stats([m["dice"][n] for m in members]) for n in names},
                     "mean_dice": stats([m["mean_dice"] for m in members]),

@@ -117,7 +117,7 @@ class Student:
     @property
     def tag(self) -> str:
         """:func:`student_tag` of this student's settings."""
-        return _tag(self.kd, self.temperature, self.alpha, self.folds_per_case, self.seed)
+        return settings_tag(self.kd, self.temperature, self.alpha, self.folds_per_case, self.seed)
 
     @property
     def label(self) -> str:
@@ -151,12 +151,13 @@ def student_tag(config: dict, kd: bool) -> str:
     each setting that differs from its default (KD: ``_T<t>``, ``_a<alpha>``, ``_oof``; all: ``_s<seed>``), so a
     config of default values keeps the plain names, and a student's name depends on its own settings only."""
     if not kd:
-        return _tag(False, None, 0.0, None, one(config, "student.seeds"))
-    return _tag(True, one(config, "distillation.temperature"), one(config, "distillation.alpha"),
+        return settings_tag(False, None, 0.0, None, one(config, "student.seeds"))
+    return settings_tag(True, one(config, "distillation.temperature"), one(config, "distillation.alpha"),
                 one(config, "softlabels.folds_per_case"), one(config, "student.seeds"))
 
 
-def _tag(kd: bool, temperature, alpha, folds_per_case, seed: int) -> str:
+def settings_tag(kd: bool, temperature, alpha, folds_per_case, seed) -> str:
+    """:func:`student_tag` from the values themselves (a student's settings file, a table row)."""
     from fastkd.config import default
 
     parts = []  # a value not known (None: a model folder without fastkd's settings file) adds nothing

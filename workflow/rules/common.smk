@@ -10,7 +10,7 @@ from fastkd.demo_data import held_out_case_ids
 from fastkd.evaluate import TEST_SET, evaluation_sets, holds_out, is_optimistic, set_fold, test_set_files
 from fastkd.paths import Paths
 from fastkd.preprocess import holdout_cases, training_cases
-from fastkd.student import one, soft_label_settings, students
+from fastkd.student import one, students
 from fastkd.student.run import KD_KEYS
 from fastkd.teachers import teacher_sets
 
@@ -41,10 +41,7 @@ for _s in students(config):
     STUDENTS[_p.student_folder(_s.r, _s.kd).name] = (_s, _p)
 # Every soft-label cache the KD students read, by name (one per temperature and fold selection): the Paths
 # of a config with those values. The Snakemake wildcard {cache} is one of these names.
-CACHES = {}
-for _t, _f in soft_label_settings(config):
-    _p = Paths(next(p.config for s, p in STUDENTS.values() if s.kd and (s.temperature, s.folds_per_case) == (_t, _f)))
-    CACHES[_p.softlabel_name] = _p
+CACHES = {sp.softlabel_name: sp for s, sp in STUDENTS.values() if s.kd}
 MAIN_TEACHERS = next(iter(TEACHER_SETS))  # the teachers' own folder: nnU-Net's default prediction is its folds
 EVALUATION = config["evaluation"]
 EVALUATION_SETS = evaluation_sets(config) if EVALUATION["enabled"] else []
