@@ -1,15 +1,17 @@
 """The soft-label cache on disk: layout, writer, reader, verification and inspection.
 
 One Zarr v3 store holds the teacher ensemble's soft labels for every training case of one
-(dataset, configuration, teacher set, temperature, mirroring, step, dtype); its path encodes all of
-them (:meth:`fastkd.paths.Paths.softlabel_cache`). Layout::
+(dataset, configuration, teacher set, temperature, mirroring, step, dtype, top-k); its path encodes
+all of them (:meth:`fastkd.paths.Paths.softlabel_cache`). Layout::
 
     <name>.zarr/                 Zarr v3 group; its zarr.json is written LAST (by `fastkd cache
         zarr.json                finalize`, once every case is in), so the store opens only when complete
-        <case>/                  one array per case, (C, x, y, z) uint8 or float16, on nnU-Net's
-            zarr.json            preprocessed grid: x, y, z equal the spatial shape of <case>.b2nd
-            c/0/<i>/<j>/<k>      chunks
-    <name>.zarr.partial/         cases being written; a case appears under <name>.zarr/ only by a rename
+        <case>/                  one array per case, (C, x, y, z) uint8 or float16 (top-k: (2, k, x, y, z)
+            zarr.json            uint8, see below), on nnU-Net's preprocessed grid: x, y, z equal the
+            c/0/<i>/<j>/<k>      spatial shape of <case>.b2nd; chunks, every one written (also those
+                                 equal to the fill value), so a missing chunk file is a damaged case
+    <name>.zarr.partial/         cases being written, one folder per writer:
+        <case>.w<pid>@<host>.<hex8>   a case appears under <name>.zarr/ only by a rename
 
 Arrays. ``C`` is nnU-Net's number of segmentation heads in its own order: one channel per label
 (background first) for softmax datasets, one per region for region-based (sigmoid) datasets.
@@ -18,15 +20,30 @@ Arrays. ``C`` is nnU-Net's number of segmentation heads in its own order: one ch
   are quantised by largest remainder, so every voxel's C values sum to exactly 255 (probabilities to 1)
   and each is within 1/255 of the teacher's; sigmoid channels are rounded (error <= 0.5/255).
 - ``float16``: the probability itself (``scale`` = 1).
+- Top-k (``softlabels.top_k`` = k, softmax datasets with many classes; ``top_k`` in the provenance):
+  ``(2, k, x, y, z)`` uint8 (uint16 above 256 classes). ``[0, i]`` is the i-th largest probability x 255
+  (descending; the k quantised by largest remainder to ``rint(255 x their sum)``), ``[1, i]`` its class
+  index. The voxel's remaining mass ``1 - sum / 255`` is spread evenly over the other C - k classes
+  when read (:func:`decode`), as FKD / ReLabel store ImageNet soft labels; each case records its mean
+  and max (``top_k_dropped``), which ``fastkd cache info`` reports and ``verify`` checks.
 
-Chunks are ``(C, min(x, px), min(y, py), min(z, pz))`` with ``p`` the plans' patch size (for 2d
-configurations ``(C, 1, min(y, py), min(z, pz))``): all classes of a voxel sit in one chunk because the
-KD loss needs all of them, and a patch-sized chunk means a random training read of nnU-Net's initial
-patch (about 1.2-1.6 x the patch per axis) touches at most 3 chunks per axis and decompresses a few
-patches' worth of voxels, while the chunk count per case stays small (per-chunk overhead dominates
-tiny chunks). Codecs (all in the Zarr v3 spec, so zarr-python and tensorstore read them):
+Chunks hold every class of a block of voxels (the KD loss needs all of them) and at most
+:data:`CHUNK_BYTES` (4 MiB) uncompressed, whatever C and the patch size: spatially the chunk is the
+plans' patch (for 2d configurations ``1 x`` the patch), shrunk by one factor on every axis until it fits,
+and cut to the volume. With few classes it is the patch itself (Hippocampus: 3 x 40 x 56 x 40 =
+270 kB): a random training read of nnU-Net's initial patch (about 1.2-1.6 x the patch per axis)
+touches at most 3 chunks per axis. With many it is smaller (118 classes, patch 128^3: 118 x 32^3 =
+3.9 MB) so a read decompresses little beyond the crop; a 128^3-voxel chunk would be 247 MB. Codecs
+(all in the Zarr v3 spec, so zarr-python and tensorstore read them):
 bytes -> blosc (zstd, level 5; no shuffle for uint8, byte shuffle for float16) -> crc32c, so a
 corrupted chunk raises a checksum error instead of decoding to wrong numbers.
+
+Integrity. A case is accepted (renamed into the store, finalized, opened by the reader, verified) only
+with all its chunk files present (:func:`missing_chunks`); zarr would read a missing chunk as zeros.
+Writers remove only their own ``.partial`` folders and those of dead writers of their host
+(:func:`write_case`). ``finalize`` and the soft-label fill never remove the root before their checks
+pass, so a failing run leaves a complete store complete. Each case records the sha256 of the
+preprocessed case it came from (``preprocessed_sha256``, :func:`fingerprint`).
 
 Attributes live under the key ``fastkd_softlabels``. On each case array::
 
@@ -34,6 +51,8 @@ Attributes live under the key ``fastkd_softlabels``. On each case array::
      "case", "shape": [C, x, y, z], "tiles": int, "teacher_forwards": int, "seconds": float,
      "teacher_folds": [[fold, ...], ...],   # the folds that made this case, per teacher folder of
                                             # provenance["teachers"] (all of them, or out-of-fold)
+     "preprocessed_sha256": str,            # of the preprocessed <case>.b2nd it was computed from
+     "top_k_dropped": {"mean", "max"},      # top-k only: 1 - stored mass per voxel
      "created": ISO time, "versions": {...}, "provenance": {...}}
 
 On the root group::
@@ -50,16 +69,20 @@ for ``out_of_fold``, else null), ``channels`` (names),
 ``trainer``, ``plans_name``, ``configuration``, ``folds``, ``checkpoint``, ``sha256`` per fold,
 ``weight``), ``dataset_name``, ``plans_name``, ``configuration``, ``data_identifier``, ``spacing``,
 ``transpose_forward``, ``patch_size``, ``dtype``, ``scale``, ``step_size``, ``mirroring``,
-``mirror_axes``, ``gaussian``.
+``mirror_axes``, ``gaussian``, and ``top_k`` in top-k stores only.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
+import socket
 import uuid
 from datetime import datetime, timezone
+from glob import escape as glob_escape
 from pathlib import Path
 
 import numpy as np
@@ -92,8 +115,19 @@ def partial_dir(store: str | Path) -> Path:
 
 
 # -- encoding ------------------------------------------------------------------------------------
+#: uncompressed bytes of one chunk at most (all C classes of a block of voxels; see chunk_shape)
+CHUNK_BYTES = 4 * 2**20
+#: values encoded (and verified) per step; encoding costs ~29 bytes per value (float32 temporaries and
+#: int64 ranks), so a step holds ~230 MB whatever the case's size and number of classes
+BLOCK_VALUES = 2**23
+
+
 def encode(probs: np.ndarray, dtype: str, softmax: bool = True) -> np.ndarray:
-    """Probabilities (C, ...) float32 -> stored values (see the module docstring)."""
+    """Probabilities (C, ...) float32 -> stored values (see the module docstring).
+
+    Works on the whole array at once (temporaries of ~29 bytes per value): callers with large cases
+    encode block by block (:func:`write_case` does).
+    """
     if dtype == "float16":
         return probs.astype(np.float16)
     if dtype != "uint8":
@@ -101,22 +135,109 @@ def encode(probs: np.ndarray, dtype: str, softmax: bool = True) -> np.ndarray:
     scaled = np.clip(probs, 0.0, 1.0, dtype=np.float32) * np.float32(255.0)
     if not softmax:
         return np.rint(scaled).astype(np.uint8)
+    return _largest_remainder(scaled, np.float32(255.0)).astype(np.uint8)
+
+
+def _largest_remainder(scaled: np.ndarray, total) -> np.ndarray:
+    """Integers (as float32) ``q <= scaled + 1`` along axis 0 summing to ``rint(total)`` per voxel: floor
+    everything, then give the missing units to the entries with the largest remainders."""
     q = np.floor(scaled)
     remainder = scaled - q
-    # largest remainder: give the units missing to 255 to the classes with the largest remainders
-    deficit = np.clip(np.rint(255.0 - q.sum(axis=0)), 0, probs.shape[0])
+    deficit = np.clip(np.rint(total - q.sum(axis=0)), 0, scaled.shape[0])
     order = np.argsort(-remainder, axis=0, kind="stable")
     rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.arange(probs.shape[0]).reshape((-1,) + (1,) * (probs.ndim - 1)), axis=0)
+    np.put_along_axis(rank, order, np.arange(scaled.shape[0]).reshape((-1,) + (1,) * (scaled.ndim - 1)), axis=0)
     q += rank < deficit
-    return q.astype(np.uint8)
+    return q
 
 
-def chunk_shape(shape: tuple[int, ...], patch_size: list[int]) -> tuple[int, ...]:
-    """Chunks for a (C, x, y, z) case read in patches of ``patch_size`` (see the module docstring)."""
-    spatial = shape[1:]
+def top_k_dtype(n_classes: int) -> str:
+    """Stored dtype of a top-k case: uint8 (values and class indices) up to 256 classes, else uint16."""
+    return "uint8" if n_classes <= 256 else "uint16"
+
+
+def encode_top_k(probs: np.ndarray, k: int) -> np.ndarray:
+    """Softmax probabilities (C, ...) -> ``(2, k, ...)``: [0] the k largest as multiples of 1/255 in
+    descending order, [1] their class indices (module docstring, "Top-k").
+
+    The k values are quantised by largest remainder to ``rint(255 x their sum)`` (each within 1/255 of
+    the teacher's); the rest of the voxel's mass is not stored, :func:`decode` spreads it evenly over
+    the other C - k classes.
+    """
+    n = probs.shape[0]
+    if not 1 <= k < n:
+        raise CacheError(f"softlabels.top_k = {k}: must be between 1 and the number of classes - 1 ({n - 1})")
+    index = np.argpartition(-probs, k - 1, axis=0)[:k]
+    top = np.take_along_axis(probs, index, axis=0)
+    order = np.argsort(-top, axis=0, kind="stable")
+    index, top = np.take_along_axis(index, order, axis=0), np.take_along_axis(top, order, axis=0)
+    scaled = np.clip(top, 0.0, 1.0, dtype=np.float32) * np.float32(255.0)
+    q = _largest_remainder(scaled, np.minimum(scaled.sum(axis=0), np.float32(255.0)))
+    dtype = top_k_dtype(n)
+    return np.stack([q.astype(dtype), index.astype(dtype)])
+
+
+def decode(stored: np.ndarray, provenance: dict) -> np.ndarray:
+    """Stored values (dense ``(C, ...)`` or top-k ``(2, k, ...)``) -> float32 probabilities ``(C, ...)``."""
+    scale = np.float32(provenance["scale"])
+    k = provenance.get("top_k")
+    if not k:
+        return stored.astype(np.float32) * scale
+    n = len(provenance["channels"])
+    values = stored[0].astype(np.float32) * scale
+    rest = (1 - values.sum(axis=0)) / np.float32(n - k)
+    dense = np.empty((n, *stored.shape[2:]), np.float32)
+    dense[...] = rest
+    np.put_along_axis(dense, stored[1].astype(np.intp), values, axis=0)
+    return dense
+
+
+def stored_shape(shape, provenance: dict) -> tuple[int, ...]:
+    """On-disk array shape of a case of dense shape ``(C, x, y, z)``: the same, or ``(2, k, x, y, z)``."""
+    k = provenance.get("top_k")
+    return tuple(shape) if not k else (2, k, *shape[1:])
+
+
+def stored_dtype(provenance: dict) -> str:
+    k = provenance.get("top_k")
+    return provenance["dtype"] if not k else top_k_dtype(len(provenance["channels"]))
+
+
+def chunk_shape(shape: tuple[int, ...], patch_size: list[int], itemsize: int = 1,
+                max_bytes: int = CHUNK_BYTES) -> tuple[int, ...]:
+    """Chunks for a (C, x, y, z) case read in patches of ``patch_size`` (see the module docstring).
+
+    All C classes of a voxel share a chunk (the KD loss reads all of them); spatially the chunk is the
+    patch (for 2d configurations ``1 x`` the patch), shrunk by one factor on every axis until the
+    chunk holds at most ``max_bytes``, and cut to the volume.
+    """
+    lead, spatial = shape[:-3], shape[-3:]  # (C,) or, top-k, (2, k)
     patch = list(patch_size) if len(patch_size) == len(spatial) else [1, *patch_size]
-    return (shape[0], *(max(1, min(s, p)) for s, p in zip(spatial, patch)))
+    block = [max(1, min(s, p)) for s, p in zip(spatial, patch)]
+    budget = max(1, max_bytes // (int(np.prod(lead)) * itemsize))  # voxels per chunk
+    while int(np.prod(block)) > budget:
+        axes = [i for i in range(len(block)) if block[i] > 1]
+        largest = max(axes, key=lambda i: block[i] / patch[i])  # keep the patch's proportions
+        block[largest] = max(1, int(block[largest] * 0.9))
+    return (*lead, *block)
+
+
+def blocks(shape: tuple[int, ...], chunks: tuple[int, ...], max_values: int | None = None):
+    """Chunk-aligned boxes (tuples of slices) that tile an array, each of at most ``max_values`` values
+    (default :data:`BLOCK_VALUES`) where one chunk allows (a box is never smaller than a chunk): the
+    unit of bounded-memory work."""
+    max_values = max_values or BLOCK_VALUES
+    per_chunk = int(np.prod(chunks))
+    grid = [-(-s // c) for s, c in zip(shape, chunks)]
+    group = [1] * len(shape)  # chunks per box along each axis, grown from the last axis outwards
+    for axis in reversed(range(len(shape))):
+        fit = max(1, max_values // (per_chunk * int(np.prod(group))))
+        group[axis] = min(grid[axis], fit)
+        if group[axis] < grid[axis]:
+            break
+    steps = [g * c for g, c in zip(group, chunks)]
+    for corner in np.ndindex(*[-(-s // st) for s, st in zip(shape, steps)]):
+        yield tuple(slice(i * st, min((i + 1) * st, s)) for i, st, s in zip(corner, steps, shape))
 
 
 def _compressors(dtype: str) -> list:
@@ -124,6 +245,24 @@ def _compressors(dtype: str) -> list:
 
     shuffle = "noshuffle" if dtype == "uint8" else "shuffle"
     return [BloscCodec(cname="zstd", clevel=5, shuffle=shuffle), Crc32cCodec()]
+
+
+def missing_chunks(array) -> list[str]:
+    """The chunk keys of a zarr array (on a local store) that have no file.
+
+    zarr reads a missing chunk as the fill value, i.e. probability 0 for every class: made-up values.
+    Every chunk is written (``write_empty_chunks``), so a missing one means a damaged case.
+    """
+    root = Path(str(array.store_path.store.root)) / array.store_path.path
+    return [key for key in (array.metadata.encode_chunk_key(c) for c in np.ndindex(*array.cdata_shape))
+            if not (root / key).is_file()]
+
+
+def _check_chunks(array, what: str) -> None:
+    missing = missing_chunks(array)
+    if missing:
+        raise CacheError(f"{what}: {len(missing)} of {int(np.prod(array.cdata_shape))} chunks missing "
+                         f"(e.g. {', '.join(missing[:3])}); rerun its soft-label job")
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -144,23 +283,86 @@ def root_attrs(store: str | Path) -> dict | None:
     return _node_attrs(Path(store))
 
 
-def is_current(store: str | Path, case: str, provenance: dict, shape: tuple[int, ...]) -> bool:
-    """A complete case with this provenance and shape is already in the store (a rerun skips it)."""
+def is_current(store: str | Path, case: str, provenance: dict, shape: tuple[int, ...],
+               preprocessed_sha256: str | None = None) -> bool:
+    """A complete case with this provenance and shape, made from the preprocessed case with this
+    fingerprint (:func:`fingerprint`, when given) and with all its chunks, is already in the store
+    (a rerun skips it)."""
+    import zarr
+
     attrs = case_attrs(store, case)
-    return bool(attrs and attrs.get("complete") and attrs.get("provenance") == provenance
-                and tuple(attrs.get("shape", ())) == tuple(shape))
+    if not (attrs and attrs.get("complete") and attrs.get("provenance") == provenance
+            and tuple(attrs.get("shape", ())) == tuple(shape)):
+        return False
+    if preprocessed_sha256 is not None and attrs.get("preprocessed_sha256") != preprocessed_sha256:
+        return False
+    try:
+        return not missing_chunks(zarr.open_array(str(Path(store) / case), mode="r"))
+    except Exception:
+        return False
 
 
 def invalidate(store: str | Path) -> None:
-    """Remove the root zarr.json: while cases are (re)written the store must not open as complete."""
+    """Remove the root zarr.json: while cases are (re)written the store must not open as complete.
+
+    Called just before the first case is written, never before checks that may fail, so a failing
+    run leaves a complete store complete.
+    """
     (Path(store) / "zarr.json").unlink(missing_ok=True)
 
 
-def write_case(store: str | Path, case: str, probs: np.ndarray, provenance: dict, extra: dict | None = None) -> Path:
-    """Write one case atomically: to ``<store>.partial/``, mark complete, rename into the store.
+def _writer_tag() -> str:
+    """``w<pid>@<host>``: who owns a folder under ``.partial`` (dots in the host name become ``_``)."""
+    return f"w{os.getpid()}@{socket.gethostname().replace('.', '_')}"
 
-    A job killed at any point leaves at most a directory under ``.partial`` (never read, removed by
-    the next writer of that case or by finalize) and, if it replaced an older version, no case at all.
+
+_PARTIAL = re.compile(r"\.w(\d+)@([^.]+)\.[0-9a-f]{8}$")
+
+
+def _writer_is_gone(name: str) -> bool:
+    """Whether the writer that made the ``.partial`` entry ``name`` is dead (a process of this host that
+    no longer exists). A writer on another host, or a name in no known form, counts as alive: its folder
+    is left alone (one of two duplicate cluster jobs must not delete the other's data)."""
+    match = _PARTIAL.search(name)
+    if not match or match.group(2) != socket.gethostname().replace(".", "_"):
+        return False
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _entries(tmp_root: Path, case: str) -> list[Path]:
+    """The ``.partial`` entries of ``case`` (``<case>.w<pid>@<host>.<hex8>``)."""
+    return [p for p in tmp_root.glob(f"{glob_escape(case)}.w*") if _PARTIAL.fullmatch(p.name[len(case):])]
+
+
+def _remove_dead_partials(tmp_root: Path, case: str | None = None) -> list[str]:
+    """Remove the ``.partial`` entries (of ``case``, or all) whose writer is dead; return those kept."""
+    kept = []
+    for entry in (_entries(tmp_root, case) if case is not None else sorted(tmp_root.iterdir())):
+        if _writer_is_gone(entry.name):
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            kept.append(entry.name)
+    return kept
+
+
+def write_case(store: str | Path, case: str, probs: np.ndarray, provenance: dict, extra: dict | None = None) -> Path:
+    """Write one case atomically: to ``<store>.partial/``, check, mark complete, rename into the store.
+
+    ``probs``: float32 probabilities (C, x, y, z); they are encoded block by block (:func:`blocks`), so
+    the extra memory is bounded whatever the case's size. Every chunk is written, also those equal to
+    the fill value, and the rename happens only when every chunk file is there.
+
+    The folder being written is ``<store>.partial/<case>.w<pid>@<host>.<hex8>``. A writer removes only
+    its own folders and those of dead writers of its host (a killed job), never those of a live one (a
+    duplicate cluster job writing the same case: both finish, the last rename wins, and every
+    version is complete). A job killed at any point leaves at most a folder under ``.partial``
+    (never read) and, if it replaced an older version, no case at all.
     """
     import zarr
 
@@ -168,40 +370,78 @@ def write_case(store: str | Path, case: str, probs: np.ndarray, provenance: dict
     store.mkdir(parents=True, exist_ok=True)
     tmp_root = partial_dir(store)
     tmp_root.mkdir(exist_ok=True)
-    for stale in tmp_root.glob(f"{case}.*"):  # left by a killed writer of this case (one writer per case)
-        shutil.rmtree(stale, ignore_errors=True)
-    dtype = provenance["dtype"]
-    data = encode(probs, dtype, softmax=provenance["activation"] == "softmax")
-    attrs = {"case": case, "shape": list(data.shape), **(extra or {}), "created": now(), "versions": versions(),
+    _remove_dead_partials(tmp_root, case)
+    dtype, k = stored_dtype(provenance), provenance.get("top_k")
+    softmax = provenance["activation"] == "softmax"
+    if k and not softmax:
+        raise CacheError("softlabels.top_k needs a softmax (label-based) dataset; region-based soft labels are "
+                         "independent per region and are stored whole (set softlabels.top_k: null)")
+    attrs = {"case": case, "shape": list(probs.shape), **(extra or {}), "created": now(), "versions": versions(),
              "provenance": provenance}
-    tmp = tmp_root / f"{case}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    array = zarr.create_array(str(tmp), shape=data.shape, chunks=chunk_shape(data.shape, provenance["patch_size"]),
-                              dtype=dtype, compressors=_compressors(dtype), fill_value=0,
+    tmp = tmp_root / f"{case}.{_writer_tag()}.{uuid.uuid4().hex[:8]}"
+    shape = stored_shape(probs.shape, provenance)
+    chunks = chunk_shape(shape, provenance["patch_size"], np.dtype(dtype).itemsize)
+    array = zarr.create_array(str(tmp), shape=shape, chunks=chunks, dtype=dtype,
+                              compressors=_compressors(dtype), fill_value=0, config={"write_empty_chunks": True},
                               attributes={ATTR: {"complete": False, **attrs}})
-    array[...] = data
+    dropped_sum, dropped_max = 0.0, 0.0
+    for box in blocks(shape, chunks):
+        dense = probs[(slice(None), *box[-3:])]
+        if k:
+            stored = encode_top_k(dense, k)
+            dropped = 1 - stored[0].sum(axis=0, dtype=np.float64) / 255
+            dropped_sum, dropped_max = dropped_sum + float(dropped.sum()), max(dropped_max, float(dropped.max()))
+            array[box] = stored
+        else:
+            array[box] = encode(dense, dtype, softmax)
+    if k:  # the probability mass not stored per voxel (spread evenly over the other classes when read)
+        attrs["top_k_dropped"] = {"mean": dropped_sum / int(np.prod(shape[2:])), "max": dropped_max}
+    _check_chunks(array, f"{case} (just written to {tmp})")
     array.attrs[ATTR] = {"complete": True, **attrs}
-    final = store / case
-    if final.exists():  # an outdated version: move it aside first (a directory cannot be renamed over)
-        old = tmp_root / f"{case}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(final, old)
-        os.replace(tmp, final)
+    final, trash = store / case, []
+    while True:  # rename over the old version; a concurrent writer may move it at the same time
+        try:
+            os.rename(tmp, final)
+            break
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        old = tmp_root / f"{case}.{_writer_tag()}.{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(final, old)  # an outdated version: aside first (a directory cannot replace a full one)
+            trash.append(old)
+        except FileNotFoundError:  # the other writer moved it first
+            pass
+    for old in trash:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
     return final
+
+
+def _write_root(store: Path, attributes: dict) -> None:
+    """Write the store's root ``zarr.json`` in one rename (zarr writes it in a scratch folder first),
+    so the root is at every moment absent, the old one or the new one."""
+    import zarr
+
+    partial_dir(store).mkdir(exist_ok=True)
+    scratch = partial_dir(store) / f".root.{_writer_tag()}.{uuid.uuid4().hex[:8]}"
+    try:
+        zarr.create_group(str(scratch), attributes=attributes)
+        os.replace(scratch / "zarr.json", store / "zarr.json")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def finalize(store: str | Path, expected: dict[str, list[int]], preprocessed_folder: str | Path | None = None) -> dict:
     """Check every expected case is in the store, complete and consistent; then write the root.
 
     ``expected``: case -> spatial shape ``[x, y, z]`` (or the full ``[C, x, y, z]`` of the
-    preprocessed image, whose C is ignored). Raises :class:`CacheError` naming every bad case;
-    writes nothing then. Returns the root attributes.
+    preprocessed image, whose C is ignored). Every case must have all its chunks. Raises
+    :class:`CacheError` naming every bad case; the store is left as it was then (a complete store
+    stays complete). Returns the root attributes.
     """
     import zarr
 
     store = Path(store)
-    invalidate(store)
     problems, cases, provenance, forwards = [], {}, None, 0
     for case in sorted(expected):
         attrs = case_attrs(store, case)
@@ -221,6 +461,14 @@ def finalize(store: str | Path, expected: dict[str, list[int]], preprocessed_fol
                           if provenance.get(k) != attrs["provenance"].get(k))
             problems.append(f"{case}: written with other settings than {first} ({', '.join(diff)} differ)")
             continue
+        try:
+            _check_chunks(zarr.open_array(str(store / case), mode="r"), case)
+        except CacheError as e:
+            problems.append(str(e))
+            continue
+        except Exception as e:
+            problems.append(f"{case}: cannot be opened ({type(e).__name__}: {e})")
+            continue
         cases[case] = attrs["shape"]
         forwards += attrs.get("teacher_forwards", 0)
     if problems:
@@ -229,8 +477,9 @@ def finalize(store: str | Path, expected: dict[str, list[int]], preprocessed_fol
     root = {"complete": True, "cases": cases, "teacher_forwards": forwards,
             "preprocessed_folder": str(Path(preprocessed_folder).resolve()) if preprocessed_folder else None,
             "created": now(), "versions": versions(), "provenance": provenance}
-    zarr.create_group(str(store), attributes={ATTR: root})  # the root zarr.json: the last write
-    shutil.rmtree(partial_dir(store), ignore_errors=True)
+    _write_root(store, {ATTR: root})  # the last write
+    if partial_dir(store).is_dir() and not _remove_dead_partials(partial_dir(store)):
+        shutil.rmtree(partial_dir(store), ignore_errors=True)
     return root
 
 
@@ -316,9 +565,12 @@ class SoftLabelCache:
         if not attrs.get("complete") or attrs.get("provenance") != self.provenance:
             raise CacheError(f"soft-label cache {self.path}: case {case} is incomplete or was written with "
                              "other settings than the cache; rerun its soft-label job")
-        if list(array.shape) != list(self.cases[case]):
+        if list(array.shape) != list(stored_shape(self.cases[case], self.provenance)):
             raise CacheError(f"soft-label cache {self.path}: case {case} has shape {list(array.shape)}, "
-                             f"the cache lists {self.cases[case]}")
+                             f"the cache lists {self.cases[case]}"
+                             + (f" (top-{self.top_k}: {list(stored_shape(self.cases[case], self.provenance))})"
+                                if self.top_k else ""))
+        _check_chunks(array, f"soft-label cache {self.path}: case {case}")  # else zarr reads zeros
         self._arrays[case] = array
         return array
 
@@ -331,9 +583,14 @@ class SoftLabelCache:
             raise CacheError(f"soft-label cache {self.path}: case {case} is corrupt ({type(e).__name__}: {e}); "
                              "run `fastkd cache verify` and rerun its soft-label job") from e
 
+    @property
+    def top_k(self) -> int | None:
+        """k of a top-k cache (None: every class stored)."""
+        return self.provenance.get("top_k")
+
     def read(self, case: str) -> np.ndarray:
-        """The whole case as float32 probabilities (C, x, y, z)."""
-        return self._read(case, (slice(None),) * 4).astype(np.float32) * self.scale
+        """The whole case as float32 probabilities (C, x, y, z) (top-k caches: densified)."""
+        return decode(self._read(case, (slice(None),) * len(self.array(case).shape)), self.provenance)
 
     def read_crop(self, case: str, bbox) -> np.ndarray:
         """Soft labels of a half-open voxel box ``[[lo, hi], ...]`` (per spatial axis) as float32.
@@ -342,15 +599,19 @@ class SoftLabelCache:
         channel (1 inside the volume, 0 outside). Boxes may reach outside the volume, as nnU-Net's
         ``get_bbox`` produces them.
         """
-        shape = self.array(case).shape[1:]
+        array = self.array(case)
+        shape, lead = array.shape[-3:], (slice(None),) * (array.ndim - 3)
         sizes = [int(hi) - int(lo) for lo, hi in bbox]
         out = np.zeros((self.num_channels + 1, *sizes), dtype=np.float32)
         lo = [max(int(b[0]), 0) for b in bbox]
         hi = [min(int(b[1]), s) for b, s in zip(bbox, shape)]
         if all(h > l for l, h in zip(lo, hi)):
-            src = self._read(case, (slice(None), *(slice(l, h) for l, h in zip(lo, hi))))
+            src = self._read(case, (*lead, *(slice(l, h) for l, h in zip(lo, hi))))
             dst = tuple(slice(l - int(b[0]), h - int(b[0])) for l, h, b in zip(lo, hi, bbox))
-            np.multiply(src, self.scale, out=out[(slice(0, self.num_channels), *dst)], casting="unsafe")
+            if self.top_k:
+                out[(slice(0, self.num_channels), *dst)] = decode(src, self.provenance)
+            else:
+                np.multiply(src, self.scale, out=out[(slice(0, self.num_channels), *dst)], casting="unsafe")
             out[(self.num_channels, *dst)] = 1.0
         return out
 
@@ -373,16 +634,21 @@ def info(store: str | Path) -> dict:
     cases, provenance = {}, (root or {}).get("provenance")
     for case in _case_dirs(store):
         attrs = case_attrs(store, case) or {}
-        shape = attrs.get("shape")
-        dtype = (attrs.get("provenance") or {}).get("dtype", "uint8")
-        values = int(np.prod(shape)) if shape else 0
+        shape, prov = attrs.get("shape"), attrs.get("provenance") or {"dtype": "uint8"}
+        values = int(np.prod(shape)) if shape else 0  # dense: C x voxels
+        stored = int(np.prod(stored_shape(shape, prov))) if shape else 0
         cases[case] = {"shape": shape, "complete": bool(attrs.get("complete")), "bytes": _bytes_on_disk(store / case),
-                       "logical_bytes": values * np.dtype(dtype).itemsize, "values": values,
-                       "teacher_folds": attrs.get("teacher_folds")}
+                       "logical_bytes": stored * np.dtype(stored_dtype(prov)).itemsize, "values": values,
+                       "voxels": values // shape[0] if shape else 0, "teacher_folds": attrs.get("teacher_folds"),
+                       "top_k_dropped": attrs.get("top_k_dropped")}
         provenance = provenance or attrs.get("provenance")
     total = sum(c["bytes"] for c in cases.values())
     logical = sum(c["logical_bytes"] for c in cases.values())
+    dropped = [c for c in cases.values() if c["top_k_dropped"]]
     return {
+        "top_k_dropped": {"mean": sum(c["top_k_dropped"]["mean"] * c["voxels"] for c in dropped)
+                          / max(1, sum(c["voxels"] for c in dropped)),
+                          "max": max(c["top_k_dropped"]["max"] for c in dropped)} if dropped else None,
         "path": str(store), "complete": bool(root and root.get("complete")),
         "n_cases": len(cases), "expected_cases": len(root["cases"]) if root else None,
         "bytes": total, "logical_bytes": logical, "float32_bytes": 4 * sum(c["values"] for c in cases.values()),
@@ -410,6 +676,9 @@ def format_info(report: dict, list_cases: bool = False) -> str:
                   f"  prediction:    sliding window step {p['step_size']}, gaussian, "
                   + (f"mirroring over axes {p['mirror_axes']}" if p["mirroring"] else "no mirroring"),
                   f"  ensemble:      {p['ensemble']}",
+                  "  stored:        " + (f"top-{p['top_k']} (per voxel the {p['top_k']} largest probabilities "
+                                          "and their classes; the rest spread evenly over the other classes)"
+                                          if p.get("top_k") else "every class"),
                   f"  folds/case:    {p.get('folds_per_case', 'all')}"  # stores before the key: all
                   + (f" (split sha256 {p['splits_sha256'][:16]}...)" if p.get("splits_sha256") else "")]
         for t in p["teachers"]:
@@ -420,6 +689,10 @@ def format_info(report: dict, list_cases: bool = False) -> str:
     lines += [f"  on disk:       {mb(report['bytes'])} (uncompressed {mb(report['logical_bytes'])}, "
               f"as float32 {mb(report['float32_bytes'])}; compression {ratio:.1f}x)" if ratio else
               f"  on disk:       {mb(report['bytes'])}"]
+    if report.get("top_k_dropped"):
+        d = report["top_k_dropped"]
+        lines.append(f"  top-k dropped: mean {d['mean']:.4g}, max {d['max']:.4g} of each voxel's probability mass "
+                     "(1 - sum of the stored top-k)")
     if report["teacher_forwards"]:
         lines.append(f"  teacher forwards spent: {report['teacher_forwards']}")
     if report["partial"]:
@@ -435,13 +708,23 @@ def format_info(report: dict, list_cases: bool = False) -> str:
     return "\n".join(lines)
 
 
+def fingerprint(preprocessed_folder: str | Path, case: str) -> str:
+    """sha256 of the preprocessed ``<case>.b2nd`` the soft labels were computed from (recorded per case
+    as ``preprocessed_sha256``; a re-preprocessed case no longer matches, so its soft labels are redone)."""
+    from fastkd.teachers import sha256
+
+    return sha256(Path(preprocessed_folder) / f"{case}.b2nd")
+
+
 def verify(store: str | Path, preprocessed_folder: str | Path | None = None, tolerance: float | None = None) -> list[str]:
     """Read every chunk of every case; return one problem line per bad case (empty: all good).
 
-    Checks: the store is finalized and lists every case present; checksums (crc32c, on every chunk
-    read); values finite and in [0, 1]; softmax voxels sum to one (uint8: exactly 255; float16: within
-    ``tolerance``, default 1e-2); shape equals the preprocessed ``<case>.b2nd`` in ``preprocessed_folder``
-    (default: the folder recorded in the root attributes).
+    Checks: the store is finalized and lists every case present; every chunk file is there (zarr
+    would read a missing one as zeros); checksums (crc32c, on every chunk read); values finite and in
+    [0, 1]; softmax voxels sum to one (uint8: exactly 255; float16: within ``tolerance``, default
+    1e-2); shape and fingerprint (sha256) equal the preprocessed ``<case>.b2nd`` in
+    ``preprocessed_folder`` (default: the folder recorded in the root attributes). Cases are read
+    block by block (:func:`blocks`), so memory stays bounded.
     """
     import blosc2
     import zarr
@@ -470,30 +753,87 @@ def verify(store: str | Path, preprocessed_folder: str | Path | None = None, tol
         if root and root.get("provenance") and p != root["provenance"]:
             problems.append(f"{case}: written with other settings than the store's root")
         try:
-            data = zarr.open_array(str(store / case), mode="r")[...]
+            array = zarr.open_array(str(store / case), mode="r")
+            _check_chunks(array, case)
+        except CacheError as e:
+            problems.append(str(e))
+            continue
         except Exception as e:
             problems.append(f"{case}: unreadable ({type(e).__name__}: {e})")
             continue
-        values = data.astype(np.float32) * np.float32(p["scale"])
-        if not np.isfinite(values).all():
-            problems.append(f"{case}: {int((~np.isfinite(values)).sum())} non-finite values")
-            continue
-        if values.min() < 0 or values.max() > 1 + 1e-3:
-            problems.append(f"{case}: values outside [0, 1] (min {values.min():.4g}, max {values.max():.4g})")
-        if p["activation"] == "softmax":
-            if p["dtype"] == "uint8":
-                bad = int((data.sum(axis=0, dtype=np.int32) != 255).sum())
-            else:
-                bad = int((np.abs(values.sum(axis=0) - 1) > (tolerance or 1e-2)).sum())
-            if bad:
-                problems.append(f"{case}: {bad} voxels whose probabilities do not sum to 1")
-        if folder is not None:
+        case_problems = _verify_values(case, array, p, tolerance)
+        problems += case_problems
+        if folder is not None and not case_problems:
             b2nd = Path(folder) / f"{case}.b2nd"
             if not b2nd.is_file():
                 problems.append(f"{case}: no preprocessed {b2nd}")
-            elif tuple(blosc2.open(str(b2nd), mode="r").shape[1:]) != tuple(data.shape[1:]):
-                problems.append(f"{case}: shape {list(data.shape[1:])} != preprocessed "
+            elif tuple(blosc2.open(str(b2nd), mode="r").shape[1:]) != tuple(array.shape[1:]):
+                problems.append(f"{case}: shape {list(array.shape[1:])} != preprocessed "
                                 f"{list(blosc2.open(str(b2nd), mode='r').shape[1:])}")
+            elif attrs.get("preprocessed_sha256") and fingerprint(folder, case) != attrs["preprocessed_sha256"]:
+                problems.append(f"{case}: the preprocessed case changed since its soft labels were made (sha256 "
+                                f"of {b2nd.name} differs); rerun its soft-label job")
+    return problems
+
+
+def _verify_values(case: str, array, provenance: dict, tolerance: float | None) -> list[str]:
+    """Value checks of one case, block by block; at most one line per kind of problem."""
+    if provenance.get("top_k"):
+        return _verify_top_k(case, array, provenance)
+    scale, nonfinite, low, high, unsummed = np.float32(provenance["scale"]), 0, np.inf, -np.inf, 0
+    try:
+        for box in blocks(array.shape, array.chunks):
+            data = array[box]
+            values = data.astype(np.float32) * scale
+            finite = np.isfinite(values)
+            nonfinite += int((~finite).sum())
+            if finite.any():
+                low, high = min(low, float(values[finite].min())), max(high, float(values[finite].max()))
+            if provenance["activation"] == "softmax":
+                if provenance["dtype"] == "uint8":
+                    unsummed += int((data.sum(axis=0, dtype=np.int32) != 255).sum())
+                else:
+                    unsummed += int((np.abs(values.sum(axis=0) - 1) > (tolerance or 1e-2)).sum())
+    except Exception as e:
+        return [f"{case}: unreadable ({type(e).__name__}: {e})"]
+    if nonfinite:
+        return [f"{case}: {nonfinite} non-finite values"]
+    problems = []
+    if low < 0 or high > 1 + 1e-3:
+        problems.append(f"{case}: values outside [0, 1] (min {low:.4g}, max {high:.4g})")
+    if unsummed:
+        problems.append(f"{case}: {unsummed} voxels whose probabilities do not sum to 1")
+    return problems
+
+
+def _verify_top_k(case: str, array, provenance: dict) -> list[str]:
+    """Top-k checks: values in descending order summing to at most 255, class indices valid and distinct
+    per voxel, and the recorded dropped mass (``top_k_dropped``) equal to the data's."""
+    n, k = len(provenance["channels"]), provenance["top_k"]
+    bad_sum = bad_index = bad_order = duplicate = 0
+    dropped_sum, dropped_max = 0.0, 0.0
+    try:
+        for box in blocks(array.shape, array.chunks):
+            data = array[box]
+            values, index = data[0].astype(np.int32), data[1].astype(np.int32)
+            total = values.sum(axis=0)
+            bad_sum += int((total > 255).sum())
+            bad_index += int((index >= n).any(axis=0).sum())
+            bad_order += int((np.diff(values, axis=0) > 0).any(axis=0).sum())
+            duplicate += int(sum(((index[i] == index[j]).sum() for i in range(k) for j in range(i + 1, k)), 0))
+            dropped = 1 - total / 255
+            dropped_sum, dropped_max = dropped_sum + float(dropped.sum()), max(dropped_max, float(dropped.max()))
+    except Exception as e:
+        return [f"{case}: unreadable ({type(e).__name__}: {e})"]
+    problems = [f"{case}: {count} voxels {what}" for count, what in (
+        (bad_sum, "whose top-k probabilities sum to more than 1"), (bad_index, f"with a class index >= {n}"),
+        (bad_order, "whose top-k values are not in descending order"), (duplicate, "with a class stored twice"))
+        if count]
+    recorded = (case_attrs(Path(str(array.store_path.store.root)), array.store_path.path) or {}).get("top_k_dropped")
+    mean = dropped_sum / int(np.prod(array.shape[2:]))
+    if not recorded or abs(recorded["mean"] - mean) > 1e-6 or abs(recorded["max"] - dropped_max) > 1e-6:
+        problems.append(f"{case}: recorded top-k dropped mass {recorded} != the data's (mean {mean:.6g}, "
+                        f"max {dropped_max:.6g})")
     return problems
 
 
@@ -517,7 +857,7 @@ def show(store: str | Path, case: str, out: str | Path, preprocessed_folder: str
         raise CacheError(f"case {case!r} is not in {store} (cases: {', '.join(_case_dirs(store)[:5]) or 'none'})")
     p = attrs["provenance"]
     try:
-        probs = zarr.open_array(str(store / case), mode="r")[...].astype(np.float32) * np.float32(p["scale"])
+        probs = decode(zarr.open_array(str(store / case), mode="r")[...], p)
     except Exception as e:
         raise CacheError(f"{store}: case {case} is corrupt ({e})") from e
     foreground = probs[1:].sum(axis=0) if p["activation"] == "softmax" else probs.max(axis=0)

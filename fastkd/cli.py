@@ -81,7 +81,9 @@ def _demo_write(args) -> None:
     from fastkd.demo_data import make_demo_dataset
 
     try:
-        cases = make_demo_dataset(args.output, n_cases=args.n_cases, n_test=args.n_test, anisotropic=args.anisotropic, seed=args.seed)
+        cases = make_demo_dataset(args.output, n_cases=args.n_cases, n_test=args.n_test, anisotropic=args.anisotropic, seed=args.seed,
+                                  shape=args.shape, spacing=args.spacing, n_structures=args.n_structures,
+                                  n_channels=args.n_channels, regions=args.regions)
     except ValueError as e:  # argument checks of the generator
         raise FastkdError(str(e)) from e
     print(f"wrote {len(cases)} demo training cases and {args.n_test} test cases to {args.output}")
@@ -174,7 +176,7 @@ def _softlabels_fill(args) -> None:
     summary = fill_cache(args.output, args.teachers, args.preprocess_manifest, args.temperature, weights=args.weights,
                          step_size=args.step_size, mirroring=not args.disable_mirroring, dtype=args.dtype,
                          n_shards=n_shards, shard=shard, device=args.device, marker=args.marker,
-                         folds_per_case=args.folds_per_case, splits=args.splits)
+                         folds_per_case=args.folds_per_case, splits=args.splits, top_k=args.top_k)
     print(f"shard {shard + 1}/{n_shards} ({args.folds_per_case}): computed {len(summary['computed'])} cases, "
           f"kept {len(summary['skipped'])} already cached, {summary['teacher_forwards']} teacher forwards in "
           f"{summary['seconds']:.1f} s -> {args.output}")
@@ -369,6 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
     config_flag(p, ["--n-test"], "dataset.demo.n_test", "held-out test cases (imagesTs/labelsTs)")
     p.add_argument("--anisotropic", action="store_true", help="1 x 1 x 3 mm voxels instead of 1 mm isotropic")
     config_flag(p, ["--seed"], "dataset.demo.seed", "random seed; same seed -> same files")
+    config_flag(p, ["--shape"], "dataset.demo.shape", "voxels along x, y, z, e.g. --shape 256 256 200",
+                nargs=3, metavar=("X", "Y", "Z"))
+    config_flag(p, ["--spacing"], "dataset.demo.spacing", "mm per axis, e.g. --spacing 0.8 0.8 2.5 (not with "
+                "--anisotropic)", nargs=3, metavar=("X", "Y", "Z"))
+    config_flag(p, ["--n-structures"], "dataset.demo.n_structures", "foreground labels (2: organ + lesion)")
+    config_flag(p, ["--n-channels"], "dataset.demo.n_channels", "image channels per case")
+    p.add_argument("--regions", action="store_true",
+                   help="region-based dataset.json (nested regions, regions_class_order; config dataset.demo.regions)")
     p.set_defaults(func=_demo_write)
 
     stage = _stage(sub, "config", "the workflow configuration")
@@ -445,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_flag(p, ["--step-size"], "softlabels.step_size", "sliding-window step, fraction of the patch")
     p.add_argument("--disable-mirroring", action="store_true", help="no test-time mirroring (1 pass per tile)")
     config_flag(p, ["--dtype"], "softlabels.dtype", "stored dtype")
+    config_flag(p, ["--top-k"], "softlabels.top_k", "store per voxel only the k largest probabilities and their "
+                "classes (softmax datasets with many classes)")
     p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N", help="compute shard I of N (default 1/1)")
     # one value per job (the config's list is a sweep over jobs): checked by fill_cache, naming the valid ones
     p.add_argument("--folds-per-case", default=default("softlabels.folds_per_case"), metavar="{all,out_of_fold}",

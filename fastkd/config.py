@@ -87,8 +87,8 @@ def _floats(instance: Any, schema: dict, root: dict) -> None:
         branches = sub.get("anyOf", [sub])  # a setting or a sweep of it: a number or a list of numbers
         if any(b.get("type") == "number" for b in branches) and _is_int(value):
             instance[key] = float(value)
-        elif isinstance(value, list) and any(b.get("type") == "array" and b.get("items", {}).get("type") == "number"
-                                             for b in branches):
+        elif isinstance(value, list) and any(b.get("type") in ("array", ["array", "null"])
+                                             and b.get("items", {}).get("type") == "number" for b in branches):
             instance[key] = [float(v) if _is_int(v) else v for v in value]
         elif isinstance(value, (dict, list)):
             _floats(value, sub, root)
@@ -156,7 +156,8 @@ def arg_type(key: str):
     import argparse
 
     node = schema_node(key)
-    item = node.get("type") == "array" and isinstance(node.get("items"), dict)
+    types = node.get("type") if isinstance(node.get("type"), list) else [node.get("type")]
+    item = "array" in types and isinstance(node.get("items"), dict)  # a list, or a list or null
     node = _resolve(node["items"], load_schema()) if item else node
 
     def parse(text: str):
@@ -251,6 +252,8 @@ def _describe(error, prefix: str = "") -> str:
         what = "must not be empty"
     elif v == "minItems":
         what = f"must hold at least {expected} item(s)"
+    elif v == "maxItems":
+        what = f"must hold at most {expected} item(s)"
     elif v == "uniqueItems":
         what = "must not repeat a value"
     elif v == "anyOf":
@@ -323,6 +326,13 @@ def _semantic_problems(config: dict, base_dir: Path, check_files: bool) -> list[
                 f"dataset.raw = {raw!r}: no dataset.json in {folder} "
                 + (f"(found: {', '.join(found) or 'nothing'})" if found is not None else "(the folder does not exist)")
                 + "; give an nnU-Net raw dataset folder or 'demo'")
+    else:
+        from fastkd.demo_data import check_options
+
+        try:
+            check_options(config["dataset"]["demo"])
+        except ValueError as e:  # options that exclude each other, e.g. anisotropic and spacing
+            problems.append(f"dataset.demo: {e}")
     if check_files and teachers["model_folder"] is not None and not problems:
         from fastkd.teachers import TeacherFolderError, validate_model_folder
 
@@ -497,7 +507,31 @@ def _softlabel_problems(config: dict, base_dir: Path, check_files: bool) -> list
     if config["softlabels"]["shards"] > n_cases:
         problems.append(f"softlabels.shards = {config['softlabels']['shards']}: more soft-label jobs than training "
                         f"cases ({n_cases}); use 1-{n_cases}")
-    return problems
+    return problems + _top_k_problems(config, resolve(raw) if raw != "demo" else None)
+
+
+def _top_k_problems(config: dict, raw: Path | None) -> list[str]:
+    """softlabels.top_k: uint8 values, a softmax dataset, and k below its number of classes (checked here
+    for raw datasets; the soft-label job checks it again against the teachers' heads)."""
+    k = config["softlabels"]["top_k"]
+    if k is None:
+        return []
+    if config["softlabels"]["dtype"] != "uint8":
+        return [f"softlabels.top_k = {k} stores uint8 values: set softlabels.dtype: uint8 "
+                f"(is {config['softlabels']['dtype']}) or softlabels.top_k: null"]
+    if raw is None or not (raw / "dataset.json").is_file():
+        return []
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+    labels = LabelManager(dataset_json["labels"], dataset_json.get("regions_class_order"))
+    if labels.has_regions:
+        return [f"softlabels.top_k = {k}: {raw.name} is region-based; its regions' probabilities are independent "
+                "and stored whole (set softlabels.top_k: null)"]
+    if k >= labels.num_segmentation_heads:
+        return [f"softlabels.top_k = {k}: must be below the number of classes of {raw.name} "
+                f"({labels.num_segmentation_heads}), or null"]
+    return []
 
 
 def _merge(base: dict, override: dict) -> dict:

@@ -178,8 +178,9 @@ class Paths:
         mirror = "mirror" if s["mirroring"] else "nomirror"
         teachers = teacher_set_id(teacher_sets(self.config, self.teacher_folder))
         oof = "__oof" if one(self.config, "softlabels.folds_per_case") == "out_of_fold" else ""
+        top = f"-top{s['top_k']}" if s.get("top_k") else ""
         return (f"{self.config['teachers']['configuration']}__T{one(self.config, 'distillation.temperature'):g}"
-                f"__{mirror}__step{s['step_size']:g}__{s['dtype']}{oof}__teachers-{teachers}")
+                f"__{mirror}__step{s['step_size']:g}__{s['dtype']}{top}{oof}__teachers-{teachers}")
 
     # Each method takes the cache's name (``softlabel_name`` of a config with that temperature and fold
     # selection; a sweep has several, the Snakemake wildcard ``{cache}`` stands for one); default: this config's.

@@ -33,7 +33,19 @@ the forwards they cost among the case's attributes. The provenance records ``fol
 ``out_of_fold``, ``splits_sha256`` (the split file's sha256); a case already in the store with the same
 provenance (settings, mode, split and checkpoint sha256) is skipped, so a rerun after a kill only
 computes what is missing, and a changed mode or split recomputes every case. The store layout is
-described in :mod:`fastkd.cache`.
+described in :mod:`fastkd.cache`. The case attributes also record ``preprocessed_sha256``, the sha256
+of the preprocessed ``<case>.b2nd`` (:func:`fastkd.cache.fingerprint`): a re-preprocessed case no
+longer matches and is recomputed. The store's root is removed just before the first case is written,
+not before (a run that fails in its checks, or finds every case current, leaves a complete store
+complete). Non-finite teacher logits are an error naming the case and the fold.
+
+Memory. Per case, the fold mean is one float32 array on the CPU, updated in place slab by slab
+(:data:`SLAB_VALUES`) from each fold's float16 logits as nnU-Net's predictor returns them; encoding and
+writing go block by block (:data:`fastkd.cache.BLOCK_VALUES`). With C soft-label channels and V voxels,
+a job's peak is about ``C V (4 + 2) + 12 V channels + ~1.8 GB`` on the CPU (:func:`peak_memory_bytes`;
+with a GPU the 2 bytes of logits sit on the GPU), e.g. 16 classes x 512 x 512 x 300 voxels: ~9 GB.
+The workflow asks for that (+20 %) for the largest case of the manifest (:func:`mem_mb`) unless
+``resources.softlabels.mem_mb`` is set.
 """
 
 from __future__ import annotations
@@ -162,6 +174,7 @@ class TeacherEnsemble:
 
         self.device = torch_device(device, "softlabels.device")
         self.weights = [float(w) for w in weights]
+        self.names = [Path(t["model_folder"]).name for t in teachers]
         self.members = []  # per teacher folder: (its predictor, [network per loaded fold], [its fold keys])
         for t, use in zip(teachers, folds if folds is not None else [list(t["folds"]) for t in teachers]):
             if not use:
@@ -201,50 +214,116 @@ class TeacherEnsemble:
         return [names.get(i, str(i)) for i in self.label_manager.all_labels]
 
     def _runs(self, folds: list[list[str]] | None) -> list[tuple]:
-        """(predictor, [network], weight per network) of each teacher folder with folds in ``folds``."""
+        """(predictor, [network], weight per network, [fold names]) of each teacher folder with folds in ``folds``."""
         folds = folds if folds is not None else [keys for _, _, keys in self.members]
         runs = []
-        for (predictor, networks, keys), weight, use in zip(self.members, self.weights, folds):
+        for (predictor, networks, keys), weight, use, name in zip(self.members, self.weights, folds, self.names):
             missing = [f for f in use if f not in keys]
             if missing:
                 raise FastkdError(f"teacher folds {missing} were not loaded (loaded: {keys})")
             if use:
-                runs.append((predictor, [networks[keys.index(f)] for f in use], weight))
+                runs.append((predictor, [networks[keys.index(f)] for f in use], weight,
+                             [f"{name} fold {f}" for f in use]))
         if not runs:
             raise FastkdError(f"no teacher fold selected (folds per teacher folder: {folds})")
-        total = sum(weight for _, _, weight in runs)
-        return [(predictor, networks, weight / total / len(networks)) for predictor, networks, weight in runs]
+        total = sum(run[2] for run in runs)
+        return [(predictor, networks, weight / total / len(networks), names)
+                for predictor, networks, weight, names in runs]
 
     def forwards_per_case(self, spatial_shape, folds: list[list[str]] | None = None) -> tuple[int, int]:
         """(tiles of the first teacher run, network forward passes of the case's folds) for one case."""
         runs = self._runs(folds)
         tiles = [tiles_per_case(spatial_shape, p.configuration_manager.patch_size, p.tile_step_size)
-                 for p, _, _ in runs]
+                 for p, _, _, _ in runs]
         forwards = sum(
             n * 2 ** (len(p.allowed_mirroring_axes or []) if p.use_mirroring else 0) * len(networks)
-            for n, (p, networks, _) in zip(tiles, runs))  # identity + every combination of flips
+            for n, (p, networks, _, _) in zip(tiles, runs))  # identity + every combination of flips
         return tiles[0], forwards
 
     def predict(self, data: np.ndarray, temperature: float, folds: list[list[str]] | None = None) -> np.ndarray:
-        """Weighted mean over the case's folds of the tempered probabilities, float32 (C, x, y, z)."""
+        """Weighted mean over the case's folds of the tempered probabilities, float32 (C, x, y, z).
+
+        Memory (module docstring): the mean accumulates in place in one float32 array on the CPU, as
+        nnU-Net's predictor moves each fold's result to the CPU; each fold's logits (nnU-Net returns
+        them in float16, on the device, or on the CPU after its out-of-memory fallback) are turned into
+        probabilities slab by slab, so no full-size float32 copy of them is made on any device.
+        Non-finite logits are an error naming the fold.
+        """
         import torch
 
         x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
         total = None
         with torch.inference_mode():
-            for predictor, networks, weight in self._runs(folds):
-                for network in networks:
+            for predictor, networks, weight, names in self._runs(folds):
+                for network, name in zip(networks, names):
                     predictor.network = network
-                    logits = predictor.predict_sliding_window_return_logits(x).float() / temperature
-                    probs = torch.softmax(logits, 0) if self.softmax else torch.sigmoid(logits)
-                    total = probs.mul_(weight) if total is None else total.add_(probs, alpha=weight)
+                    logits = predictor.predict_sliding_window_return_logits(x)
+                    if total is None:
+                        total = torch.zeros(logits.shape, dtype=torch.float32)  # CPU
+                    for slab in slabs(logits.shape, SLAB_VALUES):
+                        part = logits[slab].float().div_(temperature)
+                        if not torch.isfinite(part).all():
+                            raise FastkdError(f"{name} produced non-finite logits (NaN or inf) in the voxels "
+                                              f"{[(s.start, s.stop) for s in slab[1:]]}; check the checkpoint "
+                                              "(a diverged training) and the preprocessed input")
+                        part = torch.softmax(part, 0) if self.softmax else torch.sigmoid(part)
+                        total[slab].add_(part.cpu(), alpha=weight)
                     del logits
-        return total.cpu().numpy()
+        return total.numpy()
+
+
+#: values turned from logits into probabilities per step in TeacherEnsemble.predict (64 MB as float32)
+SLAB_VALUES = 2**24
+
+
+def slabs(shape, max_values: int):
+    """Slices ``(:, a:b)`` along the first spatial axis of a (C, x, ...) array, each of at most
+    ``max_values`` values (at least one x-slice)."""
+    per_slice = int(np.prod(shape)) // max(shape[1], 1)
+    step = max(1, max_values // max(per_slice, 1))
+    return [(slice(None), slice(i, min(i + step, shape[1]))) for i in range(0, shape[1], step)]
+
+
+def peak_memory_bytes(n_heads: int, shape, *, device_logits_on_cpu: bool = True) -> int:
+    """Peak memory of one soft-label job for a case of preprocessed ``shape`` (channels, x, y, z) with
+    ``n_heads`` soft-label channels (module docstring)::
+
+        C V (4 + 2) + channels V 4 x 3 + BLOCK_VALUES x 29 + SLAB_VALUES x 8 + FIXED_BYTES
+
+    4: the float32 mean; 2: one fold's float16 logits from nnU-Net (on the CPU when the device is the
+    CPU or after nnU-Net's out-of-memory fallback; else on the GPU and the term is 0); the image as
+    float32 three times (the loaded case, its float32 tensor, nnU-Net's padded copy); encoding and
+    the slab-wise softmax in bounded steps; a fixed part for torch, nnU-Net and the networks.
+    """
+    channels, voxels = int(shape[0]), int(np.prod(shape[1:]))
+    logits = 2 if device_logits_on_cpu else 0
+    from fastkd.cache import BLOCK_VALUES
+
+    return (n_heads * voxels * (4 + logits) + channels * voxels * 4 * 3 + BLOCK_VALUES * 29 + SLAB_VALUES * 8
+            + FIXED_BYTES)
+
+
+#: torch, nnU-Net, the teacher networks and Python: measured ~1.2 GB on the demo and Hippocampus
+FIXED_BYTES = 1_500_000_000
+
+
+def mem_mb(preprocess_manifest: str | Path, dataset_json: str | Path, device: str = "cpu") -> int:
+    """``mem_mb`` for a soft-label job: :func:`peak_memory_bytes` of the largest case of the manifest,
+    plus 20 %, in MB (what the workflow asks the scheduler for unless ``resources.softlabels.mem_mb``
+    is set)."""
+    pm = read_json(preprocess_manifest, "preprocess manifest", "written by `fastkd preprocess run`")
+    dj = read_json(dataset_json, "dataset.json", "nnU-Net's dataset.json next to the plans")
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    n_heads = LabelManager(dj["labels"], dj.get("regions_class_order")).num_segmentation_heads
+    largest = max((c["shape"] for c in pm["cases"].values()), key=lambda shape: int(np.prod(shape[1:])))
+    return int(np.ceil(peak_memory_bytes(n_heads, largest, device_logits_on_cpu=device == "cpu") * 1.2 / 1e6))
 
 
 def provenance(teachers: list[dict], weights: list[float], grid_plans: dict, configuration: str,
                dataset_json: dict, ensemble: TeacherEnsemble, temperature: float, step_size: float,
-               mirroring: bool, dtype: str, folds_per_case: str = "all", splits_sha256: str | None = None) -> dict:
+               mirroring: bool, dtype: str, folds_per_case: str = "all", splits_sha256: str | None = None,
+               top_k: int | None = None) -> dict:
     """What a case's soft labels depend on (identical for every case of one store).
 
     ``splits_sha256``: of the split file that picks the folds (``out_of_fold``; None for ``all``).
@@ -283,6 +362,7 @@ def provenance(teachers: list[dict], weights: list[float], grid_plans: dict, con
         "mirroring": bool(mirroring),
         "mirror_axes": ensemble.mirror_axes,
         "gaussian": True,
+        **({"top_k": int(top_k)} if top_k else {}),  # absent: every class stored (stores before top-k too)
     }
 
 
@@ -290,7 +370,7 @@ def fill_cache(store: str | Path, teacher_manifests: list[str | Path], preproces
                temperature: float, *, step_size: float, mirroring: bool, dtype: str, device: str,
                weights: list[float] | None = None, n_shards: int = 1, shard: int = 0,
                folds_per_case: str = "all", splits: str | Path | None = None,
-               marker: str | Path | None = None, progress: bool = True) -> dict:
+               marker: str | Path | None = None, progress: bool = True, top_k: int | None = None) -> dict:
     """Compute and write the soft labels of one shard of the cases; return (and write to ``marker``) a summary.
 
     ``teacher_manifests``: from :func:`fastkd.teachers.write_manifest`, one per teacher folder.
@@ -312,7 +392,11 @@ def fill_cache(store: str | Path, teacher_manifests: list[str | Path], preproces
     if folds_per_case not in FOLDS_PER_CASE:
         raise FastkdError(f"softlabels.folds_per_case = {folds_per_case!r}: must be one of {', '.join(FOLDS_PER_CASE)}")
     check_values({"distillation.temperature": temperature, "softlabels.step_size": step_size,
-                  "softlabels.mirroring": mirroring, "softlabels.dtype": dtype, "softlabels.device": device})
+                  "softlabels.mirroring": mirroring, "softlabels.dtype": dtype, "softlabels.device": device,
+                  "softlabels.top_k": top_k})
+    if top_k is not None and dtype != "uint8":
+        raise FastkdError(f"softlabels.top_k = {top_k} stores uint8 values: set softlabels.dtype: uint8 "
+                          f"(is {dtype}) or softlabels.top_k: null")
     weights = list(weights) if weights else [1.0] * len(teacher_manifests)
     if len(weights) != len(teacher_manifests) or min(weights) <= 0:
         raise FastkdError(f"weights = {weights}: need one weight > 0 per teacher manifest ({len(teacher_manifests)})")
@@ -343,10 +427,15 @@ def fill_cache(store: str | Path, teacher_manifests: list[str | Path], preproces
     # load only the folds some case of the shard uses, in the manifest's order
     load = [[f for f in folds if any(f in selection[c][i] for c in cases)] for i, folds in enumerate(teacher_folds)]
 
-    cache.invalidate(store)  # the store is being changed: it must not open as complete until finalize
     ensemble = TeacherEnsemble(teachers, weights, step_size, mirroring, device, load)
     prov = provenance(teachers, weights, grid_plans, pm["configuration"], dataset_json, ensemble, temperature,
-                      step_size, mirroring, dtype, folds_per_case, splits_sha256)
+                      step_size, mirroring, dtype, folds_per_case, splits_sha256, top_k)
+    if top_k is not None and not 1 <= top_k < len(prov["channels"]):
+        raise FastkdError(f"softlabels.top_k = {top_k}: must be between 1 and the number of classes - 1 "
+                          f"({len(prov['channels']) - 1}; this dataset has {len(prov['channels'])}), or null")
+    if top_k is not None and not ensemble.softmax:
+        raise FastkdError(f"softlabels.top_k = {top_k}: region-based datasets store every region (their "
+                          "probabilities are independent); set softlabels.top_k: null")
     dataset = infer_dataset_class(str(case_folder))(str(case_folder), cases)
     n_channels = len(prov["channels"])
     summary = {"store": str(Path(store).resolve()), "shard": shard, "n_shards": n_shards, "cases": cases,
@@ -354,19 +443,28 @@ def fill_cache(store: str | Path, teacher_manifests: list[str | Path], preproces
     start = time.perf_counter()
     for case in tqdm(cases, desc=f"soft labels, shard {shard + 1}/{n_shards}", unit="case", disable=not progress):
         shape = (n_channels, *pm["cases"][case]["shape"][1:])
-        if cache.is_current(store, case, prov, shape):
+        source = cache.fingerprint(case_folder, case)
+        if cache.is_current(store, case, prov, shape, source):
             summary["skipped"].append(case)
             continue
         t0 = time.perf_counter()
         data, _, _, _ = dataset.load_case(case)
-        probs = ensemble.predict(data[:], temperature, selection[case])
+        try:
+            probs = ensemble.predict(data[:], temperature, selection[case])
+        except FastkdError as e:
+            raise FastkdError(f"{case}: {e}") from e
+        del data
         if probs.shape != shape:
             raise FastkdError(f"{case}: teachers predicted shape {list(probs.shape)}, expected {list(shape)} "
                               f"from the preprocess manifest {preprocess_manifest}")
         tiles, forwards = ensemble.forwards_per_case(shape[1:], selection[case])
+        if not summary["computed"]:  # the store changes now: it must not open as complete until finalize
+            cache.invalidate(store)
         cache.write_case(store, case, probs, prov, {
             "tiles": tiles, "teacher_forwards": forwards, "seconds": round(time.perf_counter() - t0, 3),
-            "teacher_folds": [[int(f) for f in folds] for folds in selection[case]]})
+            "teacher_folds": [[int(f) for f in folds] for folds in selection[case]],
+            "preprocessed_sha256": source})
+        del probs
         summary["computed"].append(case)
         summary["teacher_forwards"] += forwards
     summary["seconds"] = round(time.perf_counter() - start, 3)

@@ -147,7 +147,10 @@ def test_finalize_rejects_mixed_settings_and_wrong_shapes(tmp_path):
 def test_rewriting_a_case_replaces_it_atomically(tmp_path):
     store, _ = make_store(tmp_path)
     new = softmax(np.random.default_rng(5).normal(size=(3, 10, 12, 9)))
-    (cache.partial_dir(store) / "case_a.1234-dead").mkdir(parents=True)  # left by a killed writer
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a finished process: its pid is not alive (a killed writer's)
+    host = cache.socket.gethostname().replace(".", "_")
+    (cache.partial_dir(store) / f"case_a.w{dead.pid}@{host}.0123abcd").mkdir(parents=True)
     cache.write_case(store, "case_a", new, provenance())
     assert list(cache.partial_dir(store).iterdir()) == []
     cache.finalize(store, {"case_a": [1, 10, 12, 9], "case_b": [1, 7, 5, 11]})

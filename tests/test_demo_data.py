@@ -283,3 +283,267 @@ def test_nnunet_accepts_dataset(anisotropic, iso_dir, aniso_dir, capfd):
     output = "".join(capfd.readouterr())
     assert "verify_dataset_integrity Done" in output
     assert "Error" not in output and "Warning" not in output and "WARNING" not in output, output
+
+
+# -- CT scale: shape, spacing, many structures, channels, regions ----------------------------------
+MANY = {"n_cases": 5, "n_test": 1, "shape": (64, 64, 40), "spacing": (1.5, 1.5, 2.5), "n_structures": 40,
+        "n_channels": 2, "regions": True, "channel_name": ["FLAIR", "T1c"]}
+# organ + lesion in the default field of view, four BraTS-like channels and regions
+PAIR = {"n_cases": 5, "n_test": 0, "n_channels": 4, "regions": True, "channel_name": ["T1", "T1c", "T2", "FLAIR"]}
+
+
+@pytest.fixture(scope="module")
+def many_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("many") / "Dataset985_Many"
+    make_demo_dataset(out, **MANY)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pair") / "Dataset986_Pair"
+    make_demo_dataset(out, **PAIR)
+    return out
+
+
+def _label_manager(out_dir):
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    meta = json.loads((out_dir / "dataset.json").read_text())
+    return LabelManager(meta["labels"], meta.get("regions_class_order"))
+
+
+def test_many_layout_and_dataset_json(many_dir):
+    meta = json.loads((many_dir / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "FLAIR", "1": "T1c"}
+    assert meta["fastkd_demo"] == {"n_cases": 5, "n_test": 1, "anisotropic": False, "seed": 0, "shape": [64, 64, 40],
+                                   "spacing": [1.5, 1.5, 2.5], "n_structures": 40, "n_channels": 2, "regions": True}
+    assert meta["regions_class_order"] == list(range(1, 41))
+    assert meta["labels"]["background"] == 0 and meta["labels"]["organ_040"] == 40
+    assert meta["labels"]["labels_001_to_040"] == list(range(1, 41))
+    assert meta["labels"]["labels_039_to_040"] == [39, 40]
+    assert len(meta["labels"]) == 41
+    ids = case_ids(5)
+    assert sorted(p.name for p in (many_dir / "imagesTr").iterdir()) == [f"{c}_{i:04d}.nii.gz" for c in ids for i in (0, 1)]
+    assert sorted(p.name for p in (many_dir / "imagesTs").iterdir()) == ["demo_test_000_0000.nii.gz",
+                                                                         "demo_test_000_0001.nii.gz"]
+    for case in ids:
+        label = nib.load(many_dir / "labelsTr" / f"{case}.nii.gz")
+        assert label.shape == (64, 64, 40) and label.header.get_data_dtype() == np.uint8
+        np.testing.assert_allclose(label.header.get_zooms(), (1.5, 1.5, 2.5))
+        for i in (0, 1):
+            image = nib.load(many_dir / "imagesTr" / f"{case}_{i:04d}.nii.gz")
+            assert image.header.get_data_dtype() == np.float32
+            np.testing.assert_array_equal(image.affine, label.affine)
+        # the field of view (96 x 96 x 100 mm) is centred on the world origin; the affine maps voxel centres
+        np.testing.assert_allclose(label.affine[:3, 3] - 0.5 * np.array([1.5, 1.5, 2.5]), [-48.0, -48.0, -50.0])
+
+
+def test_many_structures_present_and_varied(many_dir):
+    volumes = []
+    for case in case_ids(5) + ["demo_test_000"]:
+        folder = "labelsTs" if case.startswith("demo_test") else "labelsTr"
+        label = np.asanyarray(nib.load(many_dir / folder / f"{case}.nii.gz").dataobj)
+        counts = np.bincount(label.ravel(), minlength=41)
+        assert len(counts) == 41, case  # no value above 40
+        assert (counts[1:] > 0).all(), (case, np.flatnonzero(counts[1:] == 0) + 1)  # every structure, every case
+        assert 0.1 < counts[1:].sum() / label.size < 0.35, case
+        for axis in range(3):
+            assert not label.take([0, -1], axis=axis).any(), (case, axis)  # inside the field of view
+        volumes.append(counts[1:])
+    volumes = np.array(volumes)
+    # a few large, many small: a wide range, label 1 the largest on average, the last ones small
+    assert volumes.max() > 1000 and volumes.min() >= 5
+    assert np.median(volumes.max(axis=1) / volumes.min(axis=1)) > 20
+    mean = volumes.mean(axis=0)
+    assert mean[:5].mean() > 5 * mean[-5:].mean()
+    assert (mean > 2 * np.median(mean)).sum() >= 2
+
+
+def test_many_intensities_per_structure_and_channel(many_dir):
+    deltas = []
+    for case in case_ids(5):
+        label = np.asanyarray(nib.load(many_dir / "labelsTr" / f"{case}.nii.gz").dataobj)
+        per_channel = []
+        for i in (0, 1):
+            image = np.asanyarray(nib.load(many_dir / "imagesTr" / f"{case}_{i:04d}.nii.gz").dataobj)
+            assert np.isfinite(image).all()
+            background = image[label == 0]
+            sums = np.bincount(label.ravel(), weights=image.ravel(), minlength=41)
+            means = sums[1:] / np.bincount(label.ravel(), minlength=41)[1:]
+            per_channel.append((means - background.mean()) / background.std())
+        deltas.append(per_channel)
+    deltas = np.array(deltas)  # (case, channel, structure), in background SDs
+    # contrast of the order of the noise: learnable, not trivial
+    assert 0.8 < np.median(np.abs(deltas)) < 4.0
+    # the same structure keeps its intensity from case to case (like an organ's CT number) ...
+    assert np.corrcoef(deltas[0, 0], deltas[1, 0])[0, 1] > 0.8
+    # ... while the two channels show it with different contrasts
+    assert np.corrcoef(deltas[0, 0], deltas[0, 1])[0, 1] < 0.8
+
+
+def test_region_labels_round_trip(many_dir, pair_dir):
+    for out_dir, n in ((many_dir, 40), (pair_dir, 2)):
+        manager = _label_manager(out_dir)
+        assert manager.has_regions and manager.num_segmentation_heads == n
+        label = np.asanyarray(nib.load(out_dir / "labelsTr" / "demo_000.nii.gz").dataobj)
+        regions = np.stack([np.isin(label, r) for r in manager.foreground_regions]).astype(np.float32)
+        import torch
+
+        back = np.asarray(manager.convert_probabilities_to_segmentation(torch.from_numpy(regions)))
+        np.testing.assert_array_equal(back, label)  # regions_class_order gives the label map back exactly
+    assert json.loads((pair_dir / "dataset.json").read_text())["labels"] == {
+        "background": 0, "labels_001_to_002": [1, 2], "lesion": 2}
+
+
+def test_pair_channels_keep_the_default_image(pair_dir, iso_dir):
+    meta = json.loads((pair_dir / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "T1", "1": "T1c", "2": "T2", "3": "FLAIR"}
+    assert meta["fastkd_demo"]["shape"] == list(DEFAULT_SHAPE)
+    for case in case_ids(5):
+        # channel 0 and the label map are the default demo's, byte for byte
+        assert (pair_dir / f"imagesTr/{case}_0000.nii.gz").read_bytes() == (iso_dir / f"imagesTr/{case}_0000.nii.gz").read_bytes()
+        assert (pair_dir / f"labelsTr/{case}.nii.gz").read_bytes() == (iso_dir / f"labelsTr/{case}.nii.gz").read_bytes()
+        label = np.asanyarray(nib.load(pair_dir / "labelsTr" / f"{case}.nii.gz").dataobj)
+        images = [np.asanyarray(nib.load(pair_dir / "imagesTr" / f"{case}_{i:04d}.nii.gz").dataobj) for i in range(4)]
+        assert len({im.tobytes() for im in images}) == 4
+        for image in images[1:]:
+            background = image[label == 0]
+            for value in (1, 2):
+                # nominally 1.5-4 SDs, less after partial-volume blurring of the small structures
+                assert abs(image[label == value].mean() - background.mean()) > 0.5 * background.std(), (case, value)
+
+
+def test_explicit_defaults_give_the_default_demo(tmp_path, iso_dir, aniso_dir):
+    same = tmp_path / "same" / "Dataset990_Demo"
+    make_demo_dataset(same, shape=DEFAULT_SHAPE, spacing=(1, 1, 1), n_structures=2, n_channels=1, regions=False,
+                      channel_name=["synthetic"])
+    assert _all_bytes(same) == _all_bytes(iso_dir)
+    aniso = tmp_path / "aniso" / "Dataset991_DemoAniso"
+    make_demo_dataset(aniso, n_cases=5, spacing=(1.0, 1.0, 3.0))  # = anisotropic=True, but for the record
+    got, expected = _all_bytes(aniso), _all_bytes(aniso_dir)
+    meta, expected_meta = (json.loads(files.pop("dataset.json")) for files in (got, expected))
+    assert got == expected
+    assert meta["fastkd_demo"] == {**expected_meta["fastkd_demo"], "anisotropic": False}
+
+
+def test_new_options_deterministic(tmp_path, many_dir):
+    again = tmp_path / "again" / "Dataset985_Many"
+    make_demo_dataset(again, **MANY)
+    assert _all_bytes(again) == _all_bytes(many_dir)
+    # another seed: other anatomy; training cases do not depend on n_cases or n_test
+    other = tmp_path / "other" / "Dataset985_Many"
+    make_demo_dataset(other, **{**MANY, "seed": 1, "n_cases": 6, "n_test": 0})
+    assert (other / "labelsTr/demo_000.nii.gz").read_bytes() != (many_dir / "labelsTr/demo_000.nii.gz").read_bytes()
+    more = tmp_path / "more" / "Dataset985_Many"
+    make_demo_dataset(more, **{**MANY, "n_cases": 6, "n_test": 0})
+    for case in case_ids(5):
+        for name in (f"imagesTr/{case}_0000.nii.gz", f"imagesTr/{case}_0001.nii.gz", f"labelsTr/{case}.nii.gz"):
+            assert (more / name).read_bytes() == (many_dir / name).read_bytes(), name
+
+
+def test_pair_at_any_shape_and_spacing(tmp_path):
+    out = tmp_path / "Dataset987_Big"
+    make_demo_dataset(out, n_cases=5, n_test=0, shape=(80, 96, 24), spacing=(0.8, 0.8, 2.5), channel_name="CT")
+    again = tmp_path / "again" / "Dataset987_Big"
+    make_demo_dataset(again, n_cases=5, n_test=0, shape=(80, 96, 24), spacing=(0.8, 0.8, 2.5), channel_name="CT")
+    assert _all_bytes(out) == _all_bytes(again)
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["labels"] == LABELS and meta["channel_names"] == {"0": "CT"}
+    assert meta["fastkd_demo"]["shape"] == [80, 96, 24] and meta["fastkd_demo"]["spacing"] == [0.8, 0.8, 2.5]
+    assert "n_structures" not in meta["fastkd_demo"]  # the new options at their defaults are not recorded
+    scale = min(np.array([64, 76.8, 60]) / np.array(DEFAULT_SHAPE, float))  # field of view / the default's
+    for case in case_ids(5):
+        image, label = _arrays(out, case)
+        assert image.shape == label.shape == (80, 96, 24)
+        organ, lesion = ((label == v).sum() * 0.8 * 0.8 * 2.5 for v in (1, 2))
+        # the default's anatomy (organ radii 7-10 mm, lesion about a third of the organ at most), scaled
+        assert 0.6 * 4 / 3 * np.pi * 7**3 * scale**3 < organ + lesion < 1.3 * 4 / 3 * np.pi * 10**3 * scale**3, case
+        assert 0 < lesion < organ, case
+        for axis in range(3):
+            assert not label.take([0, -1], axis=axis).any(), (case, axis)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name, bad",
+    [
+        ({"shape": (4, 40, 32)}, "shape", (4, 40, 32)),
+        ({"shape": (32, 40)}, "shape", (32, 40)),
+        ({"shape": (32.0, 40, 32)}, "shape", (32.0, 40, 32)),
+        ({"shape": "64"}, "shape", "64"),
+        ({"shape": (32, 40, 4096)}, "shape", (32, 40, 4096)),
+        ({"spacing": (0, 1, 1)}, "spacing", (0, 1, 1)),
+        ({"spacing": (1, 1)}, "spacing", (1, 1)),
+        ({"spacing": (1, 1, float("nan"))}, "spacing", (1, 1, float("nan"))),
+        ({"spacing": (1, 1, 5)}, "spacing", (1.0, 1.0, 5.0)),  # the default field of view: 6 slices
+        ({"spacing": (1, 1, 3), "anisotropic": True}, "anisotropic", (1, 1, 3)),
+        ({"n_structures": 0}, "n_structures", 0),
+        ({"n_structures": 251}, "n_structures", 251),
+        ({"n_structures": 2.0}, "n_structures", 2.0),
+        ({"n_structures": True}, "n_structures", True),
+        ({"n_channels": 0}, "n_channels", 0),
+        ({"n_channels": 17}, "n_channels", 17),
+        ({"n_channels": "2"}, "n_channels", "2"),
+        ({"regions": "yes"}, "regions", "yes"),
+        ({"regions": True, "n_structures": 1}, "regions", 1),
+        ({"channel_name": ["a"], "n_channels": 2}, "channel_name", ["a"]),
+        ({"channel_name": ["a", "a"], "n_channels": 2}, "channel_name", ["a", "a"]),
+        ({"n_structures": 120, "shape": (8, 8, 8)}, "n_structures", 120),  # no room
+    ],
+)
+def test_invalid_new_arguments(tmp_path, kwargs, name, bad):
+    with pytest.raises(ValueError, match=re.escape(name)) as info:
+        make_demo_dataset(tmp_path / "Dataset995_Bad", n_cases=5, **kwargs)
+    assert repr(bad) in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dataset_labels():
+    assert demo_data.dataset_labels() == (LABELS, None)
+    labels, order = demo_data.dataset_labels(3, regions=True)  # BraTS: whole tumour, tumour core, enhancing
+    assert labels == {"background": 0, "labels_001_to_003": [1, 2, 3], "labels_002_to_003": [2, 3], "organ_003": 3}
+    assert order == [1, 2, 3]
+    assert demo_data.label_names(3) == ["organ_001", "organ_002", "organ_003"]
+
+
+def test_config_options_reach_the_command(tmp_path):
+    from fastkd.config import ConfigError, validate_config
+
+    demo = validate_config({}, base_dir=tmp_path)["dataset"]["demo"]
+    assert demo_data.cli_options(demo) == ""  # the default demo's command is unchanged
+    assert demo_data.resources(demo) == {"mem_mb": 2000, "runtime": 10}
+    demo = validate_config({"dataset": {"demo": {"shape": [256, 256, 160], "spacing": [0.8, 0.8, 2.5], "n_structures": 40,
+                                                 "n_channels": 2, "regions": True}}}, base_dir=tmp_path)["dataset"]["demo"]
+    flags = demo_data.cli_options(demo)
+    assert flags == "--shape 256 256 160 --spacing 0.8 0.8 2.5 --n-structures 40 --n-channels 2 --regions"
+    from fastkd.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "write", "out", *flags.split()])
+    assert (args.shape, args.spacing, args.n_structures, args.n_channels, args.regions) == (
+        [256, 256, 160], [0.8, 0.8, 2.5], 40, 2, True)
+    with pytest.raises(ConfigError, match="give spacing or anisotropic"):
+        validate_config({"dataset": {"demo": {"spacing": [1, 1, 3], "anisotropic": True}}}, base_dir=tmp_path)
+
+
+def test_cli_writes_the_options(tmp_path, capsys):
+    from fastkd.cli import main
+
+    out = tmp_path / "Dataset988_Cli"
+    assert main(["demo", "write", str(out), "--n-cases", "5", "--n-test", "0", "--shape", "32", "32", "16",
+                 "--spacing", "1.5", "1.5", "3", "--n-structures", "6", "--n-channels", "2", "--regions"]) == 0
+    meta = json.loads((out / "dataset.json").read_text())["fastkd_demo"]
+    assert (meta["shape"], meta["spacing"], meta["n_structures"], meta["n_channels"], meta["regions"]) == (
+        [32, 32, 16], [1.5, 1.5, 3.0], 6, 2, True)
+    assert main(["demo", "write", str(tmp_path / "Dataset989_Bad"), "--spacing", "1", "1", "3", "--anisotropic"]) == 1
+    assert "give spacing or anisotropic" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", ["many", "pair"])
+def test_nnunet_accepts_region_dataset(variant, many_dir, pair_dir, capfd):
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    out_dir = many_dir if variant == "many" else pair_dir
+    verify_dataset_integrity(str(out_dir), num_processes=1)
+    output = "".join(capfd.readouterr())
+    assert "verify_dataset_integrity Done" in output
+    assert "Error" not in output and "Warning" not in output and "WARNING" not in output, output

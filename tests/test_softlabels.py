@@ -169,6 +169,74 @@ def test_changed_teacher_checkpoint_recomputes_every_case(trained, tmp_path):
     assert SoftLabelCache(store).provenance["teachers"][0]["sha256"]["0"] == sha256(checkpoint)
 
 
+@pytest.mark.slow
+def test_soft_label_jobs_ask_for_the_memory_of_the_largest_case(trained):
+    from fastkd.softlabels import mem_mb
+
+    _, preprocess_manifest = manifests(trained)
+    expected = mem_mb(preprocess_manifest, trained / "nnUNet_preprocessed" / DS / "dataset.json")
+    run = snakemake(trained, "-n", "--forcerun", "softlabels_shard", "--cores", "1", "softlabels")
+    asked = [line for line in run.stdout.splitlines() if "resources:" in line and f"mem_mb={expected}," in line]
+    assert len(asked) == 2, run.stdout[-3000:]  # both shard jobs
+    run = snakemake(trained, "-n", "--forcerun", "softlabels_shard", "--config",
+                    "resources={'softlabels': {'mem_mb': 1234}}", "--cores", "1", "softlabels")
+    assert run.stdout.count("mem_mb=1234,") == 2
+
+
+@pytest.mark.slow
+def test_a_re_preprocessed_case_recomputes_only_its_soft_labels(trained, tmp_path, monkeypatch):
+    import blosc2
+
+    preprocessed = tmp_path / "nnUNet_preprocessed"
+    shutil.copytree(trained / "nnUNet_preprocessed", preprocessed, symlinks=True)
+    monkeypatch.setenv("nnUNet_preprocessed", str(preprocessed))
+    teacher_manifest, preprocess_manifest = manifests(trained)
+    store = tmp_path / "c.zarr"
+    settings = dict(step_size=0.5, mirroring=False, dtype="uint8", device="cpu", progress=False)
+    first = fill_cache(store, [teacher_manifest], preprocess_manifest, 3.0, **settings)
+    assert len(first["computed"]) == 5
+    cache.finalize(store, {c: v["shape"] for c, v in json.loads(preprocess_manifest.read_text())["cases"].items()},
+                   preprocessed / DS / "nnUNetPlans_3d_fullres")
+    assert cache.verify(store) == []
+    b2nd = preprocessed / DS / "nnUNetPlans_3d_fullres" / "demo_002.b2nd"
+    image = blosc2.open(str(b2nd), mode="r")[:]
+    blosc2.asarray(np.ascontiguousarray(image[:, ::-1]), urlpath=str(b2nd), mode="w")  # as if re-preprocessed
+    assert any("demo_002: the preprocessed case changed" in p for p in cache.verify(store))
+    second = fill_cache(store, [teacher_manifest], preprocess_manifest, 3.0, **settings)
+    assert second["computed"] == ["demo_002"] and len(second["skipped"]) == 4
+    assert cache.case_attrs(store, "demo_002")["preprocessed_sha256"] == sha256(b2nd)
+
+
+@pytest.mark.slow
+def test_a_teacher_with_non_finite_output_fails_naming_case_and_fold_and_keeps_the_store(trained, tmp_path,
+                                                                                          monkeypatch):
+    import torch
+
+    from fastkd.teachers import write_manifest
+
+    monkeypatch.setenv("nnUNet_preprocessed", str(trained / "nnUNet_preprocessed"))
+    teacher_manifest, preprocess_manifest = manifests(trained)
+    [reference] = stores(trained)
+    store = tmp_path / "c.zarr"
+    shutil.copytree(reference, store)
+    root = (store / "zarr.json").read_text()
+    source = trained / "nnUNet_results" / DS / TEACHERS
+    folder = tmp_path / TEACHERS
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("fold_*"))
+    (folder / "fold_0").mkdir()
+    state = torch.load(source / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    for key, weights in state["network_weights"].items():
+        if "seg_layers" in key and key.endswith("bias"):
+            weights.fill_(float("nan"))  # a diverged training
+    torch.save(state, folder / "fold_0" / "checkpoint_final.pth")
+    write_manifest(folder, "3d_fullres", [0], "checkpoint_final.pth", tmp_path / "broken.json")
+    settings = dict(step_size=0.5, mirroring=False, dtype="uint8", device="cpu", progress=False)
+    with pytest.raises(FastkdError, match=rf"demo_000: {TEACHERS} fold 0 produced non-finite logits \(NaN or inf\)"):
+        fill_cache(store, [tmp_path / "broken.json"], preprocess_manifest, 3.0, **settings)
+    assert (store / "zarr.json").read_text() == root  # nothing was written: the complete store stays complete
+    SoftLabelCache(store).read("demo_000")
+
+
 def write_teacher(folder: Path, plans: dict, labels: dict) -> dict:
     folder.mkdir(parents=True)
     (folder / "plans.json").write_text(json.dumps(plans))

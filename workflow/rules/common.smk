@@ -6,7 +6,7 @@ import shlex
 from pathlib import Path
 
 from fastkd.config import overrides, validate_config
-from fastkd.demo_data import held_out_case_ids
+from fastkd.demo_data import cli_options as demo_cli_options, held_out_case_ids, resources as demo_resources
 from fastkd.evaluate import TEST_SET, evaluation_sets, holds_out, is_optimistic, set_fold, test_set_files
 from fastkd.paths import Paths
 from fastkd.preprocess import holdout_cases, training_cases
@@ -26,6 +26,7 @@ os.environ.setdefault("FASTKD_SOURCE", workflow.basedir)
 CASES = training_cases(config)  # at parse time, never from a checkpoint: Snakemake tracks every case
 HELD_OUT_CASES = holdout_cases(config)  # dataset.holdout's test cases: nnU-Net never sees them
 DEMO_TEST_CASES = held_out_case_ids(config["dataset"]["demo"]["n_test"]) if P.is_demo else []
+DEMO_CHANNELS = range(config["dataset"]["demo"]["n_channels"]) if P.is_demo else []  # <case>_0000, _0001, ...
 TEACHER_CFG = config["teachers"]["configuration"]
 TRAIN_TEACHERS = config["teachers"]["model_folder"] is None
 TEACHER_SETS = {s["name"]: s for s in teacher_sets(config, P.teacher_folder)}  # the teachers, then teachers.extra
@@ -62,6 +63,18 @@ def q(value):
 
 def rule_resources(name):
     return config["resources"][name]
+
+
+def softlabels_mem_mb(wildcards, input):
+    """resources.softlabels.mem_mb if set, else the peak memory of the largest case (+20 %): Snakemake
+    evaluates this when the preprocess manifest exists (before that, e.g. in a dry run, 8000)."""
+    from fastkd.softlabels import mem_mb
+
+    if rule_resources("softlabels").get("mem_mb"):
+        return rule_resources("softlabels")["mem_mb"]
+    if not os.path.exists(input.manifest):
+        return 8000
+    return mem_mb(input.manifest, P.preprocessed_dataset / "dataset.json", config["softlabels"]["device"])
 
 
 def device_gpus(device, n=1):

@@ -6,9 +6,9 @@ if P.is_demo:
     rule demo_data:
         output:
             dataset_json=P.raw_dataset_json,
-            images=[P.raw_dataset / "imagesTr" / f"{c}_0000.nii.gz" for c in CASES],
+            images=[P.raw_dataset / "imagesTr" / f"{c}_{i:04d}.nii.gz" for c in CASES for i in DEMO_CHANNELS],
             labels=[P.raw_dataset / "labelsTr" / f"{c}.nii.gz" for c in CASES],
-            test_images=[P.raw_dataset / "imagesTs" / f"{c}_0000.nii.gz" for c in DEMO_TEST_CASES],
+            test_images=[P.raw_dataset / "imagesTs" / f"{c}_{i:04d}.nii.gz" for c in DEMO_TEST_CASES for i in DEMO_CHANNELS],
             test_labels=[P.raw_dataset / "labelsTs" / f"{c}.nii.gz" for c in DEMO_TEST_CASES],
         params:
             folder=lambda w, output: q(Path(output.dataset_json).parent),
@@ -16,19 +16,21 @@ if P.is_demo:
             n_test=config["dataset"]["demo"]["n_test"],
             seed=config["dataset"]["demo"]["seed"],
             anisotropic="--anisotropic" if config["dataset"]["demo"]["anisotropic"] else "",
+            # CT-scale options (dataset.demo.shape, spacing, n_structures, n_channels, regions)
+            options=demo_cli_options(config["dataset"]["demo"]),
         log:
             P.log("demo_data"),
         benchmark:
             P.benchmark("demo_data")
         threads: 1
         resources:
-            mem_mb=2000,
-            runtime=10,
+            mem_mb=demo_resources(config["dataset"]["demo"])["mem_mb"],  # 2000 MB, 10 min for the default demo
+            runtime=demo_resources(config["dataset"]["demo"])["runtime"],
         conda:
             NNUNET_ENV
         shell:
             "fastkd demo write {params.folder} --n-cases {params.n_cases} --n-test {params.n_test} --seed {params.seed}"
-            " {params.anisotropic} > {log} 2>&1"
+            " {params.anisotropic} {params.options} > {log} 2>&1"
 
 
 if config["plans"]["preprocess"]:

@@ -23,6 +23,7 @@ rule softlabels_shard:
         step=config["softlabels"]["step_size"],
         mirroring="" if config["softlabels"]["mirroring"] else "--disable-mirroring",
         dtype=config["softlabels"]["dtype"],
+        top_k=f"--top-k {config['softlabels']['top_k']}" if config["softlabels"]["top_k"] else "",
         device=config["softlabels"]["device"],
         n_shards=N_SHARDS,
     log:
@@ -31,14 +32,14 @@ rule softlabels_shard:
         P.benchmark("softlabels_shard", "{cache}__{shard}")
     threads: rule_resources("softlabels")["threads"]
     resources:
-        mem_mb=rule_resources("softlabels")["mem_mb"],
+        mem_mb=softlabels_mem_mb,
         runtime=rule_resources("softlabels")["runtime"],
         gpu=device_gpus(config["softlabels"]["device"]),
     conda:
         SOFTLABELS_ENV
     shell:
         "fastkd softlabels fill -o {params.store} -t {input.teachers} -w {params.weights} -m {input.manifest}"
-        " -T {params.temperature} {params.folds_per_case} --step-size {params.step} {params.mirroring} --dtype {params.dtype}"
+        " -T {params.temperature} {params.folds_per_case} --step-size {params.step} {params.mirroring} --dtype {params.dtype} {params.top_k}"
         " --shard {wildcards.shard}/{params.n_shards} --device {params.device} --threads {threads}"
         " --marker {output.marker} > {log} 2>&1"
 
