@@ -307,3 +307,25 @@ def test_one_thread_training_jobs_keep_an_augmentation_worker(monkeypatch):
     monkeypatch.setenv("nnUNet_n_proc_DA", "6")  # the user's choice wins
     set_threads(1, training=True)
     assert os.environ["nnUNet_n_proc_DA"] == "6"
+
+
+def test_top_k_is_checked_against_dtype_classes_and_regions(tmp_path):
+    from fastkd.paths import Paths
+
+    config = validate_config({"softlabels": {"top_k": 2}}, base_dir=tmp_path)
+    assert "__uint8-top2__" in Paths(config).softlabel_name  # its own store
+    with pytest.raises(ConfigError, match=r"softlabels.top_k = 2 stores uint8 values: set softlabels.dtype: uint8 "
+                                          r"\(is float16\)"):
+        validate_config({"softlabels": {"top_k": 2, "dtype": "float16"}}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match="softlabels.top_k"):
+        validate_config({"softlabels": {"top_k": 0}}, base_dir=tmp_path)
+    raw = tmp_path / "Dataset004_Hippocampus"
+    (raw / "imagesTr").mkdir(parents=True)
+    for i in range(2):
+        (raw / "imagesTr" / f"hippocampus_{i:03d}_0000.nii.gz").write_bytes(b"")
+    (raw / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "anterior": 1, "posterior": 2},
+                                                 "channel_names": {"0": "MRI"}, "file_ending": ".nii.gz",
+                                                 "numTraining": 2}))
+    with pytest.raises(ConfigError, match=r"softlabels.top_k = 3: must be below the number of classes of "
+                                          r"Dataset004_Hippocampus \(3\)"):
+        validate_config({"dataset": {"raw": str(raw)}, "softlabels": {"top_k": 3, "shards": 1}}, base_dir=tmp_path)
