@@ -616,6 +616,50 @@ class SoftLabelCache:
         return out
 
 
+    def read_crop_classes(self, case: str, bbox) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The crop of :meth:`read_crop` with only the classes present in it: ``(values, classes, rest)``.
+
+        ``classes``: int64 indices of the classes with a value above zero somewhere in the stored crop
+        (plus class 0 of softmax caches, which receives the padding later, and at least one class);
+        ``values``: float32 ``(K, *sizes)`` of those classes, zero outside the volume. Every other
+        class is zero in the crop (dense caches; ``rest`` is None) or, in top-k caches, equals
+        ``rest`` (float32 ``(*sizes)``: the spread mass, zero outside the volume). So the full
+        :meth:`read_crop` is ``values`` at ``classes`` and ``rest`` (or 0) elsewhere, and a linear
+        resampling (nnU-Net's spatial augmentation) of the K (+ 1) channels gives the same as of all C.
+        """
+        array = self.array(case)
+        shape, lead = array.shape[-3:], (slice(None),) * (array.ndim - 3)
+        sizes = [int(hi) - int(lo) for lo, hi in bbox]
+        lo = [max(int(b[0]), 0) for b in bbox]
+        hi = [min(int(b[1]), s) for b, s in zip(bbox, shape)]
+        inside = all(h > l for l, h in zip(lo, hi))
+        softmax = self.provenance["activation"] == "softmax"
+        always = [0] if softmax else []
+        src = self._read(case, (*lead, *(slice(l, h) for l, h in zip(lo, hi)))) if inside else None
+        dst = tuple(slice(l - int(b[0]), h - int(b[0])) for l, h, b in zip(lo, hi, bbox))
+        if not self.top_k:
+            found = np.flatnonzero(src.reshape(src.shape[0], -1).max(axis=1) > 0) if inside else []
+            classes = np.union1d(always, found).astype(np.int64)
+            classes = classes if classes.size else np.zeros(1, np.int64)  # one channel at least
+            values = np.zeros((len(classes), *sizes), np.float32)
+            if inside:
+                np.multiply(src[classes], self.scale, out=values[(slice(None), *dst)], casting="unsafe")
+            return values, classes, None
+        n, k = self.num_channels, self.top_k
+        classes = np.union1d(always, np.unique(src[1]) if inside else []).astype(np.int64)
+        classes = classes if classes.size else np.zeros(1, np.int64)
+        values = np.zeros((len(classes), *sizes), np.float32)
+        rest = np.zeros(sizes, np.float32)
+        if inside:
+            stored = src[0].astype(np.float32) * self.scale
+            spread = (1 - stored.sum(axis=0)) / np.float32(n - k)
+            rest[dst] = spread
+            for j, c in enumerate(classes):
+                hit = src[1] == c
+                values[(j, *dst)] = np.where(hit.any(axis=0), (stored * hit).sum(axis=0), spread)
+        return values, classes, rest
+
+
 # -- inspection ----------------------------------------------------------------------------------
 def _case_dirs(store: Path) -> list[str]:
     return sorted(p.name for p in store.iterdir() if (p / "zarr.json").is_file()) if store.is_dir() else []

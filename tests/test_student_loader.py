@@ -1,7 +1,7 @@
 """fastkd.student.loader.KDDataLoader under nnU-Net's real augmentation, with a cache we know the answer for.
 
 The cache holds the one-hot of each demo case's own preprocessed segmentation (uint8, exact 0 / 255),
-so after any augmentation the argmax of ``batch["softlabels"]`` must be the augmented segmentation
+so after any augmentation the argmax of ``dense(batch)`` must be the augmented segmentation
 ``batch["target"]`` that nnU-Net computes from the same sample: if the soft labels missed a rotation,
 scaling, mirror or crop, or were read from another box or case, they stop agreeing.
 
@@ -30,7 +30,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from fastkd import cache
 from fastkd.cache import CacheError, SoftLabelCache
-from fastkd.student.loader import KDDataLoader, finish_softlabels
+from fastkd.student.loader import KDDataLoader, expand_softlabels, finish_softlabels
 
 torch.set_num_threads(1)
 
@@ -126,11 +126,18 @@ def seed(value=0):
     torch.manual_seed(value)
 
 
+def dense(batch) -> torch.Tensor:
+    """The batch's soft labels as the trainer uses them: float32 (B, C, *patch) (KDDataLoader ships the
+    present classes in float16)."""
+    assert batch["softlabels"].dtype == torch.float16
+    return expand_softlabels(batch["softlabels"], batch["softlabel_classes"], len(CHANNELS))
+
+
 def check_softlabels(soft, batch_size, patch_size):
     assert soft.dtype == torch.float32 and soft.shape == (batch_size, len(CHANNELS), *patch_size)
     assert torch.isfinite(soft).all()
     assert soft.min() >= 0 and soft.max() <= 1
-    assert (soft.sum(1) - 1).abs().max() <= 1e-5
+    assert (soft.sum(1) - 1).abs().max() <= 1e-3  # float16 in the batch
 
 
 def centre_crop(volume: torch.Tensor, patch_size) -> torch.Tensor:
@@ -163,7 +170,7 @@ def test_softlabels_follow_the_segmentation_through_nnunet_augmentation(demo, tr
     fg_agree = fg_total = 0
     for _ in range(8):
         batch = next(dl)
-        soft, target = batch["softlabels"], batch["target"]
+        soft, target = dense(batch), batch["target"]
         assert isinstance(target, list) and len(target) > 1  # deep supervision from the plans
         target = target[0][:, 0].long()
         check_softlabels(soft, 2, patch)
@@ -193,7 +200,7 @@ def test_padding_outside_the_volume_is_background(demo):
     transforms, initial, patch = training_transforms(nnUNetTrainer, demo)
     seed(2)
     batch = next(loader(demo, None, initial, patch))  # no augmentation: the raw crops of the initial patch size
-    soft, seg = batch["softlabels"], batch["target"][:, 0]
+    soft, seg = dense(batch), batch["target"][:, 0]
     check_softlabels(soft, 2, initial)
     outside = seg == -1  # nnU-Net pads the segmentation with -1 (the demo has no -1 inside the volume)
     assert outside.float().mean() > 0.2
@@ -207,7 +214,7 @@ def test_padding_outside_the_volume_is_background(demo):
                                                border_mode_seg="constant", padding_value_seg=-1)])
     seed(3)
     batch = next(loader(demo, zoom, initial, patch))
-    soft, seg = batch["softlabels"], batch["target"][:, 0]
+    soft, seg = dense(batch), batch["target"][:, 0]
     check_softlabels(soft, 2, patch)
     outside = seg == -1
     assert outside.any()
@@ -234,9 +241,9 @@ def test_intensity_transforms_leave_softlabels_alone(demo):
         batch = next(dl)
         for j, (case, box) in enumerate(dl.samples):
             expected = finish_softlabels(torch.from_numpy(reader.read_crop(case, box)[:-1]), True)
-            assert torch.equal(batch["softlabels"][j], expected)  # exactly the cache crop (+ padding = background)
+            assert torch.equal(dense(batch)[j], expected)  # exactly the cache crop (+ padding = background)
             seg = batch["target"][j, 0]
-            assert torch.equal(batch["softlabels"][j].argmax(0)[seg >= 0], seg[seg >= 0].long())
+            assert torch.equal(dense(batch)[j].argmax(0)[seg >= 0], seg[seg >= 0].long())
         if transforms is None:
             raw = batch["data"]
         else:
@@ -255,7 +262,7 @@ def test_2d_patches_on_3d_data(demo):
     agree = total = 0
     for _ in range(4):
         batch = next(dl)
-        soft, target = batch["softlabels"], batch["target"][0][:, 0].long()
+        soft, target = dense(batch), batch["target"][0][:, 0].long()
         check_softlabels(soft, 2, patch)
         agree += (soft.argmax(1) == target).sum().item()
         total += target.numel()
@@ -296,8 +303,8 @@ def test_loader_in_nnunet_background_workers(demo):
         pids = set()
         for _ in range(4):
             batch = next(augmenter)
-            check_softlabels(batch["softlabels"], 2, patch)
-            assert (batch["softlabels"].argmax(1) == batch["target"][0][:, 0]).float().mean() >= 0.99
+            check_softlabels(dense(batch), 2, patch)
+            assert (dense(batch).argmax(1) == batch["target"][0][:, 0]).float().mean() >= 0.99
             worker, reader = batch["pids"]
             assert worker == reader != os.getpid()
             pids.add(worker)
@@ -317,3 +324,53 @@ def test_case_missing_from_the_cache_names_the_case(demo, tmp_path):
         next(dl)
     assert next(loader(demo, transforms, initial, patch, identifiers=[present], store=store))["softlabels"].shape[0] == 2
 
+
+
+# -- 9: many classes: only the classes present in a crop travel, exactly ---------------------------
+def many_classes(seg: np.ndarray, n: int) -> np.ndarray:
+    """Soft labels of n classes for a demo case: foreground split into n - 1 bands along x, each a
+    class, one-hot blurred (sigma 1 voxel, so a class is zero away from its band) and renormalised."""
+    from scipy import ndimage
+
+    label = np.maximum(seg[0], 0)
+    band = 1 + np.arange(label.shape[0])[:, None, None] * (n - 1) // label.shape[0]
+    classes = np.where(label > 0, band, 0)
+    probs = np.stack([ndimage.gaussian_filter((classes == c).astype(np.float32), 1.0, truncate=2.0)
+                      for c in range(n)])
+    return probs / probs.sum(0, keepdims=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_only_present_classes_travel_and_expand_to_what_all_classes_give(demo, tmp_path, top_k):
+    n = 20
+    names = ["background", *[f"organ{i}" for i in range(1, n)]]
+    prov = {**provenance(demo.cm.patch_size), "channels": names, "labels": {c: i for i, c in enumerate(names)},
+            **({"top_k": top_k} if top_k else {})}
+    store, shapes = tmp_path / "many.zarr", {}
+    for case in demo.cases:
+        probs = many_classes(blosc2.open(str(demo.folder / f"{case}_seg.b2nd"), mode="r")[:], n)
+        cache.write_case(store, case, probs, prov)
+        shapes[case] = list(probs.shape)
+    cache.finalize(store, shapes, demo.folder)
+    patch = [24, 24, 24]
+    # a deterministic spatial transform (fixed rotation and scale, centre crop): the same on every call
+    spatial = ComposeTransforms([SpatialTransform(patch, 0, False, p_rotation=1, rotation=(0.4, 0.4), p_scaling=1,
+                                                  scaling=(0.85, 0.85), p_elastic_deform=0)])
+    dl = loader(demo, spatial, [40, 40, 40], patch, cls=RecordingLoader, store=store)
+    reader = SoftLabelCache(store)
+    seed(6)
+    carried = []
+    for _ in range(3):
+        batch = next(dl)
+        got = expand_softlabels(batch["softlabels"], batch["softlabel_classes"], n)
+        assert batch["softlabels"].dtype == torch.float16
+        carried.append(batch["softlabels"].shape[1])
+        check = got.sum(1)
+        assert (check - 1).abs().max() < 1e-2  # float16
+        for j, (case, box) in enumerate(dl.samples):
+            full = torch.from_numpy(reader.read_crop(case, box)[:-1])  # all n classes, as before
+            image = torch.zeros((1, *full.shape[1:]))
+            expected = finish_softlabels(spatial(image=image, regression_target=full)["regression_target"], True)
+            assert torch.allclose(got[j], expected, atol=2e-3), (got[j] - expected).abs().max()
+    assert min(carried) < n - (1 if top_k else 0)  # fewer channels than classes travelled

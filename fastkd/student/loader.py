@@ -6,17 +6,26 @@ volume). It hooks three points of the parent's batch loop instead of copying it:
 
 - ``get_indices``: remembers the batch's case keys;
 - ``get_bbox``: remembers each sample's box (the parent discards it after cropping);
-- the transforms: a wrapper reads the same box from the soft-label cache
-  (:meth:`fastkd.cache.SoftLabelCache.read_crop`: float32 probabilities, zero outside the volume) and
-  hands it to nnU-Net's augmentation as ``regression_target``.
+- the transforms: a wrapper reads the same box from the soft-label cache, keeping only the classes
+  present in it (:meth:`fastkd.cache.SoftLabelCache.read_crop_classes`: the classes above zero in
+  the stored crop, plus background; float32, zero outside the volume; top-k caches add one "rest"
+  channel, the mass spread over the classes not stored), and hands those channels to nnU-Net's
+  augmentation as ``regression_target``.
 
 batchgeneratorsv2 resamples ``regression_target`` on the same grid as image and segmentation in every
 spatial transform (rotation, scaling, elastic in DA5, mirroring, transposes, pseudo-2D), and its
 intensity-only and segmentation-only transforms leave it alone: the soft labels move exactly with the
-segmentation and are never blurred, noised or gamma-corrected. After augmentation the padding is given
-to the background class (softmax caches; region caches stay 0 = "not in the region") and values are
-clamped to [0, 1] because trilinear weights overshoot by ~1e-7. The batch gains
-``batch["softlabels"]``: float32 ``(B, C, *patch)``.
+segmentation and are never blurred, noised or gamma-corrected. Every spatial transform interpolates
+linearly per channel, so a class that is zero in the whole crop stays zero and one equal to "rest"
+stays equal to the resampled rest: carrying only the present classes (plus rest) gives exactly what
+carrying all C would, at a cost that grows with the classes in the crop, not with C. After
+augmentation the padding is given to the background class (softmax caches; region caches stay 0 =
+"not in the region") and values are clamped to [0, 1] because trilinear weights overshoot by ~1e-7.
+
+The batch gains ``batch["softlabels"]``: float16 ``(B, K, *patch)`` over the union of the samples'
+present classes ``batch["softlabel_classes"]`` (int64 ``(K,)``; top-k caches: ``(B, K + 1, ...)``,
+the last channel the rest), half the bytes of float32 and K <= C channels through nnU-Net's worker
+queue. The trainer expands it to float32 ``(B, C, *patch)`` on its device (:func:`expand_softlabels`).
 
 The reader's "valid" channel is not augmented: inside the volume a voxel's probabilities sum to one
 and the padding is zero, and every spatial transform interpolates linearly, so after augmentation the
@@ -31,6 +40,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
@@ -44,7 +54,8 @@ class _SoftLabelTransforms:
 
     def __call__(self, **sample):
         loader = self.loader
-        soft = torch.from_numpy(loader.cache.read_crop(str(loader.keys[loader.sample]), loader.box)[:-1])
+        values, classes, rest = loader.cache.read_crop_classes(str(loader.keys[loader.sample]), loader.box)
+        soft = torch.from_numpy(values if rest is None else np.concatenate([values, rest[None]]))
         if loader.patch_size_was_2d:  # as the parent does with image and segmentation
             soft = soft[:, 0]
         if self.transforms is not None:
@@ -52,7 +63,8 @@ class _SoftLabelTransforms:
             soft = sample.pop("regression_target")
         else:
             sample = dict(sample)
-        loader.softlabels.append(finish_softlabels(soft, loader.softmax))
+        loader.softlabels.append(finish_classes(soft, classes, loader.cache.num_channels, rest is not None,
+                                                loader.softmax))
         return sample
 
 
@@ -66,6 +78,46 @@ def finish_softlabels(soft: torch.Tensor, softmax: bool) -> torch.Tensor:
     if softmax:
         probs[0] += 1 - probs.sum(0)
     return probs.clamp_(0, 1)
+
+
+def finish_classes(soft: torch.Tensor, classes: np.ndarray, n_classes: int, has_rest: bool,
+                   softmax: bool) -> tuple[torch.Tensor, np.ndarray]:
+    """:func:`finish_softlabels` on the present classes: ``soft`` is ``(K [+ 1 rest], ...)`` for
+    ``classes`` (class 0 among them for softmax); the padding goes to background, counting the rest
+    channel once per class not carried. Returns (float32 ``(K [+ 1], ...)``, classes)."""
+    probs = soft.clone()
+    if softmax:
+        k = len(classes)
+        total = probs[:k].sum(0) + (probs[k] * (n_classes - k) if has_rest else 0)
+        probs[int(np.flatnonzero(classes == 0)[0])] += 1 - total
+    return probs.clamp_(0, 1), classes
+
+
+def collate(samples: list[tuple[torch.Tensor, np.ndarray]], has_rest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (values, classes) -> float16 ``(B, K [+ 1], ...)`` over the union of classes, and that
+    union (int64). A class a sample lacks is 0 there (dense caches) or its rest channel (top-k)."""
+    union = np.unique(np.concatenate([classes for _, classes in samples]))
+    spatial = samples[0][0].shape[1:]
+    out = torch.zeros((len(samples), len(union) + has_rest, *spatial), dtype=torch.float16)
+    for i, (values, classes) in enumerate(samples):
+        k = len(classes)
+        if has_rest:
+            out[i] = values[k].to(torch.float16)  # every class first gets the rest, then the carried ones
+        out[i, torch.from_numpy(np.searchsorted(union, classes))] = values[:k].to(torch.float16)
+    return out, torch.from_numpy(union.astype(np.int64))
+
+
+def expand_softlabels(soft: torch.Tensor, classes: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """``batch["softlabels"]`` over ``classes`` (+ rest channel when there is one more channel than
+    classes) -> float32 ``(B, n_classes, ...)`` on ``soft``'s device."""
+    b, channels, *spatial = soft.shape
+    k = classes.numel()
+    if channels == k + 1:
+        dense = soft[:, k:].float().expand(b, n_classes, *spatial).clone()
+    else:
+        dense = torch.zeros((b, n_classes, *spatial), dtype=torch.float32, device=soft.device)
+    dense[:, classes.to(soft.device)] = soft[:, :k].float()
+    return dense
 
 
 class KDDataLoader(nnUNetDataLoader):
@@ -108,6 +160,6 @@ class KDDataLoader(nnUNetDataLoader):
             raise RuntimeError(f"KDDataLoader: {len(self.softlabels)} soft-label crops for a batch of "
                                f"{len(batch['keys'])}; nnUNetDataLoader's batch loop changed (expected one "
                                "get_bbox and one transforms call per sample)")
-        batch["softlabels"] = torch.stack(self.softlabels)
+        batch["softlabels"], batch["softlabel_classes"] = collate(self.softlabels, bool(self.cache.top_k))
         self.softlabels = []
         return batch

@@ -216,6 +216,12 @@ class nnUNetTrainerFastKD(nnUNetTrainerFastKDBase):
 
     def train_step(self, batch: dict) -> dict:
         target, soft = batch["target"], batch.pop("softlabels")
+        classes = batch.pop("softlabel_classes", None)
+        if classes is not None:  # KDDataLoader's compact batch: the present classes, float16
+            from fastkd.student.loader import expand_softlabels
+
+            soft = expand_softlabels(soft.to(self.device, non_blocking=True), classes,
+                                     self.label_manager.num_segmentation_heads)
         batch["target"] = [*target, soft] if isinstance(target, list) else [target, soft]
         out = super().train_step(batch)
         out.update({f"{k}_loss": v.cpu().numpy() for k, v in self.loss.last.items()})
