@@ -53,6 +53,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -173,6 +174,7 @@ class TeacherEnsemble:
         from fastkd.teachers import sha256
 
         self.device = torch_device(device, "softlabels.device")
+        self.forwards = 0  # tiles through a teacher network, counted at the network call (_count)
         self.weights = [float(w) for w in weights]
         self.names = [Path(t["model_folder"]).name for t in teachers]
         self.members = []  # per teacher folder: (its predictor, [network per loaded fold], [its fold keys])
@@ -196,12 +198,17 @@ class TeacherEnsemble:
             for params in predictor.list_of_parameters:
                 network = copy.deepcopy(predictor.network)
                 network.load_state_dict(params)
+                network.register_forward_pre_hook(self._count)
                 networks.append(network.to(self.device).eval())
             predictor.list_of_parameters = None  # the networks hold the weights now
             self.members.append((predictor, networks, list(use)))
         first = next(p for p, _, _ in self.members if p is not None)
         self.label_manager = first.label_manager
         self.mirror_axes = list(first.allowed_mirroring_axes or []) if mirroring else []
+
+    def _count(self, module, args) -> None:
+        """Forward pre-hook of every teacher network: counts the tiles it is called on (batch size)."""
+        self.forwards += int(args[0].shape[0]) if args and hasattr(args[0], "shape") else 1
 
     @property
     def softmax(self) -> bool:
@@ -449,6 +456,7 @@ def fill_cache(store: str | Path, teacher_manifests: list[str | Path], preproces
             continue
         t0 = time.perf_counter()
         data, _, _, _ = dataset.load_case(case)
+        counted = ensemble.forwards
         try:
             probs = ensemble.predict(data[:], temperature, selection[case])
         except FastkdError as e:
@@ -457,16 +465,20 @@ def fill_cache(store: str | Path, teacher_manifests: list[str | Path], preproces
         if probs.shape != shape:
             raise FastkdError(f"{case}: teachers predicted shape {list(probs.shape)}, expected {list(shape)} "
                               f"from the preprocess manifest {preprocess_manifest}")
+        counted = ensemble.forwards - counted  # real network calls (x tiles per call)
         tiles, forwards = ensemble.forwards_per_case(shape[1:], selection[case])
+        if counted != forwards:  # the record is what ran; the formula extrapolates benchmarks
+            print(f"warning: {case}: the teachers ran {counted} tile forwards, forwards_per_case predicts "
+                  f"{forwards} (tiles x mirror passes x folds)", file=sys.stderr)
         if not summary["computed"]:  # the store changes now: it must not open as complete until finalize
             cache.invalidate(store)
         cache.write_case(store, case, probs, prov, {
-            "tiles": tiles, "teacher_forwards": forwards, "seconds": round(time.perf_counter() - t0, 3),
+            "tiles": tiles, "teacher_forwards": counted, "seconds": round(time.perf_counter() - t0, 3),
             "teacher_folds": [[int(f) for f in folds] for folds in selection[case]],
             "preprocessed_sha256": source})
         del probs
         summary["computed"].append(case)
-        summary["teacher_forwards"] += forwards
+        summary["teacher_forwards"] += counted
     summary["seconds"] = round(time.perf_counter() - start, 3)
     if marker is not None:
         atomic_write_text(marker, json.dumps(summary, indent=2) + "\n")
