@@ -258,6 +258,20 @@ def missing_chunks(array) -> list[str]:
             if not (root / key).is_file()]
 
 
+def _open_whole(store: Path, case: str):
+    """(the case's zarr array, None) when it opens with every chunk, else (None, the problem line)."""
+    import zarr
+
+    try:
+        array = zarr.open_array(str(store / case), mode="r")
+        _check_chunks(array, case)
+        return array, None
+    except CacheError as e:
+        return None, str(e)
+    except Exception as e:
+        return None, f"{case}: unreadable ({type(e).__name__}: {e})"
+
+
 def _check_chunks(array, what: str) -> None:
     missing = missing_chunks(array)
     if missing:
@@ -439,8 +453,6 @@ def finalize(store: str | Path, expected: dict[str, list[int]], preprocessed_fol
     :class:`CacheError` naming every bad case; the store is left as it was then (a complete store
     stays complete). Returns the root attributes.
     """
-    import zarr
-
     store = Path(store)
     problems, cases, provenance, forwards = [], {}, None, 0
     for case in sorted(expected):
@@ -461,13 +473,9 @@ def finalize(store: str | Path, expected: dict[str, list[int]], preprocessed_fol
                           if provenance.get(k) != attrs["provenance"].get(k))
             problems.append(f"{case}: written with other settings than {first} ({', '.join(diff)} differ)")
             continue
-        try:
-            _check_chunks(zarr.open_array(str(store / case), mode="r"), case)
-        except CacheError as e:
-            problems.append(str(e))
-            continue
-        except Exception as e:
-            problems.append(f"{case}: cannot be opened ({type(e).__name__}: {e})")
+        problem = _open_whole(store, case)[1]
+        if problem:
+            problems.append(problem)
             continue
         cases[case] = attrs["shape"]
         forwards += attrs.get("teacher_forwards", 0)
@@ -592,6 +600,19 @@ class SoftLabelCache:
         """The whole case as float32 probabilities (C, x, y, z) (top-k caches: densified)."""
         return decode(self._read(case, (slice(None),) * len(self.array(case).shape)), self.provenance)
 
+    def _crop(self, case: str, bbox) -> tuple[list[int], np.ndarray | None, tuple]:
+        """(box sizes, the stored values of the box's part inside the volume or None, where that part
+        sits in the box) for a half-open voxel box that may reach outside the volume."""
+        array = self.array(case)
+        shape, lead = array.shape[-3:], (slice(None),) * (array.ndim - 3)
+        sizes = [int(hi) - int(lo) for lo, hi in bbox]
+        lo = [max(int(b[0]), 0) for b in bbox]
+        hi = [min(int(b[1]), s) for b, s in zip(bbox, shape)]
+        dst = tuple(slice(l - int(b[0]), h - int(b[0])) for l, h, b in zip(lo, hi, bbox))
+        if not all(h > l for l, h in zip(lo, hi)):
+            return sizes, None, dst
+        return sizes, self._read(case, (*lead, *(slice(l, h) for l, h in zip(lo, hi)))), dst
+
     def read_crop(self, case: str, bbox) -> np.ndarray:
         """Soft labels of a half-open voxel box ``[[lo, hi], ...]`` (per spatial axis) as float32.
 
@@ -599,15 +620,9 @@ class SoftLabelCache:
         channel (1 inside the volume, 0 outside). Boxes may reach outside the volume, as nnU-Net's
         ``get_bbox`` produces them.
         """
-        array = self.array(case)
-        shape, lead = array.shape[-3:], (slice(None),) * (array.ndim - 3)
-        sizes = [int(hi) - int(lo) for lo, hi in bbox]
+        sizes, src, dst = self._crop(case, bbox)
         out = np.zeros((self.num_channels + 1, *sizes), dtype=np.float32)
-        lo = [max(int(b[0]), 0) for b in bbox]
-        hi = [min(int(b[1]), s) for b, s in zip(bbox, shape)]
-        if all(h > l for l, h in zip(lo, hi)):
-            src = self._read(case, (*lead, *(slice(l, h) for l, h in zip(lo, hi))))
-            dst = tuple(slice(l - int(b[0]), h - int(b[0])) for l, h, b in zip(lo, hi, bbox))
+        if src is not None:
             if self.top_k:
                 out[(slice(0, self.num_channels), *dst)] = decode(src, self.provenance)
             else:
@@ -627,16 +642,9 @@ class SoftLabelCache:
         :meth:`read_crop` is ``values`` at ``classes`` and ``rest`` (or 0) elsewhere, and a linear
         resampling (nnU-Net's spatial augmentation) of the K (+ 1) channels gives the same as of all C.
         """
-        array = self.array(case)
-        shape, lead = array.shape[-3:], (slice(None),) * (array.ndim - 3)
-        sizes = [int(hi) - int(lo) for lo, hi in bbox]
-        lo = [max(int(b[0]), 0) for b in bbox]
-        hi = [min(int(b[1]), s) for b, s in zip(bbox, shape)]
-        inside = all(h > l for l, h in zip(lo, hi))
-        softmax = self.provenance["activation"] == "softmax"
-        always = [0] if softmax else []
-        src = self._read(case, (*lead, *(slice(l, h) for l, h in zip(lo, hi)))) if inside else None
-        dst = tuple(slice(l - int(b[0]), h - int(b[0])) for l, h, b in zip(lo, hi, bbox))
+        sizes, src, dst = self._crop(case, bbox)
+        inside = src is not None
+        always = [0] if self.provenance["activation"] == "softmax" else []
         if not self.top_k:
             found = np.flatnonzero(src.reshape(src.shape[0], -1).max(axis=1) > 0) if inside else []
             classes = np.union1d(always, found).astype(np.int64)
@@ -771,7 +779,6 @@ def verify(store: str | Path, preprocessed_folder: str | Path | None = None, tol
     block by block (:func:`blocks`), so memory stays bounded.
     """
     import blosc2
-    import zarr
 
     store = Path(store)
     if not store.is_dir():
@@ -796,14 +803,9 @@ def verify(store: str | Path, preprocessed_folder: str | Path | None = None, tol
         p = attrs["provenance"]
         if root and root.get("provenance") and p != root["provenance"]:
             problems.append(f"{case}: written with other settings than the store's root")
-        try:
-            array = zarr.open_array(str(store / case), mode="r")
-            _check_chunks(array, case)
-        except CacheError as e:
-            problems.append(str(e))
-            continue
-        except Exception as e:
-            problems.append(f"{case}: unreadable ({type(e).__name__}: {e})")
+        array, problem = _open_whole(store, case)
+        if problem:
+            problems.append(problem)
             continue
         case_problems = _verify_values(case, array, p, tolerance)
         problems += case_problems
