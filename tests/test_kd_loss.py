@@ -382,3 +382,66 @@ def test_fp16_logits():
     assert value.item() == pytest.approx(loss([o.detach().float() for o in outs], p).item(), rel=1e-6)
     value.backward()
     assert outs[0].grad.dtype == torch.float16 and torch.isfinite(outs[0].grad).all()
+
+
+# ---------------------------------------------------------------- the KD loader's compact soft labels
+
+
+def compact_case(g, rest: bool, B=2, C=7, shape=(8, 8, 8)):
+    """Soft labels over classes {0, 2, 5} (+ a rest channel spread over the 4 others), and the dense twin."""
+    classes = torch.tensor([0, 2, 5])
+    carried = torch.rand((B, 3, *shape), generator=g)
+    other = torch.rand((B, 1, *shape), generator=g) * 0.05 if rest else torch.zeros((B, 1, *shape))
+    carried = carried / carried.sum(1, keepdim=True) * (1 - other * (C - 3))
+    values = torch.cat([carried, other], 1) if rest else carried
+    soft = kd.SoftLabels(values.half(), classes, C)
+    return soft, soft.dense()
+
+
+@pytest.mark.parametrize("rest", [False, True])
+@pytest.mark.parametrize("extras", [{}, {"soft_dice": 0.5, "cauchy_schwarz": 0.3}])
+def test_compact_soft_labels_give_the_dense_loss_and_gradient(rest, extras):
+    g = gen(30)
+    soft, dense = compact_case(g, rest)
+    assert dense.shape == (2, 7, 8, 8, 8)
+    if rest:
+        torch.testing.assert_close(dense.sum(1), torch.ones((2, 8, 8, 8)), atol=2e-3, rtol=0)
+        assert torch.equal(dense[:, 1], soft.values[:, 3].float())
+    else:
+        assert not dense[:, [1, 3, 4, 6]].any()
+    mask = torch.rand((2, 1, 8, 8, 8), generator=g) > 0.2
+    loss = KDLoss(3.0, [4 / 7, 2 / 7, 1 / 7], **extras)
+    results = []
+    for target in (soft, dense):
+        outs = [(torch.randn((2, 7, *s), generator=gen(31 + i)) * 3).requires_grad_() for i, s in enumerate(SHAPES)]
+        value = loss(outs, target, mask)
+        value.backward()
+        results.append((value, [o.grad for o in outs]))
+    (v_compact, g_compact), (v_dense, g_dense) = results
+    assert v_compact.item() > 1e-3
+    assert v_compact.item() == pytest.approx(v_dense.item(), rel=1e-5)
+    for a, b in zip(g_compact, g_dense):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("rest", [False, True])
+def test_compact_kl_matches_the_reference_and_its_gradient_is_exact(rest):
+    g = gen(32)
+    soft, dense = compact_case(g, rest, B=1, C=6, shape=(2, 3, 2))
+    z = torch.randn((1, soft.n_classes, 2, 3, 2), generator=g, dtype=torch.float64) * 2
+    assert KDLoss(2.0)(z, soft).item() == pytest.approx(4 * ref_kl(z, dense, 2.0).item(), rel=1e-5)
+    p = soft.values.double()
+    k = soft.classes.numel()
+    args = (p[:, :k], p[:, k:] if rest else None, soft.classes)
+    assert torch.autograd.gradcheck(lambda x: kd._SoftmaxCrossEntropy.apply(x, *args), (z.requires_grad_(),))
+
+
+def test_soft_labels_refuse_bad_shapes_and_classes():
+    values = torch.zeros((1, 3, 2, 2, 2))
+    for classes, n, match in ((torch.tensor([1]), 5, "need \\(B, 1"), (torch.tensor([0, 2, 2]), 5, "sorted distinct"),
+                              (torch.tensor([0, 2, 5]), 5, r"in \[0, 5\)"), (torch.tensor([2, 0, 1]), 5, "sorted")):
+        with pytest.raises(ValueError, match=match):
+            kd.SoftLabels(values, classes, n)
+    soft = kd.SoftLabels(values, torch.tensor([0, 1, 4]), 5)
+    with pytest.raises(ValueError, match=r"soft labels have shape \(1, 5, 2, 2, 2\) but .* \(1, 4, 2, 2, 2\)"):
+        KDLoss(1.0)(torch.zeros((1, 4, 2, 2, 2)), soft)

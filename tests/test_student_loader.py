@@ -30,7 +30,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from fastkd import cache
 from fastkd.cache import CacheError, SoftLabelCache
-from fastkd.student.loader import KDDataLoader, expand_softlabels, finish_softlabels
+from fastkd.student.loader import KDDataLoader, finish_softlabels
+from fastkd.student.loss import SoftLabels
 
 torch.set_num_threads(1)
 
@@ -130,7 +131,7 @@ def dense(batch) -> torch.Tensor:
     """The batch's soft labels as the trainer uses them: float32 (B, C, *patch) (KDDataLoader ships the
     present classes in float16)."""
     assert batch["softlabels"].dtype == torch.float16
-    return expand_softlabels(batch["softlabels"], batch["softlabel_classes"], len(CHANNELS))
+    return SoftLabels(batch["softlabels"], batch["softlabel_classes"], len(CHANNELS)).dense()
 
 
 def check_softlabels(soft, batch_size, patch_size):
@@ -363,7 +364,7 @@ def test_only_present_classes_travel_and_expand_to_what_all_classes_give(demo, t
     carried = []
     for _ in range(3):
         batch = next(dl)
-        got = expand_softlabels(batch["softlabels"], batch["softlabel_classes"], n)
+        got = SoftLabels(batch["softlabels"], batch["softlabel_classes"], n).dense()
         assert batch["softlabels"].dtype == torch.float16
         carried.append(batch["softlabels"].shape[1])
         check = got.sum(1)

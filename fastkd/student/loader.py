@@ -25,7 +25,8 @@ augmentation the padding is given to the background class (softmax caches; regio
 The batch gains ``batch["softlabels"]``: float16 ``(B, K, *patch)`` over the union of the samples'
 present classes ``batch["softlabel_classes"]`` (int64 ``(K,)``; top-k caches: ``(B, K + 1, ...)``,
 the last channel the rest), half the bytes of float32 and K <= C channels through nnU-Net's worker
-queue. The trainer expands it to float32 ``(B, C, *patch)`` on its device (:func:`expand_softlabels`).
+queue. The trainer hands both to the KD loss as :class:`fastkd.student.loss.SoftLabels`, whose KL
+works on the carried classes (``SoftLabels.dense()`` gives float32 ``(B, C, *patch)``).
 
 The reader's "valid" channel is not augmented: inside the volume a voxel's probabilities sum to one
 and the padding is zero, and every spatial transform interpolates linearly, so after augmentation the
@@ -105,19 +106,6 @@ def collate(samples: list[tuple[torch.Tensor, np.ndarray]], has_rest: bool) -> t
             out[i] = values[k].to(torch.float16)  # every class first gets the rest, then the carried ones
         out[i, torch.from_numpy(np.searchsorted(union, classes))] = values[:k].to(torch.float16)
     return out, torch.from_numpy(union.astype(np.int64))
-
-
-def expand_softlabels(soft: torch.Tensor, classes: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """``batch["softlabels"]`` over ``classes`` (+ rest channel when there is one more channel than
-    classes) -> float32 ``(B, n_classes, ...)`` on ``soft``'s device."""
-    b, channels, *spatial = soft.shape
-    k = classes.numel()
-    if channels == k + 1:
-        dense = soft[:, k:].float().expand(b, n_classes, *spatial).clone()
-    else:
-        dense = torch.zeros((b, n_classes, *spatial), dtype=torch.float32, device=soft.device)
-    dense[:, classes.to(soft.device)] = soft[:, :k].float()
-    return dense
 
 
 class KDDataLoader(nnUNetDataLoader):

@@ -53,6 +53,15 @@ Optional terms, on the full-resolution output only, with ``q = softmax(x)`` (per
   each voxel's class distribution; temperature, masking, the region form and the log-sum form with eps
   are our choices. It is >= 0 and 0 only when q is proportional to p (for distributions: q = p).
 
+Computing the KL in softmax mode. The teacher term ``sum_c p_c log p_c`` has no gradient and is
+computed without autograd; the rest, ``-sum_c p_c log_softmax(x)_c``, goes through one autograd function
+(:class:`_SoftmaxCrossEntropy`) whose backward is ``(sum_c p_c) softmax(x) - p``: one log-softmax over
+all C channels forward, one exp backward, nothing else the size of C x voxels. The soft labels may come
+as :class:`SoftLabels`, the classes present in the patch (plus a "rest" channel for top-k caches) as
+the KD loader ships them: the KL then touches the other classes only through the log-softmax, which
+every KL needs, so its cost hardly grows with the classes absent from the patch. Region mode, soft
+Dice and Cauchy-Schwarz use the dense ``(B, C, ...)`` probabilities (:meth:`SoftLabels.dense`).
+
 Neither optional term carries ``T^2``. Everything is computed in float32 with autocast disabled, so fp16
 logits from a CUDA autocast forward are fine; gradients flow to the logits only (``soft`` is detached).
 """
@@ -127,14 +136,96 @@ def _masked_mean(per_voxel: torch.Tensor, mask: torch.Tensor | None) -> torch.Te
     return torch.where(mask, per_voxel, 0.0).sum() / mask.sum().clamp_min(1)
 
 
+class SoftLabels:
+    """Teacher probabilities over some of the classes, as the KD loader ships them.
+
+    ``values``: ``(B, K, *spatial)`` for ``classes`` (int64 ``(K,)``, sorted, distinct, in
+    ``[0, n_classes)``), or ``(B, K + 1, *spatial)`` whose last channel is the probability of each class
+    not carried (top-k caches spread the rest of the mass evenly); a class not carried is 0 otherwise.
+    ``.to(device)`` moves it like a tensor, so nnU-Net's ``train_step`` moves it with the target list.
+    """
+
+    def __init__(self, values: torch.Tensor, classes: torch.Tensor, n_classes: int):
+        k = classes.numel()
+        if classes.ndim != 1 or values.ndim < 3 or values.shape[1] not in (k, k + 1):
+            raise ValueError(f"soft labels of shape {tuple(values.shape)} for {k} classes: need (B, {k}, *spatial) "
+                             f"or (B, {k + 1}, *spatial) with a rest channel")
+        if k == 0 or int(classes.min()) < 0 or int(classes.max()) >= n_classes \
+                or (k > 1 and not bool((classes[1:] > classes[:-1]).all())):
+            raise ValueError(f"soft-label classes {classes.tolist()}: need sorted distinct indices in [0, {n_classes})")
+        self.values, self.classes, self.n_classes = values, classes, int(n_classes)
+
+    @property
+    def has_rest(self) -> bool:
+        return self.values.shape[1] == self.classes.numel() + 1
+
+    def to(self, device, non_blocking: bool = False) -> "SoftLabels":
+        return SoftLabels(self.values.to(device, non_blocking=non_blocking),
+                          self.classes.to(device, non_blocking=non_blocking), self.n_classes)
+
+    def dense(self) -> torch.Tensor:
+        """float32 ``(B, n_classes, *spatial)`` on the values' device."""
+        b, _, *spatial = self.values.shape
+        k = self.classes.numel()
+        if self.has_rest:
+            out = self.values[:, k:].float().expand(b, self.n_classes, *spatial).clone()
+        else:
+            out = self.values.new_zeros((b, self.n_classes, *spatial), dtype=torch.float32)
+        out[:, self.classes.to(out.device)] = self.values[:, :k].float()
+        return out
+
+
+class _SoftmaxCrossEntropy(torch.autograd.Function):
+    """Per voxel ``-sum_c p_c log_softmax(x)_c``, (B, 1, *spatial), for p over ``classes`` (None: all
+    channels of x) plus an optional ``rest`` (B, 1, ...) for every class not carried. Backward
+    ``(sum_c p_c) softmax(x) - p`` without autograd's C x voxels temporaries (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, p, rest, classes):
+        log_q = torch.log_softmax(x, 1)
+        carried = log_q if classes is None else log_q.index_select(1, classes)
+        cross = (p * carried).sum(1, keepdim=True)
+        if rest is not None:
+            cross += rest * (log_q.sum(1, keepdim=True) - carried.sum(1, keepdim=True))
+        ctx.save_for_backward(log_q, p, rest, classes)
+        return cross.neg_()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        log_q, p, rest, classes = ctx.saved_tensors
+        mass = p.sum(1, keepdim=True)
+        if rest is not None:
+            mass += rest * (log_q.shape[1] - p.shape[1])
+        out = torch.exp(log_q).mul_(mass * grad)
+        if classes is None:
+            out -= p * grad
+        elif rest is None:
+            out.index_add_(1, classes, p * grad, alpha=-1)
+        else:
+            out -= rest * grad
+            out.index_add_(1, classes, (rest - p) * grad)
+        return out, None, None, None
+
+
+def _softmax_kl(x: torch.Tensor, p: torch.Tensor, rest: torch.Tensor | None,
+                classes: torch.Tensor | None) -> torch.Tensor:
+    """Per-voxel KL(p || softmax(x)), (B, 1, *spatial), p over ``classes`` (+ ``rest``) as in
+    :class:`_SoftmaxCrossEntropy`."""
+    with torch.no_grad():
+        entropy = torch.xlogy(p, p).sum(1, keepdim=True)
+        if rest is not None:
+            entropy += torch.xlogy(rest, rest) * (x.shape[1] - p.shape[1])
+    return _SoftmaxCrossEntropy.apply(x, p, rest, classes) + entropy
+
+
 def _kl(x: torch.Tensor, p: torch.Tensor, regions: bool) -> torch.Tensor:
-    """Per-voxel KL(p || act(x)) summed over channels, (B, 1, *spatial)."""
+    """Per-voxel KL(p || act(x)) summed over channels, (B, 1, *spatial), p dense over all channels."""
     if regions:
         bce = F.binary_cross_entropy_with_logits(x, p, reduction="none")
         per_channel = bce + torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p)
-    else:
-        per_channel = torch.xlogy(p, p) - p * F.log_softmax(x, dim=1)
-    return per_channel.sum(1, keepdim=True)
+        return per_channel.sum(1, keepdim=True)
+    return _softmax_kl(x, p, None, None)
 
 
 def _soft_dice(q: torch.Tensor, p: torch.Tensor, mask: torch.Tensor | None, regions: bool) -> torch.Tensor:
@@ -186,30 +277,44 @@ class KDLoss(torch.nn.Module):
         self.soft_dice = float(soft_dice)
         self.cauchy_schwarz = float(cauchy_schwarz)
 
-    def forward(self, outputs, soft: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, outputs, soft, mask: torch.Tensor | None = None) -> torch.Tensor:
         """outputs: student logits, a Tensor (B, C, *sp) or a list of them, one per deep-supervision scale,
         highest resolution first (as nnU-Net's network returns them).
-        soft: teacher probabilities (B, C, *sp) at full resolution; softmax mode: they sum to 1 over C;
-        region mode: each channel an independent probability in [0, 1].
+        soft: teacher probabilities at full resolution, a Tensor (B, C, *sp) or :class:`SoftLabels`;
+        softmax mode: they sum to 1 over C; region mode: each channel an independent probability in [0, 1].
         mask: optional (B, 1, *sp) bool at full resolution, True = voxel counts; None = all voxels.
         Returns a float32 scalar."""
         outputs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
         self._check(outputs, soft, mask)
         T = self.temperature
-        with torch.autocast(soft.device.type, enabled=False):
+        compact = isinstance(soft, SoftLabels)
+        if compact and self.regions:  # few channels: the dense form is as cheap
+            soft, compact = soft.dense(), False
+        values = soft.values if compact else soft
+        with torch.autocast(values.device.type, enabled=False):
             # clamp: resampled soft labels may overshoot [0, 1] by ~1e-7, and log of a negative is NaN
-            p = soft.detach().float().clamp(0, 1)
+            p = values.detach().float().clamp(0, 1)
             if mask is not None:
                 p = torch.where(mask, p, 0.0)
-            loss = torch.zeros((), dtype=torch.float32, device=soft.device)
+            classes = soft.classes.to(p.device) if compact else None
+            k = p.shape[1] if classes is None else classes.numel()
+            loss = torch.zeros((), dtype=torch.float32, device=p.device)
             for w, z in zip(self.ds_weights, outputs):
                 if w == 0:
                     continue
                 shape = z.shape[2:]
                 m = None if mask is None else downsample_mask(mask, shape)
                 p_s = downsample_soft(p, shape, mask)
-                loss = loss + w * T * T * _masked_mean(_kl(z.float() / T, p_s, self.regions), m)
+                x = z.float() / T
+                if self.regions:
+                    per_voxel = _kl(x, p_s, True)
+                else:
+                    rest = p_s[:, k:] if p_s.shape[1] > k else None
+                    per_voxel = _softmax_kl(x, p_s[:, :k], rest, classes)
+                loss = loss + w * T * T * _masked_mean(per_voxel, m)
             if self.soft_dice or self.cauchy_schwarz:
+                if compact:
+                    p = SoftLabels(p, classes, soft.n_classes).dense()
                 x = outputs[0].float() / T
                 q = torch.sigmoid(x) if self.regions else torch.softmax(x, dim=1)
                 if self.soft_dice:
@@ -223,11 +328,17 @@ class KDLoss(torch.nn.Module):
             raise ValueError(f"{len(outputs)} student outputs but {len(self.ds_weights)} ds_weights "
                              f"{list(self.ds_weights)}: need one weight per deep-supervision output")
         full = outputs[0]
-        if soft.shape != full.shape:
-            raise ValueError(f"soft labels have shape {tuple(soft.shape)} but the full-resolution student output "
+        if isinstance(soft, SoftLabels):
+            values = soft.values
+            shape = (values.shape[0], soft.n_classes, *values.shape[2:])
+        else:
+            values = soft
+            shape = tuple(soft.shape)
+        if shape != tuple(full.shape):
+            raise ValueError(f"soft labels have shape {shape} but the full-resolution student output "
                              f"has {tuple(full.shape)}: they must match (B, C, *spatial)")
-        if not soft.is_floating_point():
-            raise ValueError(f"soft labels have dtype {soft.dtype}: must be probabilities in a float dtype")
+        if not values.is_floating_point():
+            raise ValueError(f"soft labels have dtype {values.dtype}: must be probabilities in a float dtype")
         if not self.regions and full.shape[1] < 2:
             raise ValueError(f"softmax mode needs at least 2 channels, got output shape {tuple(full.shape)}")
         for i, z in enumerate(outputs[1:], 1):

@@ -39,8 +39,9 @@ one concern:
   - ``get_dataloaders`` puts :class:`fastkd.student.loader.KDDataLoader` in place of the training
     loader (validation keeps the stock loader and the plain nnU-Net loss, so the pseudo-Dice and the
     validation loss curves compare with a plain nnU-Net run);
-  - ``train_step`` appends the batch's soft labels to nnU-Net's target list; the parent's step moves
-    them to the device, runs autocast, the loss, gradient clipping and the optimizer unchanged;
+  - ``train_step`` appends the batch's soft labels (:class:`fastkd.student.loss.SoftLabels`, the
+    classes present in the batch, never expanded to all C) to nnU-Net's target list; the parent's step
+    moves them to the device, runs autocast, the loss, gradient clipping and the optimizer unchanged;
   - ``on_train_epoch_end`` appends the epoch's hard and KD loss to ``kd_losses.json``;
   - ``on_train_start`` checks the cache against the student (temperature, labels, grid, configuration,
     every training case's shape) before any step, so a mismatched cache is an error, not a bad model.
@@ -218,10 +219,9 @@ class nnUNetTrainerFastKD(nnUNetTrainerFastKDBase):
         target, soft = batch["target"], batch.pop("softlabels")
         classes = batch.pop("softlabel_classes", None)
         if classes is not None:  # KDDataLoader's compact batch: the present classes, float16
-            from fastkd.student.loader import expand_softlabels
+            from fastkd.student.loss import SoftLabels
 
-            soft = expand_softlabels(soft.to(self.device, non_blocking=True), classes,
-                                     self.label_manager.num_segmentation_heads)
+            soft = SoftLabels(soft, classes, self.label_manager.num_segmentation_heads)
         batch["target"] = [*target, soft] if isinstance(target, list) else [target, soft]
         out = super().train_step(batch)
         out.update({f"{k}_loss": v.cpu().numpy() for k, v in self.loss.last.items()})
