@@ -29,7 +29,8 @@ machine (the two timed commands of figure 1 interleaved), never an absolute timi
    ``nnUNetTrainer.train_step`` is timed on synthetic batches of the plans' batch and patch size with
    deep-supervision targets shaped as nnU-Net makes them. Reads and iterations are timed in
    alternating blocks. Also printed: whole batches of reads per second / iterations per second
-   (>= 1 means one loader process keeps up with the student).
+   (>= 1 means one loader process keeps up with the student), and the read amplification of those
+   boxes: voxels decompressed (every chunk a box touches, whole) per voxel read.
 4. Teacher forwards spent on the cache / teacher forwards of online distillation at the default
    schedule, 1000 epochs x 250 steps x folds (goal <= 1/100). Cache forwards (tiles x mirror passes x
    folds per case) are the finished store's ``teacher_forwards`` for the benchmark cases, and are
@@ -37,7 +38,9 @@ machine (the two timed commands of figure 1 interleaved), never an absolute timi
 
 Setup (idempotent, reused from ``--work``): nnU-Net folders inside the work dir, ``fastkd
 preprocess run`` (skipped when its manifest exists), teachers (``--teachers FOLDER``, or 5 short folds
-trained by ``fastkd teachers train``, skipping finished folds) and their manifest (``fastkd teachers manifest``).
+trained by ``fastkd teachers train``, skipping finished folds; ``--folds`` picks others) and their manifest
+(``fastkd teachers manifest``). BraTS-sized data on a CPU: ``--teachers`` from ``configs/brats.yaml``'s
+run (tiny-patch plans, folds 0 1) with ``--folds 0 1 --disable-mirroring`` (benchmarks/README.md).
 Results: a table on stdout and ``<work>/bench_cache.json``; subprocess logs under ``<work>/logs/``.
 """
 
@@ -58,7 +61,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RAW = REPO / ".." / "shared" / "datasets" / "Dataset004_Hippocampus"
 CONFIGURATION = "3d_fullres"
-FOLDS = [0, 1, 2, 3, 4]
+FOLDS = [0, 1, 2, 3, 4]  # the default of --folds
 ONLINE_EPOCHS, ONLINE_STEPS = 1000, 250  # nnU-Net's default schedule, what online distillation runs
 SEED = 0
 
@@ -93,8 +96,9 @@ def add_setup_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/fastkd_bench_cache"),
                    help="work dir shared by the benchmarks (nnU-Net folders, teachers, caches, logs, JSON)")
     p.add_argument("--teachers", type=Path, default=None,
-                   help="existing nnU-Net model folder Trainer__Plans__3d_fullres with folds 0-4 "
-                        "(default: train 5 short folds in the work dir)")
+                   help="existing nnU-Net model folder Trainer__Plans__3d_fullres with the --folds "
+                        "(default: train short folds in the work dir)")
+    p.add_argument("--folds", type=int, nargs="+", default=FOLDS, help="teacher folds used by every pass")
     p.add_argument("--teacher-epochs", type=int, default=2, help="epochs per fold of the short-trained teachers")
     p.add_argument("--teacher-iterations", type=int, default=10, help="iterations per epoch of those teachers")
     p.add_argument("--cases", type=int, default=20, help="benchmark cases: the first N of the sorted cases")
@@ -104,6 +108,8 @@ def check_setup_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) 
     for name in ("teacher_epochs", "teacher_iterations", "cases"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} = {getattr(args, name)}: must be >= 1")
+    if len(set(args.folds)) != len(args.folds) or not set(args.folds) <= set(FOLDS):
+        p.error(f"--folds {args.folds}: distinct folds among {FOLDS}")
     if not (args.raw / "dataset.json").is_file():
         p.error(f"raw dataset {args.raw} not found (no dataset.json there); the default is "
                 "../shared/datasets/Dataset004_Hippocampus relative to the repository root; pass --raw DatasetXXX_Name")
@@ -204,7 +210,7 @@ def setup_teachers(args, env: dict, dataset_id: int, pm: dict) -> tuple[Path, Pa
         short = False
     else:
         folder = results / f"nnUNetTrainer__{pm['plans_name']}__{CONFIGURATION}"
-        for fold in FOLDS:
+        for fold in args.folds:
             if (folder / f"fold_{fold}" / "checkpoint_final.pth").is_file():
                 continue
             print(f"setup: training short teacher fold {fold} ({args.teacher_epochs} epochs x "
@@ -217,7 +223,7 @@ def setup_teachers(args, env: dict, dataset_id: int, pm: dict) -> tuple[Path, Pa
             print(f"setup: fold {fold} trained in {seconds:.0f} s")
         short = True
     manifest = args.work / "teachers.json"
-    run(fastkd_cmd("teachers", "manifest", folder, "-c", CONFIGURATION, "-f", *FOLDS, "-o", manifest), env,
+    run(fastkd_cmd("teachers", "manifest", folder, "-c", CONFIGURATION, "-f", *args.folds, "-o", manifest), env,
         args.work / "logs" / "teachers.log")
     return folder, manifest, short
 
@@ -272,7 +278,7 @@ def bench_wall_time(args, env: dict, dataset_id: int, teacher_folder: Path, teac
             out = runs / f"stock_{i}"
             shutil.rmtree(out, ignore_errors=True)
             cmd = [nnunet_script("nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", str(dataset_id),
-                   "-tr", trainer, "-p", plans_name, "-c", CONFIGURATION, "-f", *map(str, FOLDS),
+                   "-tr", trainer, "-p", plans_name, "-c", CONFIGURATION, "-f", *map(str, args.folds),
                    "-step_size", str(args.step_size), "-device", args.device, "-npp", "1", "-nps", "1",
                    "--disable_progress_bar"]
             if args.disable_mirroring:
@@ -431,6 +437,30 @@ def bench_loading(store: Path, boxes: list, trainer, iterations: int, warmup: in
     return len(boxes) / read_s, iterations / train_s
 
 
+def read_amplification(store: Path, boxes: list) -> dict:
+    """Voxels decompressed per voxel read: a read decompresses every chunk its box (clipped to the
+    volume) touches, whole; summed over ``boxes``. The same for every class channel, so per voxel."""
+    import numpy as np
+
+    from fastkd.cache import SoftLabelCache
+
+    cache = SoftLabelCache(store)
+    read = decompressed = 0
+    for case, box in boxes:
+        array = cache.array(case)
+        shape, chunks = array.shape[-3:], array.chunks[-3:]
+        inside = [(max(lo, 0), min(hi, n)) for (lo, hi), n in zip(box, shape)]
+        if any(lo >= hi for lo, hi in inside):
+            continue
+        touched = 1
+        for (lo, hi), c in zip(inside, chunks):
+            touched *= (hi - 1) // c - lo // c + 1
+        read += int(np.prod([hi - lo for lo, hi in inside]))
+        decompressed += touched * int(np.prod(chunks))
+    return {"chunk_voxels": list(chunks), "voxels_read": read, "voxels_decompressed": decompressed,
+            "ratio": decompressed / read}
+
+
 # -- 4. teacher forwards --------------------------------------------------------------------------
 def bench_forwards(store: Path, pm: dict) -> dict:
     from fastkd.cache import SoftLabelCache
@@ -486,7 +516,7 @@ def main(argv=None) -> int:
         sys.exit(f"bench_cache: --cases {args.cases}: the dataset has only {len(cases)} cases")
     case_manifest = subset_manifest(pm, cases, args.work / f"manifest_{len(cases)}cases.json")
     preprocessed = Path(env["nnUNet_preprocessed"]) / pm["dataset_name"]
-    print(f"teachers: {teacher_folder} (folds {FOLDS})")
+    print(f"teachers: {teacher_folder} (folds {args.folds})")
     if short:
         print(f"  NOTE: short-trained teachers ({args.teacher_epochs} epochs x {args.teacher_iterations} iterations "
               "per fold): their soft labels are far from a converged ensemble's (no confident regions, "
@@ -518,11 +548,13 @@ def main(argv=None) -> int:
                                                   args.device, args.work / "logs" / "student_trainer.log")
     boxes = draw_boxes(trainer, initial_patch, preprocessed / pm["data_identifier"], cases, args.reads)
     reads_per_s, its_per_s = bench_loading(store, boxes, trainer, args.train_iterations)
+    amplification = read_amplification(store, boxes)
     batch = trainer.batch_size
     loading = {"reads_per_second": reads_per_s, "iterations_per_second": its_per_s, "batch_size": batch,
                "patch_size": list(trainer.configuration_manager.patch_size), "initial_patch_size": initial_patch,
                "student_features_per_stage": trainer.configuration_manager.network_arch_init_kwargs["features_per_stage"],
-               "reads": len(boxes), "ratio": reads_per_s / its_per_s, "batch_ratio": reads_per_s / batch / its_per_s}
+               "reads": len(boxes), "ratio": reads_per_s / its_per_s, "batch_ratio": reads_per_s / batch / its_per_s,
+               "read_amplification": amplification}
     forwards = bench_forwards(store, pm)
     n_all = len(pm["cases"])
 
@@ -534,6 +566,7 @@ def main(argv=None) -> int:
         row("   cache bytes / float32 soft labels", storage["ratio_to_float32"]),
         row("3. patch reads per s / student iterations per s", loading["ratio"], ">=", 10),
         row(f"   (reads per s / batch {batch}) / student iterations per s", loading["batch_ratio"]),
+        row("   voxels decompressed / voxels read (chunks a read touches, whole)", amplification["ratio"]),
         row(f"4. teacher forwards: cache / online, all {n_all} cases", forwards["ratio_all_cases"], "<=", 0.01),
         row(f"   teacher forwards: cache / online, {len(cases)} benchmark cases", forwards["ratio_benchmark_cases"]),
     ]
@@ -543,8 +576,8 @@ def main(argv=None) -> int:
     print(f"  1. soft-label pass s: {', '.join(f'{s:.1f}' for s in wall['softlabel_seconds'])}; "
           f"stock predict s: {', '.join(f'{s:.1f}' for s in wall['stock_seconds'])}; "
           f"pair ratios: {', '.join(f'{r:.3f}' for r in wall['pair_ratios'])}")
-    print("     the soft-label pass includes: Python and torch start-up, loading the 5 teacher folds, per case "
-          "reading nnU-Net's preprocessed array, the sliding window of every fold (Gaussian weighting, "
+    print(f"     the soft-label pass includes: Python and torch start-up, loading the {len(args.folds)} teacher folds, "
+          "per case reading nnU-Net's preprocessed array, the sliding window of every fold (Gaussian weighting, "
           "mirroring as set), tempered softmax, the fold mean, uint8 encoding, the Zarr write; stock "
           "nnUNetv2_predict includes: start-up, loading the folds, per case reading the raw NIfTI, nnU-Net's "
           "preprocessing (crop, resample, normalise), the same sliding window, the fold mean of logits, "
@@ -558,7 +591,9 @@ def main(argv=None) -> int:
           f"compression {storage['compression']:.1f}x over the stored values")
     print(f"  3. {reads_per_s:.1f} reads/s of initial patch {initial_patch} ({len(boxes)} reads); student "
           f"{loading['student_features_per_stage']} {its_per_s:.3f} it/s (batch {batch}, patch "
-          f"{loading['patch_size']}, {args.device}, {args.threads} threads)")
+          f"{loading['patch_size']}, {args.device}, {args.threads} threads); chunks "
+          f"{amplification['chunk_voxels']} voxels x all classes, {amplification['ratio']:.2f} voxels decompressed "
+          "per voxel read")
     print(f"  4. cache: {forwards['cache_forwards_benchmark_cases']} forwards for {len(cases)} cases, "
           f"{forwards['cache_forwards_all_cases']} extrapolated to all {n_all}; online: {ONLINE_EPOCHS} epochs x "
           f"{ONLINE_STEPS} steps x {forwards['folds']} folds = {forwards['online_forwards']} batched forwards "

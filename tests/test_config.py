@@ -329,3 +329,11 @@ def test_top_k_is_checked_against_dtype_classes_and_regions(tmp_path):
     with pytest.raises(ConfigError, match=r"softlabels.top_k = 3: must be below the number of classes of "
                                           r"Dataset004_Hippocampus \(3\)"):
         validate_config({"dataset": {"raw": str(raw)}, "softlabels": {"top_k": 3, "shards": 1}}, base_dir=tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_checked_in_configs_validate_on_top_of_config_yaml(name):
+    """configs/*.yaml are documented as `--configfile configs/X.yaml` from the repository root."""
+    config = load_config([REPO / "config.yaml", REPO / "configs" / name], base_dir=REPO)
+    if name == "brats.yaml":
+        assert config["plans"]["gpu_memory_target_gb"] == 2 and config["teachers"]["folds"] == [0, 1]
