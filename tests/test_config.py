@@ -334,6 +334,4 @@ def test_top_k_is_checked_against_dtype_classes_and_regions(tmp_path):
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_checked_in_configs_validate_on_top_of_config_yaml(name):
     """configs/*.yaml are documented as `--configfile configs/X.yaml` from the repository root."""
-    config = load_config([REPO / "config.yaml", REPO / "configs" / name], base_dir=REPO)
-    if name == "brats.yaml":
-        assert config["plans"]["gpu_memory_target_gb"] == 2 and config["teachers"]["folds"] == [0, 1]
+    load_config([REPO / "config.yaml", REPO / "configs" / name], base_dir=REPO)

@@ -445,3 +445,10 @@ def test_soft_labels_refuse_bad_shapes_and_classes():
     soft = kd.SoftLabels(values, torch.tensor([0, 1, 4]), 5)
     with pytest.raises(ValueError, match=r"soft labels have shape \(1, 5, 2, 2, 2\) but .* \(1, 4, 2, 2, 2\)"):
         KDLoss(1.0)(torch.zeros((1, 4, 2, 2, 2)), soft)
+
+
+def test_soft_labels_move_with_the_target_list():
+    soft = kd.SoftLabels(torch.rand((1, 2, 2, 2, 2)).half(), torch.tensor([0, 3]), 4)
+    moved = soft.to(torch.device("cpu"), non_blocking=True)
+    assert moved is not soft and moved.n_classes == 4 and not moved.has_rest
+    assert torch.equal(moved.dense(), soft.dense())

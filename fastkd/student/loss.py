@@ -160,8 +160,12 @@ class SoftLabels:
         return self.values.shape[1] == self.classes.numel() + 1
 
     def to(self, device, non_blocking: bool = False) -> "SoftLabels":
-        return SoftLabels(self.values.to(device, non_blocking=non_blocking),
-                          self.classes.to(device, non_blocking=non_blocking), self.n_classes)
+        """The same soft labels on ``device`` (not checked again: that would wait for the GPU every step)."""
+        moved = object.__new__(SoftLabels)
+        moved.values = self.values.to(device, non_blocking=non_blocking)
+        moved.classes = self.classes.to(device, non_blocking=non_blocking)
+        moved.n_classes = self.n_classes
+        return moved
 
     def dense(self) -> torch.Tensor:
         """float32 ``(B, n_classes, *spatial)`` on the values' device."""
