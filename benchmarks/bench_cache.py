@@ -102,6 +102,9 @@ def add_setup_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-epochs", type=int, default=2, help="epochs per fold of the short-trained teachers")
     p.add_argument("--teacher-iterations", type=int, default=10, help="iterations per epoch of those teachers")
     p.add_argument("--cases", type=int, default=20, help="benchmark cases: the first N of the sorted cases")
+    p.add_argument("--gpu-memory-target", type=float, default=None,
+                   help="planner GPU memory target in GB when the benchmark plans (no --teachers): a smaller "
+                        "patch for CT-sized synthetic data on a CPU (default: nnU-Net's)")
 
 
 def check_setup_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -110,6 +113,8 @@ def check_setup_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) 
             p.error(f"--{name.replace('_', '-')} = {getattr(args, name)}: must be >= 1")
     if len(set(args.folds)) != len(args.folds) or not set(args.folds) <= set(FOLDS):
         p.error(f"--folds {args.folds}: distinct folds among {FOLDS}")
+    if args.gpu_memory_target is not None and args.teachers is not None:
+        p.error("--gpu-memory-target plans a new grid; --teachers brings its own plans (give one of the two)")
     if not (args.raw / "dataset.json").is_file():
         p.error(f"raw dataset {args.raw} not found (no dataset.json there); the default is "
                 "../shared/datasets/Dataset004_Hippocampus relative to the repository root; pass --raw DatasetXXX_Name")
@@ -190,6 +195,8 @@ def setup_preprocessed(args, env: dict, dataset_id: int) -> Path:
                      "--manifests", manifest, "-np", 2)
     if args.teachers is not None:  # the grid the given teachers were trained on
         cmd += ["--plans-from", str(args.teachers.resolve())]
+    elif args.gpu_memory_target is not None:
+        cmd += ["--gpu-memory-target", args.gpu_memory_target]
     seconds = run(cmd, env, args.work / "logs" / "plan_preprocess.log")
     print(f"setup: preprocessed in {seconds:.0f} s")
     return manifest
@@ -218,7 +225,9 @@ def setup_teachers(args, env: dict, dataset_id: int, pm: dict) -> tuple[Path, Pa
             seconds = run(fastkd_cmd("teachers", "train", "-d", dataset_id, "-c", CONFIGURATION, "-f", fold,
                                      "-p", pm["plans_name"], "--epochs", args.teacher_epochs,
                                      "--iterations", args.teacher_iterations, "--val-iterations", 1,
-                                     "--batch-size", 2, "--save-every", 1, "--threads", args.threads),
+                                     "--batch-size", 2, "--save-every", 1, "--threads", args.threads,
+                                     # their validation Dice is no figure here: one pass per tile suffices
+                                     "--disable-validation-mirroring"),
                           env, args.work / "logs" / f"train_teacher_fold{fold}.log")
             print(f"setup: fold {fold} trained in {seconds:.0f} s")
         short = True
@@ -449,7 +458,7 @@ def read_amplification(store: Path, boxes: list) -> dict:
     for case, box in boxes:
         array = cache.array(case)
         shape, chunks = array.shape[-3:], array.chunks[-3:]
-        inside = [(max(lo, 0), min(hi, n)) for (lo, hi), n in zip(box, shape)]
+        inside = [(max(int(lo), 0), min(int(hi), n)) for (lo, hi), n in zip(box, shape)]  # numpy ints: JSON
         if any(lo >= hi for lo, hi in inside):
             continue
         touched = 1
@@ -457,6 +466,8 @@ def read_amplification(store: Path, boxes: list) -> dict:
             touched *= (hi - 1) // c - lo // c + 1
         read += int(np.prod([hi - lo for lo, hi in inside]))
         decompressed += touched * int(np.prod(chunks))
+    if not read:
+        raise SystemExit(f"read amplification: none of the {len(boxes)} boxes intersects its case's volume in {store}")
     return {"chunk_voxels": list(chunks), "voxels_read": read, "voxels_decompressed": decompressed,
             "ratio": decompressed / read}
 

@@ -49,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--classes", type=int, nargs="+", default=[3, 16, 119], help="class counts (with background)")
     p.add_argument("--shape", type=int, nargs=3, default=[96, 96, 64], help="voxels per case")
     p.add_argument("--cases", type=int, default=5)
+    p.add_argument("--gpu-memory-target", type=float, default=None,
+                   help="nnU-Net planner's GPU memory target in GB (smaller: smaller patch; default: nnU-Net's 8)")
     p.add_argument("--sigma", type=float, default=1.5, help="blur of the one-hot soft labels (voxels)")
     p.add_argument("--top-k", type=int, default=None, help="write top-k caches instead of dense uint8")
     p.add_argument("--reduction-factor", "-r", type=int, default=2)
@@ -82,7 +84,8 @@ def setup_dataset(args, n_classes: int, env: dict) -> Path:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w") as f:
             subprocess.run([str(Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess"), "-d", str(ds_id),
-                            "-c", "3d_fullres", "-np", str(args.threads), "--verify_dataset_integrity"],
+                            "-c", "3d_fullres", "-np", str(args.threads), "--verify_dataset_integrity",
+                            *(["-gpu_memory_target", str(args.gpu_memory_target)] if args.gpu_memory_target else [])],
                            env=env, stdout=f, stderr=subprocess.STDOUT, check=True)
     return pre
 
