@@ -196,7 +196,7 @@ def setup_preprocessed(args, env: dict, dataset_id: int) -> Path:
     if args.teachers is not None:  # the grid the given teachers were trained on
         cmd += ["--plans-from", str(args.teachers.resolve())]
     elif args.gpu_memory_target is not None:
-        cmd += ["--gpu-memory-target", args.gpu_memory_target]
+        cmd += ["--gpu-memory-target", str(args.gpu_memory_target)]
     seconds = run(cmd, env, args.work / "logs" / "plan_preprocess.log")
     print(f"setup: preprocessed in {seconds:.0f} s")
     return manifest
