@@ -17,12 +17,8 @@ Arrays. ``C`` is nnU-Net's number of segmentation heads in its own order: one ch
 (background first) for softmax datasets, one per region for region-based (sigmoid) datasets.
 
 - ``uint8``: value q means probability q / 255 (``scale`` = 1/255 in the attributes). Softmax channels
-  are quantised by cumulative rounding along the classes, ``q_c = rint(255 S_c) - rint(255 S_(c-1))``
-  with ``S_c`` the sum of the probabilities of classes 0..c (rescaled so that ``S_(C-1)`` = 1), so every
-  voxel's C values sum to exactly 255 (probabilities to 1), each is within 1/255 of the teacher's, and
-  a class of probability 0 stays 0; sigmoid channels are rounded (error <= 0.5/255). (Largest-remainder
-  rounding has the same bounds but sorts the C values of every voxel: 60 of the 190 s of a
-  119-class, 4.7 M-voxel case on a 2-core CPU, against under 10 s for the cumulative sums.)
+  are quantised by largest remainder, so every voxel's C values sum to exactly 255 (probabilities to 1)
+  and each is within 1/255 of the teacher's; sigmoid channels are rounded (error <= 0.5/255).
 - ``float16``: the probability itself (``scale`` = 1).
 - Top-k (``softlabels.top_k`` = k, softmax datasets with many classes; ``top_k`` in the provenance):
   ``(2, k, x, y, z)`` uint8 (uint16 above 256 classes). ``[0, i]`` is the i-th largest probability x 255
@@ -121,9 +117,8 @@ def partial_dir(store: str | Path) -> Path:
 # -- encoding ------------------------------------------------------------------------------------
 #: uncompressed bytes of one chunk at most (all C classes of a block of voxels; see chunk_shape)
 CHUNK_BYTES = 4 * 2**20
-#: values encoded (and verified) per step; encoding costs at most ~29 bytes per value (dense: float32 and
-#: float64 temporaries; top-k: int64 class ranks), so a step holds ~230 MB whatever the case's size and
-#: number of classes
+#: values encoded (and verified) per step; encoding costs ~29 bytes per value (float32 temporaries and
+#: int64 ranks), so a step holds ~230 MB whatever the case's size and number of classes
 BLOCK_VALUES = 2**23
 
 
@@ -140,38 +135,59 @@ def encode(probs: np.ndarray, dtype: str, softmax: bool = True) -> np.ndarray:
     scaled = np.clip(probs, 0.0, 1.0, dtype=np.float32) * np.float32(255.0)
     if not softmax:
         return np.rint(scaled).astype(np.uint8)
-    return _cumulative_rounding(scaled)
-
-
-def _cumulative_rounding(scaled: np.ndarray) -> np.ndarray:
-    """uint8 ``q`` with ``q_c = rint(S_c) - rint(S_(c-1))``, ``S_c`` the cumulative sum of ``scaled`` along
-    axis 0 in float64, rescaled per voxel so that the total is exactly 255: every voxel sums to 255, each
-    entry is within 1 (plus the total's deviation from 255) of ``scaled``, and an entry that is 0 stays 0
-    (its cumulative sum does not move). A voxel whose total is 0 becomes 255 on entry 0 (background).
-    Temporaries: 16 bytes per value."""
-    cum = np.cumsum(scaled, axis=0, dtype=np.float64)
-    total = cum[-1].copy()
-    empty = total <= 0
-    cum *= np.divide(255.0, total, out=np.zeros_like(total), where=~empty)
-    np.rint(cum, out=cum)
-    q = np.empty(scaled.shape, np.uint8)
-    q[0] = cum[0]
-    q[1:] = np.diff(cum, axis=0)
-    q[0][empty] = 255
-    return q
+    return _largest_remainder(scaled, np.float32(255.0)).astype(np.uint8)
 
 
 def _largest_remainder(scaled: np.ndarray, total) -> np.ndarray:
     """Integers (as float32) ``q <= scaled + 1`` along axis 0 summing to ``rint(total)`` per voxel: floor
-    everything, then give the missing units to the entries with the largest remainders."""
+    everything, then give the missing units to the entries with the largest remainders (the lower index
+    first among equal ones).
+
+    With many entries (classes) a per-voxel sort is the cost (60 of the 190 s of a 119-class,
+    4.7 M-voxel case on a 2-core CPU), so above :data:`_SORT_UP_TO` entries a threshold per voxel is
+    bisected first (:data:`_BISECT_ROUNDS` vectorised counts): every remainder above it gets its unit,
+    and only the voxels still short (remainders within 2 / 2**rounds of the threshold) are sorted. The
+    result is the same, to the bit, as sorting every voxel.
+    """
     q = np.floor(scaled)
     remainder = scaled - q
     deficit = np.clip(np.rint(total - q.sum(axis=0)), 0, scaled.shape[0])
+    if scaled.shape[0] <= _SORT_UP_TO:
+        q += _ranks(remainder) < deficit
+        return q
+    n = scaled.shape[0]
+    q2, r2 = q.reshape(n, -1), remainder.reshape(n, -1)  # views
+    need = np.broadcast_to(deficit, scaled.shape[1:]).reshape(-1).astype(np.int64)
+    lo = np.full(need.shape, -1.0, np.float32)
+    hi = np.full(need.shape, 1.0, np.float32)  # invariant: at most `need` remainders above hi
+    for _ in range(_BISECT_ROUNDS):
+        mid = (lo + hi) * np.float32(0.5)
+        few = (r2 > mid).sum(axis=0) <= need
+        hi = np.where(few, mid, hi)
+        lo = np.where(few, lo, mid)
+    above = r2 > hi
+    q2 += above
+    need -= above.sum(axis=0)
+    short = np.flatnonzero(need > 0)
+    if short.size:  # the rest among the remainders <= hi, by rank; those given a unit already rank last
+        rest = np.where(above[:, short], -np.inf, r2[:, short])
+        q2[:, short] += _ranks(rest) < need[short]
+    return q
+
+
+#: up to this many classes the largest-remainder rounding sorts every voxel (cheaper than bisecting)
+_SORT_UP_TO = 16
+#: bisection rounds of the threshold in _largest_remainder above _SORT_UP_TO classes
+_BISECT_ROUNDS = 8
+
+
+def _ranks(remainder: np.ndarray) -> np.ndarray:
+    """Rank of each entry along axis 0 by decreasing value (stable: the lower index first among ties)."""
     order = np.argsort(-remainder, axis=0, kind="stable")
     rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.arange(scaled.shape[0]).reshape((-1,) + (1,) * (scaled.ndim - 1)), axis=0)
-    q += rank < deficit
-    return q
+    np.put_along_axis(rank, order, np.arange(remainder.shape[0]).reshape((-1,) + (1,) * (remainder.ndim - 1)),
+                      axis=0)
+    return rank
 
 
 def top_k_dtype(n_classes: int) -> str:
