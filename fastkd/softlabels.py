@@ -42,8 +42,10 @@ complete). Non-finite teacher logits are an error naming the case and the fold.
 Memory. Per case, the fold mean is one float32 array on the CPU, updated in place slab by slab
 (:data:`SLAB_VALUES`) from each fold's float16 logits as nnU-Net's predictor returns them; encoding and
 writing go block by block (:data:`fastkd.cache.BLOCK_VALUES`). With C soft-label channels and V voxels,
-a job's peak is about ``C V (4 + 2) + 12 V channels + ~1.8 GB`` on the CPU (:func:`peak_memory_bytes`;
-with a GPU the 2 bytes of logits sit on the GPU), e.g. 16 classes x 512 x 512 x 300 voxels: ~9 GB.
+a job's peak is about ``C V (4 + 2 + 1) + 12 V channels + ~1.8 GB`` on the CPU (:func:`peak_memory_bytes`;
+with a GPU the 2 bytes of logits and nnU-Net's 1-byte inf check sit on the GPU), e.g. 16 classes x 512 x
+512 x 300 voxels: ~12 GB. Measured: 6.70 GB peak RSS for 119 classes x 128 x 192 x 192 voxels (formula
+5.87 GB, mem_mb 7.04 GB), 2.28 GB for a BraTS case (5 classes), 1.40 GB for Hippocampus.
 The workflow asks for that (+20 %) for the largest case of the manifest (:func:`mem_mb`) unless
 ``resources.softlabels.mem_mb`` is set.
 """
@@ -297,15 +299,17 @@ def peak_memory_bytes(n_heads: int, shape, *, device_logits_on_cpu: bool = True)
     """Peak memory of one soft-label job for a case of preprocessed ``shape`` (channels, x, y, z) with
     ``n_heads`` soft-label channels (module docstring)::
 
-        C V (4 + 2) + channels V 4 x 3 + BLOCK_VALUES x 29 + SLAB_VALUES x 8 + FIXED_BYTES
+        C V (4 + 2 + 1) + channels V 4 x 3 + BLOCK_VALUES x 29 + SLAB_VALUES x 8 + FIXED_BYTES
 
     4: the float32 mean; 2: one fold's float16 logits from nnU-Net (on the CPU when the device is the
-    CPU or after nnU-Net's out-of-memory fallback; else on the GPU and the term is 0); the image as
+    CPU or after nnU-Net's out-of-memory fallback; else on the GPU and the term is 0); 1: the boolean
+    ``torch.isinf`` of those logits that nnU-Net's sliding window checks before returning them (where
+    the logits are); the image as
     float32 three times (the loaded case, its float32 tensor, nnU-Net's padded copy); encoding and
     the slab-wise softmax in bounded steps; a fixed part for torch, nnU-Net and the networks.
     """
     channels, voxels = int(shape[0]), int(np.prod(shape[1:]))
-    logits = 2 if device_logits_on_cpu else 0
+    logits = 2 + 1 if device_logits_on_cpu else 0  # nnU-Net's float16 logits and its isinf() mask
     from fastkd.cache import BLOCK_VALUES
 
     return (n_heads * voxels * (4 + logits) + channels * voxels * 4 * 3 + BLOCK_VALUES * 29 + SLAB_VALUES * 8
