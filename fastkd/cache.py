@@ -143,7 +143,7 @@ def _largest_remainder(scaled: np.ndarray, total) -> np.ndarray:
     everything, then give the missing units to the entries with the largest remainders (the lower index
     first among equal ones).
 
-    With many entries (classes) a per-voxel sort is the cost (60 of the 190 s of a 119-class,
+    With many entries (classes) a per-voxel sort is the cost (57 of the 197 s of a 119-class,
     4.7 M-voxel case on a 2-core CPU), so above :data:`_SORT_UP_TO` entries a threshold per voxel is
     bisected first (:data:`_BISECT_ROUNDS` vectorised counts): every remainder above it gets its unit,
     and only the voxels still short (remainders within 2 / 2**rounds of the threshold) are sorted. The
