@@ -372,3 +372,14 @@ def test_top_k_is_refused_for_region_caches(tmp_path):
     with pytest.raises(CacheError, match="top_k needs a softmax"):
         cache.write_case(tmp_path / "r.zarr", "case_a", np.zeros((3, 4, 4, 4), np.float32),
                          {**provenance(activation="sigmoid"), "top_k": 2})
+
+
+def test_soft_label_memory_counts_seven_bytes_per_value_on_the_cpu():
+    """float32 mean + nnU-Net's float16 logits + its 1-byte isinf mask (measured: 6.70 GB for 119 classes x
+    4.7 M voxels, which the 6-byte formula under-asked); on a GPU the logits and the mask stay there."""
+    from fastkd.softlabels import peak_memory_bytes
+
+    shape, voxels = [1, 64, 64, 32], 64 * 64 * 32
+    assert peak_memory_bytes(17, shape) - peak_memory_bytes(16, shape) == 7 * voxels
+    assert (peak_memory_bytes(17, shape, device_logits_on_cpu=False)
+            - peak_memory_bytes(16, shape, device_logits_on_cpu=False)) == 4 * voxels
