@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastkd.cli import fold_arg, positive_int
+from fastkd.cli import fold_arg, huge_pages, positive_int
 from fastkd.config import arg_type, default
 from fastkd.errors import FastkdError
 from fastkd.nnunet import model_folder_trainer
@@ -377,6 +377,7 @@ def run(plan: Plan) -> Path:
 
 
 def _main(argv: list[str] | None, resenc: bool) -> int:
+    huge_pages()
     parser = build_parser(resenc)
     args = parser.parse_args(argv)
     try:

@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from fastkd.cli import fold_arg, positive_int
+from fastkd.cli import fold_arg, huge_pages, positive_int
 from fastkd.errors import FastkdError
 
 PROG = "nnUNetv2_distillation_export_onnx"
@@ -124,6 +124,7 @@ def resolve(args: argparse.Namespace, environ) -> dict:
 
 
 def _main(argv: list[str] | None, resenc: bool) -> int:
+    huge_pages()
     from fastkd.export.onnx import export_onnx
 
     parser = build_parser(resenc)

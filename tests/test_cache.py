@@ -4,6 +4,7 @@ Real teachers filling a cache through Snakemake are in test_softlabels.py.
 """
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -70,11 +71,37 @@ def test_uint8_quantisation_at_many_classes_is_largest_remainder(mass, ties):
     scaled = np.clip(p, 0, 1) * np.float32(255)
     floor = np.floor(scaled)
     deficit = np.clip(np.rint(255 - floor.sum(axis=0)), 0, 119)
-    reference = floor + (cache._ranks(scaled - floor) < deficit)  # one stable sort per voxel
+    order = np.argsort(-(scaled - floor), axis=0, kind="stable")  # one stable sort per voxel
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(119).reshape(-1, 1, 1, 1), axis=0)
+    reference = floor + (ranks < deficit)
     np.testing.assert_array_equal(q, reference.astype(np.uint8))
     assert (q.sum(axis=0, dtype=np.int32) == 255).all()
     assert (q[p == 0] == 0).all()  # the loader's present-class test relies on it
     assert np.abs(q.astype(np.float32) / 255 - p).max() < 1 / 255
+
+
+def test_a_child_forked_after_encoding_encodes_too():
+    """The encoder runs torch on several threads; a child forked afterwards (nnU-Net's workers, duplicate
+    writers) must not hang in GNU OpenMP: it encodes on one thread, with the same result."""
+    import multiprocessing
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a parallel region in this process, as in a soft-label job
+    try:
+        p = softmax(np.random.default_rng(3).normal(scale=3, size=(119, 24, 20, 18))).astype(np.float32)
+        expected = cache.encode(p, "uint8")
+        child = multiprocessing.get_context("fork").Process(
+            target=lambda: os._exit(0 if np.array_equal(cache.encode(p, "uint8"), expected) else 3))
+        child.start()
+        child.join(60)
+        if child.exitcode is None:
+            child.kill()
+        assert child.exitcode == 0, "the forked child hung (killed after 60 s) or encoded differently"
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_uint8_sigmoid_rounding_and_float16_round_trip():

@@ -1,10 +1,12 @@
 """Packaging: the console script, the shipped schema, and conda env files that agree with pyproject."""
 
+import os
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,3 +99,20 @@ def test_ci_runs_the_readme_test_command():
     ci = (REPO / ".ci" / "run").read_text()
     command = readme.split("<!-- test-command -->", 1)[1].split("```bash", 1)[1].split("```", 1)[0].strip()
     assert command and command in ci
+
+
+@pytest.mark.parametrize("given, expected", [(None, "1"), ("0", "0")])
+def test_commands_turn_on_torchs_huge_pages_before_torch_loads(given, expected):
+    """fastkd's commands set THP_MEM_ALLOC_ENABLE=1 (unless the user set it) before torch is imported:
+    torch reads it once, at its first allocation."""
+    probe = ("import os, sys\n"
+             "from fastkd import cli, reference_cli, reference_export\n"
+             "assert 'torch' not in sys.modules, 'a command module imports torch: too early for THP'\n"
+             "cli.main(['cache', 'info', '/nonexistent/store.zarr'])\n"
+             "print(os.environ.get('THP_MEM_ALLOC_ENABLE'))\n")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if given is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = given
+    run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == expected

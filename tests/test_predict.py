@@ -384,7 +384,9 @@ def _env(root, threads=1):
 
 
 def _run(cmd, env, timeout=600):
+    start = time.perf_counter()
     run = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=timeout)
+    print(f"{time.perf_counter() - start:6.1f} s  {' '.join(map(str, cmd[:3]))}")  # where a slow test's time goes
     assert run.returncode == 0, \
         f"{' '.join(map(str, cmd))} failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     return run
