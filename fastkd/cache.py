@@ -80,6 +80,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -127,52 +128,48 @@ def encode(probs: np.ndarray, dtype: str, softmax: bool = True) -> np.ndarray:
     """Probabilities (C, ...) float32 -> stored values (see the module docstring).
 
     Works on the whole array at once (temporaries of ~29 bytes per value): callers with large cases
-    encode block by block (:func:`write_case` does). The uint8 rounding runs in torch, on as many
-    threads as torch has (``torch.set_num_threads``; the soft-label job's ``--threads``).
+    encode block by block (:func:`write_case` does). The softmax rounding runs on the job's threads
+    (:func:`_threads`), each on a slab of the voxels.
     """
     if dtype == "float16":
         return probs.astype(np.float16)
     if dtype != "uint8":
         raise CacheError(f"dtype = {dtype!r}: must be one of {', '.join(DTYPES)}")
-    torch = _torch()
-    scaled = _tensor(probs).clamp(0.0, 1.0).mul_(255.0)
+    scaled = np.clip(probs, 0.0, 1.0, dtype=np.float32) * np.float32(255.0)
     if not softmax:
-        return scaled.round_().to(torch.uint8).numpy()
-    return _largest_remainder(scaled, 255.0).to(torch.uint8).numpy()
+        return np.rint(scaled).astype(np.uint8)
+    return _in_threads(_largest_remainder, scaled, np.float32(255.0)).astype(np.uint8)
 
 
-_FORK_HOOK = []
+def _threads() -> int:
+    """Threads for encoding: torch's (the soft-label job sets them from ``--threads``), 1 without torch."""
+    torch = sys.modules.get("torch")
+    return max(1, int(torch.get_num_threads())) if torch is not None else 1
 
 
-def _torch():
-    """torch, for the encoders. The first call makes every child forked later encode on one thread:
-    GNU OpenMP hangs in a child forked after the parent ran a parallel region (as torch's DataLoader
-    workers, such a child gets ``torch.set_num_threads(1)``)."""
-    import torch
+def _in_threads(fn, scaled: np.ndarray, total):
+    """``fn(scaled, total)`` for a per-voxel ``fn``, on :func:`_threads` slabs of the first voxel axis at
+    once (numpy releases the GIL in the arrays' loops and sorts; no OpenMP, so forking stays safe).
+    ``total``: a number or an array of the voxels' shape."""
+    threads = min(_threads(), scaled.shape[1]) if scaled.ndim > 1 else 1
+    if threads == 1:
+        return fn(scaled, total)
+    out = np.empty_like(scaled)
+    bounds = np.linspace(0, scaled.shape[1], threads + 1).astype(int)
+    parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
-    if not _FORK_HOOK:
-        os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
-        _FORK_HOOK.append(True)
-    return torch
+    def work(part):
+        out[:, part] = fn(scaled[:, part], total[part] if np.ndim(total) else total)
 
-
-def _tensor(array: np.ndarray):
-    """A float32 torch view of ``array`` (a copy only if it is not float32), to be read, never written
-    (a read-only array, e.g. memory-mapped, is fine: torch only warns that it could be written)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return _torch().from_numpy(np.asarray(array, dtype=np.float32))
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastkd-encode") as pool:
+        list(pool.map(work, parts))
+    return out
 
 
-def _largest_remainder(scaled, total):
+def _largest_remainder(scaled: np.ndarray, total) -> np.ndarray:
     """Integers (as float32) ``q <= scaled + 1`` along axis 0 summing to ``rint(total)`` per voxel: floor
     everything, then give the missing units to the entries with the largest remainders (the lower index
     first among equal ones).
-
-    ``scaled``: float32 torch tensor ``(C, ...)``; ``total``: a number or a tensor of the voxels' shape.
-    Returns a float32 tensor of ``scaled``'s shape.
 
     With many entries (classes) a per-voxel sort is the cost (57 of the 197 s of a 119-class,
     4.7 M-voxel case on a 2-core CPU), so above :data:`_SORT_UP_TO` entries a threshold per voxel is
@@ -180,34 +177,30 @@ def _largest_remainder(scaled, total):
     and only the voxels still short (remainders within 2 / 2**rounds of the threshold) are sorted. The
     result is the same, to the bit, as sorting every voxel.
     """
-    import torch
-
-    n, shape = scaled.shape[0], scaled.shape
-    s = scaled.reshape(n, -1)
-    q = torch.floor(s)
-    remainder = s - q
-    total = torch.as_tensor(total, dtype=torch.float32).reshape(-1)
-    deficit = torch.clamp(torch.round(total - q.sum(0)), 0, n)
-    if n <= _SORT_UP_TO:
+    q = np.floor(scaled)
+    remainder = scaled - q
+    deficit = np.clip(np.rint(total - q.sum(axis=0)), 0, scaled.shape[0])
+    if scaled.shape[0] <= _SORT_UP_TO:
         q += _ranks(remainder) < deficit
-        return q.reshape(shape)
-    count = torch.int16 if n < 2**15 else torch.int32  # the narrowest sum that holds n
-    need = deficit.to(count)
-    lo = torch.full(need.shape, -1.0)
-    hi = torch.full(need.shape, 1.0)  # invariant: at most `need` remainders above hi
+        return q
+    n = scaled.shape[0]
+    q2, r2 = q.reshape(n, -1), remainder.reshape(n, -1)  # views
+    need = np.broadcast_to(deficit, scaled.shape[1:]).reshape(-1).astype(np.int64)
+    lo = np.full(need.shape, -1.0, np.float32)
+    hi = np.full(need.shape, 1.0, np.float32)  # invariant: at most `need` remainders above hi
     for _ in range(_BISECT_ROUNDS):
-        mid = (lo + hi) * 0.5
-        few = (remainder > mid).sum(0, dtype=count) <= need
-        hi = torch.where(few, mid, hi)
-        lo = torch.where(few, lo, mid)
-    above = remainder > hi
-    q += above
-    need -= above.sum(0, dtype=count)
-    short = torch.nonzero(need > 0).squeeze(1)
-    if short.numel():  # the rest among the remainders <= hi, by rank; those given a unit already rank last
-        rest = torch.where(above[:, short], float("-inf"), remainder[:, short])
-        q[:, short] += _ranks(rest) < need[short]
-    return q.reshape(shape)
+        mid = (lo + hi) * np.float32(0.5)
+        few = (r2 > mid).sum(axis=0) <= need
+        hi = np.where(few, mid, hi)
+        lo = np.where(few, lo, mid)
+    above = r2 > hi
+    q2 += above
+    need -= above.sum(axis=0)
+    short = np.flatnonzero(need > 0)
+    if short.size:  # the rest among the remainders <= hi, by rank; those given a unit already rank last
+        rest = np.where(above[:, short], -np.inf, r2[:, short])
+        q2[:, short] += _ranks(rest) < need[short]
+    return q
 
 
 #: up to this many classes the largest-remainder rounding sorts every voxel (cheaper than bisecting)
@@ -216,14 +209,13 @@ _SORT_UP_TO = 16
 _BISECT_ROUNDS = 8
 
 
-def _ranks(remainder):
-    """Rank of each entry along dim 0 of a tensor by decreasing value (stable: the lower index first
-    among ties)."""
-    import torch
-
-    order = torch.sort(remainder, dim=0, descending=True, stable=True).indices
-    positions = torch.arange(remainder.shape[0]).reshape(-1, *([1] * (remainder.ndim - 1))).expand_as(order)
-    return torch.empty_like(order).scatter_(0, order, positions)
+def _ranks(remainder: np.ndarray) -> np.ndarray:
+    """Rank of each entry along axis 0 by decreasing value (stable: the lower index first among ties)."""
+    order = np.argsort(-remainder, axis=0, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(remainder.shape[0]).reshape((-1,) + (1,) * (remainder.ndim - 1)),
+                      axis=0)
+    return rank
 
 
 def top_k_dtype(n_classes: int) -> str:
@@ -246,9 +238,8 @@ def encode_top_k(probs: np.ndarray, k: int) -> np.ndarray:
     top = np.take_along_axis(probs, index, axis=0)
     order = np.argsort(-top, axis=0, kind="stable")
     index, top = np.take_along_axis(index, order, axis=0), np.take_along_axis(top, order, axis=0)
-    torch = _torch()
-    scaled = _tensor(top).clamp(0.0, 1.0).mul_(255.0)
-    q = _largest_remainder(scaled, torch.clamp(scaled.sum(0), max=255.0)).numpy()
+    scaled = np.clip(top, 0.0, 1.0, dtype=np.float32) * np.float32(255.0)
+    q = _in_threads(_largest_remainder, scaled, np.minimum(scaled.sum(axis=0), np.float32(255.0)))
     dtype = top_k_dtype(n)
     return np.stack([q.astype(dtype), index.astype(dtype)])
 

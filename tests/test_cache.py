@@ -56,11 +56,14 @@ def test_uint8_quantisation_keeps_sums_at_one_and_error_below_one_step(channels)
     assert np.abs(decoded.sum(axis=0) - 1).max() < 1e-5
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("mass", [1 - 2e-3, 1.0, 1 + 2e-3])
-def test_uint8_quantisation_at_many_classes_is_largest_remainder(mass, ties):
+def test_uint8_quantisation_at_many_classes_is_largest_remainder(mass, ties, threads, monkeypatch):
     """119 classes (the bisected path), most absent (probability exactly 0) in most voxels as confident
-    teachers give them, sums off by a float error or two, exact ties: the same as sorting every voxel."""
+    teachers give them, sums off by a float error or two, exact ties: the same as sorting every voxel,
+    on one thread and on three (each a slab of the voxels)."""
+    monkeypatch.setattr(cache, "_threads", lambda: threads)
     rng = np.random.default_rng(7)
     p = softmax(rng.normal(scale=4, size=(119, 12, 10, 8)))
     p[1:][rng.random(p[1:].shape) < 0.8] = 0
@@ -82,14 +85,14 @@ def test_uint8_quantisation_at_many_classes_is_largest_remainder(mass, ties):
 
 
 def test_a_child_forked_after_encoding_encodes_too():
-    """The encoder runs torch on several threads; a child forked afterwards (nnU-Net's workers, duplicate
-    writers) must not hang in GNU OpenMP: it encodes on one thread, with the same result."""
+    """The encoder runs on the job's threads; a child forked afterwards (nnU-Net's workers, duplicate
+    writers) must not hang (as GNU OpenMP does after a parallel region) and encodes the same."""
     import multiprocessing
 
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # a parallel region in this process, as in a soft-label job
+    torch.set_num_threads(2)  # encoding on 2 threads, as in a soft-label job with --threads 2
     try:
         p = softmax(np.random.default_rng(3).normal(scale=3, size=(119, 24, 20, 18))).astype(np.float32)
         expected = cache.encode(p, "uint8")
