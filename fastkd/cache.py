@@ -436,8 +436,9 @@ def write_case(store: str | Path, case: str, probs: np.ndarray, provenance: dict
     """Write one case atomically: to ``<store>.partial/``, check, mark complete, rename into the store.
 
     ``probs``: float32 probabilities (C, x, y, z); they are encoded block by block (:func:`blocks`), so
-    the extra memory is bounded whatever the case's size. Every chunk is written, also those equal to
-    the fill value, and the rename happens only when every chunk file is there.
+    the extra memory is bounded whatever the case's size; zarr compresses and writes one block in a
+    thread while the next one is encoded (one more encoded block in memory). Every chunk is written,
+    also those equal to the fill value, and the rename happens only when every chunk file is there.
 
     The folder being written is ``<store>.partial/<case>.w<pid>@<host>.<hex8>``. A writer removes only
     its own folders and those of dead writers of its host (a killed job), never those of a live one (a
