@@ -737,9 +737,11 @@ class SoftLabelCache:
             stored = src[0].astype(np.float32) * self.scale
             spread = (1 - stored.sum(axis=0)) / np.float32(n - k)
             rest[dst] = spread
-            for j, c in enumerate(classes):
-                hit = src[1] == c
-                values[(j, *dst)] = np.where(hit.any(axis=0), (stored * hit).sum(axis=0), spread)
+            inner = values[(slice(None), *dst)]  # a view: the part of the box inside the volume
+            inner[...] = spread  # a class not among a voxel's k gets the spread rest ...
+            position = np.full(n, 0, np.intp)
+            position[classes] = np.arange(len(classes))
+            np.put_along_axis(inner, position[src[1]], stored, axis=0)  # ... one among them its value
         return values, classes, rest
 
 
