@@ -739,7 +739,7 @@ class SoftLabelCache:
             rest[dst] = spread
             inner = values[(slice(None), *dst)]  # a view: the part of the box inside the volume
             inner[...] = spread  # a class not among a voxel's k gets the spread rest ...
-            position = np.full(n, 0, np.intp)
+            position = np.zeros(n, np.intp)
             position[classes] = np.arange(len(classes))
             np.put_along_axis(inner, position[src[1]], stored, axis=0)  # ... one among them its value
         return values, classes, rest
