@@ -387,9 +387,12 @@ def test_fp16_logits():
 # ---------------------------------------------------------------- the KD loader's compact soft labels
 
 
-def compact_case(g, rest: bool, B=2, C=7, shape=(8, 8, 8)):
-    """Soft labels over classes {0, 2, 5} (+ a rest channel spread over the 4 others), and the dense twin."""
+def compact_case(g, rest: bool, B=2, C=7, shape=(8, 8, 8), per_sample=False):
+    """Soft labels over classes {0, 2, 5} (+ a rest channel spread over the 4 others), and the dense twin;
+    ``per_sample``: one class row per sample instead ({0, 2, 5}, {1, 3, 6}, ...)."""
     classes = torch.tensor([0, 2, 5])
+    if per_sample:
+        classes = torch.stack([(classes + i) % C for i in range(B)]).sort(1).values
     carried = torch.rand((B, 3, *shape), generator=g)
     other = torch.rand((B, 1, *shape), generator=g) * 0.05 if rest else torch.zeros((B, 1, *shape))
     carried = carried / carried.sum(1, keepdim=True) * (1 - other * (C - 3))
@@ -398,17 +401,22 @@ def compact_case(g, rest: bool, B=2, C=7, shape=(8, 8, 8)):
     return soft, soft.dense()
 
 
+@pytest.mark.parametrize("per_sample", [False, True])
 @pytest.mark.parametrize("rest", [False, True])
 @pytest.mark.parametrize("extras", [{}, {"soft_dice": 0.5, "cauchy_schwarz": 0.3}])
-def test_compact_soft_labels_give_the_dense_loss_and_gradient(rest, extras):
+def test_compact_soft_labels_give_the_dense_loss_and_gradient(rest, extras, per_sample):
     g = gen(30)
-    soft, dense = compact_case(g, rest)
+    soft, dense = compact_case(g, rest, per_sample=per_sample)
     assert dense.shape == (2, 7, 8, 8, 8)
+    for b, row in enumerate(soft.classes.expand(2, 3).tolist()):
+        others = [c for c in range(7) if c not in row]
+        assert torch.equal(dense[b, row], soft.values[b, :3].float())
+        if rest:
+            assert torch.equal(dense[b, others], soft.values[b, 3:].float().expand(4, 8, 8, 8))
+        else:
+            assert not dense[b, others].any()
     if rest:
         torch.testing.assert_close(dense.sum(1), torch.ones((2, 8, 8, 8)), atol=2e-3, rtol=0)
-        assert torch.equal(dense[:, 1], soft.values[:, 3].float())
-    else:
-        assert not dense[:, [1, 3, 4, 6]].any()
     mask = torch.rand((2, 1, 8, 8, 8), generator=g) > 0.2
     loss = KDLoss(3.0, [4 / 7, 2 / 7, 1 / 7], **extras)
     results = []
@@ -424,14 +432,16 @@ def test_compact_soft_labels_give_the_dense_loss_and_gradient(rest, extras):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
 
 
+@pytest.mark.parametrize("per_sample", [False, True])
 @pytest.mark.parametrize("rest", [False, True])
-def test_compact_kl_matches_the_reference_and_its_gradient_is_exact(rest):
+def test_compact_kl_matches_the_reference_and_its_gradient_is_exact(rest, per_sample):
     g = gen(32)
-    soft, dense = compact_case(g, rest, B=1, C=6, shape=(2, 3, 2))
-    z = torch.randn((1, soft.n_classes, 2, 3, 2), generator=g, dtype=torch.float64) * 2
+    B = 2 if per_sample else 1
+    soft, dense = compact_case(g, rest, B=B, C=6, shape=(2, 3, 2), per_sample=per_sample)
+    z = torch.randn((B, soft.n_classes, 2, 3, 2), generator=g, dtype=torch.float64) * 2
     assert KDLoss(2.0)(z, soft).item() == pytest.approx(4 * ref_kl(z, dense, 2.0).item(), rel=1e-5)
     p = soft.values.double()
-    k = soft.classes.numel()
+    k = soft.classes.shape[-1]
     args = (p[:, :k], p[:, k:] if rest else None, soft.classes)
     assert torch.autograd.gradcheck(lambda x: kd._SoftmaxCrossEntropy.apply(x, *args), (z.requires_grad_(),))
 
@@ -439,7 +449,9 @@ def test_compact_kl_matches_the_reference_and_its_gradient_is_exact(rest):
 def test_soft_labels_refuse_bad_shapes_and_classes():
     values = torch.zeros((1, 3, 2, 2, 2))
     for classes, n, match in ((torch.tensor([1]), 5, "need \\(B, 1"), (torch.tensor([0, 2, 2]), 5, "sorted distinct"),
-                              (torch.tensor([0, 2, 5]), 5, r"in \[0, 5\)"), (torch.tensor([2, 0, 1]), 5, "sorted")):
+                              (torch.tensor([0, 2, 5]), 5, r"in \[0, 5\)"), (torch.tensor([2, 0, 1]), 5, "sorted"),
+                              (torch.tensor([[0, 1, 2], [0, 1, 3]]), 5, r"classes \(K,\) or \(B, K\)"),
+                              (torch.tensor([[0, 3, 1]]), 5, "sorted")):
         with pytest.raises(ValueError, match=match):
             kd.SoftLabels(values, classes, n)
     soft = kd.SoftLabels(values, torch.tensor([0, 1, 4]), 5)

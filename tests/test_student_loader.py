@@ -30,7 +30,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from fastkd import cache
 from fastkd.cache import CacheError, SoftLabelCache
-from fastkd.student.loader import KDDataLoader, finish_softlabels
+from fastkd.student.loader import KDDataLoader, collate, finish_softlabels
 from fastkd.student.loss import SoftLabels
 
 torch.set_num_threads(1)
@@ -339,6 +339,30 @@ def many_classes(seg: np.ndarray, n: int) -> np.ndarray:
     probs = np.stack([ndimage.gaussian_filter((classes == c).astype(np.float32), 1.0, truncate=2.0)
                       for c in range(n)])
     return probs / probs.sum(0, keepdims=True)
+
+
+@pytest.mark.parametrize("has_rest", [False, True])
+def test_a_batch_carries_each_samples_own_classes_not_their_union(has_rest):
+    """Two crops with disjoint classes: K is the larger crop's count (3), not the union's (5); each row is
+    that sample's classes padded with classes it does not carry, at its value for them (0 or its rest),
+    so the dense soft labels are each sample's own."""
+    g = torch.Generator().manual_seed(0)
+    n, spatial = 9, (2, 3, 4)
+    crops = [np.array([0, 4, 7]), np.array([2, 5])]
+    samples, expected = [], []
+    for classes in crops:
+        k = len(classes)
+        values = torch.rand((k + has_rest, *spatial), generator=g) * 0.1
+        dense = (values[k:] if has_rest else torch.zeros((1, *spatial))).expand(n, *spatial).clone()
+        dense[torch.from_numpy(classes)] = values[:k]
+        samples.append((values, classes))
+        expected.append(dense)
+    soft, rows = collate(samples, has_rest)
+    assert soft.dtype == torch.float16 and soft.shape == (2, 3 + has_rest, *spatial)
+    assert rows.dtype == torch.int64 and rows.tolist() == [[0, 4, 7], [0, 2, 5]]  # sample 1 padded with class 0
+    got = SoftLabels(soft, rows, n).dense()
+    for b in range(2):
+        torch.testing.assert_close(got[b], expected[b].half().float())
 
 
 @pytest.mark.slow

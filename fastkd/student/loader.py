@@ -22,10 +22,11 @@ carrying all C would, at a cost that grows with the classes in the crop, not wit
 augmentation the padding is given to the background class (softmax caches; region caches stay 0 =
 "not in the region") and values are clamped to [0, 1] because trilinear weights overshoot by ~1e-7.
 
-The batch gains ``batch["softlabels"]``: float16 ``(B, K, *patch)`` over the union of the samples'
-present classes ``batch["softlabel_classes"]`` (int64 ``(K,)``; top-k caches: ``(B, K + 1, ...)``,
-the last channel the rest), half the bytes of float32 and K <= C channels through nnU-Net's worker
-queue. The trainer hands both to the KD loss as :class:`fastkd.student.loss.SoftLabels`, whose KL
+The batch gains ``batch["softlabels"]``: float16 ``(B, K, *patch)`` over each sample's own present
+classes ``batch["softlabel_classes"]`` (int64 ``(B, K)``, one sorted row per sample, K the largest
+count in the batch, shorter rows padded with classes the sample does not carry; top-k caches:
+``(B, K + 1, ...)``, the last channel the rest), half the bytes of float32 and K <= C channels
+through nnU-Net's worker queue. The trainer hands both to the KD loss as :class:`fastkd.student.loss.SoftLabels`, whose KL
 works on the carried classes (``SoftLabels.dense()`` gives float32 ``(B, C, *patch)``).
 
 The reader's "valid" channel is not augmented: inside the volume a voxel's probabilities sum to one
@@ -95,17 +96,24 @@ def finish_classes(soft: torch.Tensor, classes: np.ndarray, n_classes: int, has_
 
 
 def collate(samples: list[tuple[torch.Tensor, np.ndarray]], has_rest: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample (values, classes) -> float16 ``(B, K [+ 1], ...)`` over the union of classes, and that
-    union (int64). A class a sample lacks is 0 there (dense caches) or its rest channel (top-k)."""
-    union = np.unique(np.concatenate([classes for _, classes in samples]))
+    """Per-sample (values, classes) -> float16 ``(B, K [+ 1], ...)`` and int64 classes ``(B, K)``, one row
+    per sample, K the largest count in the batch. A sample with fewer classes is padded with the lowest
+    classes it does not carry, at the value it gives them (0 for dense caches, its rest channel for
+    top-k), so every row is that sample's own soft labels, exactly: a batch costs the largest crop's
+    classes, not the union of all crops' (twice as many channels at batch 2 on CT-sized volumes)."""
+    k_max = max(len(classes) for _, classes in samples)
     spatial = samples[0][0].shape[1:]
-    out = torch.zeros((len(samples), len(union) + has_rest, *spatial), dtype=torch.float16)
+    out = torch.zeros((len(samples), k_max + has_rest, *spatial), dtype=torch.float16)
+    rows = np.empty((len(samples), k_max), np.int64)
     for i, (values, classes) in enumerate(samples):
         k = len(classes)
+        # among 0 .. k_max - 1 at most k are carried, so the pads are classes < k_max <= C
+        pads = np.setdiff1d(np.arange(k_max), classes)[:k_max - k]
+        rows[i] = np.sort(np.concatenate([classes, pads]))
         if has_rest:
-            out[i] = values[k].to(torch.float16)  # every class first gets the rest, then the carried ones
-        out[i, torch.from_numpy(np.searchsorted(union, classes))] = values[:k].to(torch.float16)
-    return out, torch.from_numpy(union.astype(np.int64))
+            out[i] = values[k].to(torch.float16)  # pads (and the rest channel) get the rest, then the carried
+        out[i, torch.from_numpy(np.searchsorted(rows[i], classes))] = values[:k].to(torch.float16)
+    return out, torch.from_numpy(rows)
 
 
 class KDDataLoader(nnUNetDataLoader):
