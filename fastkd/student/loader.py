@@ -26,8 +26,9 @@ The batch gains ``batch["softlabels"]``: float16 ``(B, K, *patch)`` over each sa
 classes ``batch["softlabel_classes"]`` (int64 ``(B, K)``, one sorted row per sample, K the largest
 count in the batch, shorter rows padded with classes the sample does not carry; top-k caches:
 ``(B, K + 1, ...)``, the last channel the rest), half the bytes of float32 and K <= C channels
-through nnU-Net's worker queue. The trainer hands both to the KD loss as :class:`fastkd.student.loss.SoftLabels`, whose KL
-works on the carried classes (``SoftLabels.dense()`` gives float32 ``(B, C, *patch)``).
+through nnU-Net's worker queue. The trainer hands both to the KD loss as
+:class:`fastkd.student.loss.SoftLabels`, whose KL works on the carried classes
+(``SoftLabels.dense()`` gives float32 ``(B, C, *patch)``).
 
 The reader's "valid" channel is not augmented: inside the volume a voxel's probabilities sum to one
 and the padding is zero, and every spatial transform interpolates linearly, so after augmentation the

@@ -13,8 +13,8 @@ KL per deep-supervision scale ``s`` (``p_s`` = ``p`` area-downsampled to the sca
     region mode:  KL_s = 1/N_s sum_{v: m_v} sum_r [ p_r (log p_r - log sigmoid(x_r))
                                                    + (1-p_r) (log(1-p_r) - log sigmoid(-x_r)) ]
 
-``0 log 0 = 0`` (``p log max(p, tiny)``): uint8-quantised teacher probabilities are often exactly 0. Region
-mode is one Bernoulli KL per region (never a softmax across regions), computed stably as
+``0 log 0 = 0`` (``p log max(p, tiny)``): uint8-quantised teacher probabilities are often exactly 0.
+Region mode is one Bernoulli KL per region (never a softmax across regions), computed stably as
 ``BCE-with-logits(x, p) - H(p)``. The ``T^2`` factor (Hinton et al. 2015) keeps the gradient's size
 independent of ``T``. ``w_s`` are used as given: the trainer passes nnU-Net's normalised deep
 supervision weights (``2^-s``, lowest resolution 0, sum 1), so the KD term is on the same scale as
@@ -27,7 +27,8 @@ divides by the number of classes C, so FastnnUNet's KD term at the same alpha is
 Downsampling. The teacher probabilities at a coarser scale are the mean of ``p`` over the counted
 voxels of each block (area interpolation, :func:`downsample_soft`; each scale pooled from the one
 above where its shape divides exactly), so they still sum to 1 and ignored voxels never leak into
-them. The mask is downsampled nearest-exact (:func:`downsample_mask`), exactly as nnU-Net's ``DownsampleSegForDSTransform`` downsamples the target that its own loss masks with.
+them. The mask is downsampled nearest-exact (:func:`downsample_mask`), exactly as nnU-Net's
+``DownsampleSegForDSTransform`` downsamples the target that its own loss masks with.
 
 Optional terms, on the full-resolution output only, with ``q = softmax(x)`` (per-region ``sigmoid(x)``):
 
@@ -63,8 +64,8 @@ log-softmax, which every KL needs, so its cost hardly grows with the classes abs
 The teacher's entropy term uses ``p log max(p, tiny)`` (torch's ``xlogy`` is not vectorised on the
 CPU: a sixth of the whole loss at 119 classes), and the deep-supervision scales are pooled one from
 the next; together with per-sample classes the KD loss at 119 classes (patch 64 x 80 x 80, batch 2,
-one thread) took 2.3-2.5 s instead of 3.9-4.9 s (ad-hoc timing, alternating in one process). Region mode, soft
-Dice and Cauchy-Schwarz use the dense ``(B, C, ...)`` probabilities (:meth:`SoftLabels.dense`).
+one thread) took 2.3-2.5 s instead of 3.9-4.9 s (ad-hoc timing, alternating in one process). Region
+mode, soft Dice and Cauchy-Schwarz use the dense ``(B, C, ...)`` probabilities (:meth:`SoftLabels.dense`).
 
 Neither optional term carries ``T^2``. Everything is computed in float32 with autocast disabled, so fp16
 logits from a CUDA autocast forward are fine; gradients flow to the logits only (``soft`` is detached).
