@@ -64,7 +64,7 @@ log-softmax, which every KL needs, so its cost hardly grows with the classes abs
 The teacher's entropy term uses ``p log max(p, tiny)`` (torch's ``xlogy`` is not vectorised on the
 CPU: a sixth of the whole loss at 119 classes), and the deep-supervision scales are pooled one from
 the next; together with per-sample classes the KD loss at 119 classes (patch 64 x 80 x 80, batch 2,
-one thread) took 2.3-2.5 s instead of 3.9-4.9 s (ad-hoc timing, alternating in one process). Region
+one thread) takes about 0.55x the time it took (ad-hoc timing, old and new alternating in one process). Region
 mode, soft Dice and Cauchy-Schwarz use the dense ``(B, C, ...)`` probabilities (:meth:`SoftLabels.dense`).
 
 Neither optional term carries ``T^2``. Everything is computed in float32 with autocast disabled, so fp16
