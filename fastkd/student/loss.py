@@ -92,14 +92,9 @@ def downsample_soft(soft: torch.Tensor, shape: Sequence[int], mask: torch.Tensor
     mean is over the block's counted voxels only; values at uncounted voxels (even NaN) do not matter,
     and a block with no counted voxel becomes 0.
     """
-    shape = tuple(int(s) for s in shape)
-    if tuple(soft.shape[2:]) == shape:
-        return soft if mask is None else torch.where(mask, soft, 0.0)
-    if mask is None:
-        return F.interpolate(soft, size=shape, mode="area")
-    total = F.interpolate(torch.where(mask, soft, 0.0), size=shape, mode="area")
-    share = F.interpolate(mask.to(soft.dtype), size=shape, mode="area")
-    return total / share.clamp_min(torch.finfo(soft.dtype).tiny)
+    if mask is not None:
+        soft = torch.where(mask, soft, 0.0)
+    return _pyramid(soft, [shape], mask)[0]
 
 
 def _pyramid(p: torch.Tensor, shapes: Sequence[Sequence[int]], mask: torch.Tensor | None) -> list[torch.Tensor]:
