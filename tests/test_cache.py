@@ -137,6 +137,67 @@ def test_read_crop_pads_with_zeros_and_marks_valid_voxels(tmp_path):
     assert (reader.read_crop("case_a", [[20, 24], [0, 2], [0, 2]]) == 0).all()  # entirely outside
 
 
+def sparse_store(tmp_path, dtype, n_classes=7, shape=(13, 11, 10)):
+    """A store of many small chunks (patch 4^3) whose classes each live in one region, as organs do:
+    a crop holds some of them. Returns (store, reader)."""
+    rng = np.random.default_rng(1)
+    centres = rng.integers(0, shape, size=(n_classes, 3))
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"))
+    logits = np.stack([-((grid - c[:, None, None, None]) ** 2).sum(0) / 4.0 for c in centres])
+    p = softmax(logits * 3)
+    p[p < 0.02] = 0  # far from its centre a class is exactly 0
+    p /= p.sum(0, keepdims=True)
+    names = [f"c{i}" for i in range(n_classes)]
+    store = tmp_path / f"sparse_{dtype}.zarr"
+    cache.write_case(store, "case_a", p.astype(np.float32), provenance(dtype, channels=names, patch=(4, 4, 4)))
+    cache.finalize(store, {"case_a": [1, *shape]})
+    return store, SoftLabelCache(store)
+
+
+CROPS = [[[0, 13], [0, 11], [0, 10]], [[-3, 5], [4, 16], [2, 9]], [[5, 9], [1, 6], [3, 10]],
+         [[6, 7], [7, 8], [0, 1]], [[-4, 20], [-2, 13], [-1, 11]], [[20, 24], [0, 2], [0, 2]]]
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float16"])
+def test_read_crop_classes_is_read_crop_at_the_present_classes(tmp_path, dtype, monkeypatch):
+    store, reader = sparse_store(tmp_path, dtype)
+    assert len(list((store / "case_a" / "c").rglob("*/*/*/*"))) == 4 * 3 * 3  # the crops span several chunks
+    counts = set()
+    for box in CROPS:
+        full = reader.read_crop("case_a", box)[:-1]
+        present = np.union1d([0], np.flatnonzero(full.reshape(len(full), -1).max(1) > 0))
+        values, classes, rest = reader.read_crop_classes("case_a", box)
+        assert rest is None and values.dtype == np.float32 and classes.dtype == np.int64
+        np.testing.assert_array_equal(classes, present)
+        np.testing.assert_array_equal(values, full[classes])  # bit-identical, zero outside the volume
+        counts.add(len(classes))
+    assert len(counts) > 2  # crops with few and with many of the 7 classes
+    # the direct chunk reader and zarr's own pipeline agree exactly (the latter reads any other layout)
+    direct = [(reader.read_crop("case_a", b), *reader.read_crop_classes("case_a", b)[:2]) for b in CROPS]
+    monkeypatch.setattr(cache, "_direct_layout", lambda array: None)
+    through_zarr = SoftLabelCache(store)
+    for box, (crop, values, classes) in zip(CROPS, direct):
+        np.testing.assert_array_equal(through_zarr.read_crop("case_a", box), crop)
+        got_values, got_classes, _ = through_zarr.read_crop_classes("case_a", box)
+        np.testing.assert_array_equal(got_classes, classes)
+        np.testing.assert_array_equal(got_values, values)
+
+
+def test_the_direct_chunk_reader_refuses_a_chunk_damaged_after_opening(tmp_path):
+    store, reader = sparse_store(tmp_path, "uint8")
+    reader.read_crop_classes("case_a", CROPS[0])  # opened and checked: every chunk present
+    chunk = store / "case_a" / "c" / "0" / "1" / "1" / "1"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=r"case case_a is corrupt \(ValueError: chunk c/0/1/1/1: stored and computed checksum"):
+        reader.read_crop_classes("case_a", [[4, 8], [4, 8], [4, 8]])
+    reader.read_crop_classes("case_a", [[0, 4], [0, 4], [0, 4]])  # another chunk still reads
+    chunk.unlink()
+    with pytest.raises(CacheError, match=r"case case_a is corrupt \(FileNotFoundError"):
+        reader.read_crop("case_a", [[5, 6], [5, 6], [5, 6]])
+
+
 def test_check_names_every_mismatch(tmp_path):
     store, _ = make_store(tmp_path)
     reader = SoftLabelCache(store)
