@@ -443,7 +443,9 @@ def test_compact_kl_matches_the_reference_and_its_gradient_is_exact(rest, per_sa
     p = soft.values.double()
     k = soft.classes.shape[-1]
     args = (p[:, :k], p[:, k:] if rest else None, soft.classes)
-    assert torch.autograd.gradcheck(lambda x: kd._SoftmaxCrossEntropy.apply(x, *args), (z.requires_grad_(),))
+    for temperature in (1.0, 2.0):  # the temperature is applied inside, forward and backward
+        assert torch.autograd.gradcheck(lambda x: kd._SoftmaxCrossEntropy.apply(x, *args, temperature),
+                                        (z.requires_grad_(),))
 
 
 def test_soft_labels_refuse_bad_shapes_and_classes():

@@ -56,8 +56,9 @@ Optional terms, on the full-resolution output only, with ``q = softmax(x)`` (per
 
 Computing the KL in softmax mode. The teacher term ``sum_c p_c log p_c`` has no gradient and is
 computed without autograd; the rest, ``-sum_c p_c log_softmax(x)_c``, goes through one autograd function
-(:class:`_SoftmaxCrossEntropy`) whose backward is ``(sum_c p_c) softmax(x) - p``: one log-softmax over
-all C channels forward, one exp backward, nothing else the size of C x voxels. The soft labels may come
+(:class:`_SoftmaxCrossEntropy`, which also divides the logits by T, so the division needs no backward
+pass of its own) whose backward is ``((sum_c p_c) softmax(x) - p) / T``: one log-softmax over all C
+channels forward, one exp backward, nothing else the size of C x voxels. The soft labels may come
 as :class:`SoftLabels`, the classes present in each sample's patch (plus a "rest" channel for top-k
 caches) as the KD loader ships them: the KL then touches the other classes only through the
 log-softmax, which every KL needs, so its cost hardly grows with the classes absent from the patch.
@@ -223,37 +224,43 @@ def _channel_index(classes: torch.Tensor, spatial) -> torch.Tensor:
 
 
 class _SoftmaxCrossEntropy(torch.autograd.Function):
-    """Per voxel ``-sum_c p_c log_softmax(x)_c``, (B, 1, *spatial), for p over ``classes`` (None: all
-    channels of x; ``(K,)`` or per sample ``(B, K)``, see :class:`SoftLabels`) plus an optional ``rest``
-    (B, 1, ...) for every class not carried. Backward ``(sum_c p_c) softmax(x) - p`` without autograd's
-    C x voxels temporaries (see module docstring)."""
+    """Per voxel ``-sum_c p_c log_softmax(z / T)_c``, (B, 1, *spatial), for p over ``classes`` (None: all
+    channels of z; ``(K,)`` or per sample ``(B, K)``, see :class:`SoftLabels`) plus an optional ``rest``
+    (B, 1, ...) for every class not carried. Backward ``((sum_c p_c) softmax(z / T) - p) / T`` without
+    autograd's C x voxels temporaries (see module docstring); the temperature is applied here, so the
+    division of the logits needs no backward pass of its own."""
 
     @staticmethod
-    def forward(ctx, x, p, rest, classes):
+    def forward(ctx, z, p, rest, classes, temperature):
+        x = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z  # float32 (float64 in tests) stays
+        x = x / temperature if x is z else x.div_(temperature)  # never in place on the caller's logits
         log_q = torch.log_softmax(x, 1)
+        del x
         if classes is None:
             carried = log_q
         elif classes.ndim == 1:
             carried = log_q.index_select(1, classes)
         else:
-            carried = log_q.gather(1, _channel_index(classes, x.shape[2:]))
+            carried = log_q.gather(1, _channel_index(classes, log_q.shape[2:]))
         cross = (p * carried).sum(1, keepdim=True)
         if rest is not None:
             cross += rest * (log_q.sum(1, keepdim=True) - carried.sum(1, keepdim=True))
         ctx.save_for_backward(log_q, p, rest, classes)
+        ctx.temperature = temperature
         return cross.neg_()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         log_q, p, rest, classes = ctx.saved_tensors
+        grad = grad / ctx.temperature  # (B, 1, ...): d(z / T) / dz
         mass = p.sum(1, keepdim=True)
         if rest is not None:
             mass += rest * (log_q.shape[1] - p.shape[1])
         out = torch.exp(log_q).mul_(mass * grad)
         if classes is None:
             out -= p * grad
-            return out, None, None, None
+            return out, None, None, None, None
         if rest is None:
             carried = p * grad
             sign = -1
@@ -265,18 +272,18 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
             out.index_add_(1, classes, carried, alpha=sign)
         else:
             out.scatter_add_(1, _channel_index(classes, out.shape[2:]), carried if sign > 0 else carried.neg_())
-        return out, None, None, None
+        return out, None, None, None, None
 
 
-def _softmax_kl(x: torch.Tensor, p: torch.Tensor, rest: torch.Tensor | None,
-                classes: torch.Tensor | None) -> torch.Tensor:
-    """Per-voxel KL(p || softmax(x)), (B, 1, *spatial), p over ``classes`` (+ ``rest``) as in
+def _softmax_kl(z: torch.Tensor, p: torch.Tensor, rest: torch.Tensor | None,
+                classes: torch.Tensor | None, temperature: float = 1.0) -> torch.Tensor:
+    """Per-voxel KL(p || softmax(z / temperature)), (B, 1, *spatial), p over ``classes`` (+ ``rest``) as in
     :class:`_SoftmaxCrossEntropy`."""
     with torch.no_grad():
         entropy = _xlogx(p).sum(1, keepdim=True)
         if rest is not None:
-            entropy += _xlogx(rest) * (x.shape[1] - p.shape[1])
-    return _SoftmaxCrossEntropy.apply(x, p, rest, classes) + entropy
+            entropy += _xlogx(rest) * (z.shape[1] - p.shape[1])
+    return _SoftmaxCrossEntropy.apply(z, p, rest, classes, float(temperature)) + entropy
 
 
 def _kl(x: torch.Tensor, p: torch.Tensor, regions: bool) -> torch.Tensor:
@@ -362,12 +369,11 @@ class KDLoss(torch.nn.Module):
             weighted = [(w, z) for w, z in zip(self.ds_weights, outputs) if w != 0]
             for (w, z), p_s in zip(weighted, _pyramid(p, [z.shape[2:] for _, z in weighted], mask)):
                 m = None if mask is None else downsample_mask(mask, z.shape[2:])
-                x = z.float() / T
                 if self.regions:
-                    per_voxel = _kl(x, p_s, True)
+                    per_voxel = _kl(z.float() / T, p_s, True)
                 else:
                     rest = p_s[:, k:] if p_s.shape[1] > k else None
-                    per_voxel = _softmax_kl(x, p_s[:, :k], rest, classes)
+                    per_voxel = _softmax_kl(z, p_s[:, :k], rest, classes, T)
                 loss = loss + w * T * T * _masked_mean(per_voxel, m)
             if self.soft_dice or self.cauchy_schwarz:
                 if compact:
