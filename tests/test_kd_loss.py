@@ -207,8 +207,11 @@ def test_masked_voxels_do_not_change_the_loss():
     garbage_p = torch.where(mask, p, float("nan"))
     garbage_outs = [torch.where(downsample_mask(mask, o.shape[2:]), o, 1e4 * torch.randn(o.shape, generator=g))
                     .requires_grad_() for o in outs]
+    inputs = [x.detach().clone() for x in (garbage_p, *garbage_outs)]
     value = loss(garbage_outs, garbage_p, mask)
     assert value.item() == pytest.approx(reference.item(), rel=1e-5)
+    for before, after in zip(inputs, (garbage_p, *garbage_outs)):  # the loss works on copies
+        torch.testing.assert_close(after.detach(), before, rtol=0, atol=0, equal_nan=True)
     value.backward()
     assert all(torch.isfinite(o.grad).all() for o in garbage_outs)
 

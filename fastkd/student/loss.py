@@ -360,9 +360,9 @@ class KDLoss(torch.nn.Module):
         values = soft.values if compact else soft
         with torch.autocast(values.device.type, enabled=False):
             # clamp: resampled soft labels may overshoot [0, 1] by ~1e-7, and log of a negative is NaN
-            p = values.detach().float().clamp(0, 1)
+            p = values.detach().to(torch.float32, copy=True).clamp_(0, 1)  # our copy: in place from here
             if mask is not None:
-                p = p.masked_fill(~mask, 0.0)
+                p.masked_fill_(~mask, 0.0)
             classes = soft.classes.to(p.device) if compact else None
             k = p.shape[1] if classes is None else classes.shape[-1]
             loss = torch.zeros((), dtype=torch.float32, device=p.device)
