@@ -744,9 +744,9 @@ class SoftLabelCache:
 
         The training loader's hot path: the chunk files are read and decoded here, one at a time, with
         the codecs the writer uses (bytes -> blosc -> crc32c, :func:`_compressors`, checksum checked),
-        instead of through zarr's asynchronous pipeline, which took about 0.7 s for the crop of a
-        119-class case that this takes ~0.25 s for (mostly blosc), and a caller can keep only the
-        classes present in each chunk. An array with any other layout is read through zarr."""
+        instead of through zarr's asynchronous pipeline (on a 119-class crop of 96 x 116 x 116 zarr's
+        read alone took ~0.7 s, about three times the blosc decoding it does), and a caller can keep
+        only the classes present in each chunk. An array with any other layout is read through zarr."""
         array = self.array(case)
         layout = _direct_layout(array)
         if layout is None:
