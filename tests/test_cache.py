@@ -59,13 +59,14 @@ def test_uint8_quantisation_keeps_sums_at_one_and_error_below_one_step(channels)
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("mass", [1 - 2e-3, 1.0, 1 + 2e-3])
-def test_uint8_quantisation_at_many_classes_is_largest_remainder(mass, ties, threads, monkeypatch):
-    """119 classes (the bisected path), most absent (probability exactly 0) in most voxels as confident
-    teachers give them, sums off by a float error or two, exact ties: the same as sorting every voxel,
+@pytest.mark.parametrize("classes", [119, 300])
+def test_uint8_quantisation_at_many_classes_is_largest_remainder(classes, mass, ties, threads, monkeypatch):
+    """119 and 300 classes (the bisected path, counts in uint8 and uint16), most absent (probability
+    exactly 0) in most voxels as confident teachers give them, sums off by a float error or two, exact ties: the same as sorting every voxel,
     on one thread and on three (each a slab of the voxels)."""
     monkeypatch.setattr(cache, "_threads", lambda: threads)
     rng = np.random.default_rng(7)
-    p = softmax(rng.normal(scale=4, size=(119, 12, 10, 8)))
+    p = softmax(rng.normal(scale=4, size=(classes, 12, 10, 8)))
     p[1:][rng.random(p[1:].shape) < 0.8] = 0
     if ties:
         p[:, :6] = np.where(p[:, :6] > 0, 1.0, 0.0)  # equal probabilities among the present classes
@@ -73,10 +74,10 @@ def test_uint8_quantisation_at_many_classes_is_largest_remainder(mass, ties, thr
     q = cache.encode(p, "uint8")
     scaled = np.clip(p, 0, 1) * np.float32(255)
     floor = np.floor(scaled)
-    deficit = np.clip(np.rint(255 - floor.sum(axis=0)), 0, 119)
+    deficit = np.clip(np.rint(255 - floor.sum(axis=0)), 0, classes)
     order = np.argsort(-(scaled - floor), axis=0, kind="stable")  # one stable sort per voxel
     ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.arange(119).reshape(-1, 1, 1, 1), axis=0)
+    np.put_along_axis(ranks, order, np.arange(classes).reshape(-1, 1, 1, 1), axis=0)
     reference = floor + (ranks < deficit)
     np.testing.assert_array_equal(q, reference.astype(np.uint8))
     assert (q.sum(axis=0, dtype=np.int32) == 255).all()
