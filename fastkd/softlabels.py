@@ -269,17 +269,24 @@ class TeacherEnsemble:
                     logits = predictor.predict_sliding_window_return_logits(x)
                     if total is None:
                         total = torch.zeros(logits.shape, dtype=torch.float32)  # CPU
-                    for slab in slabs(logits.shape, SLAB_VALUES):
-                        part = logits[slab].float().div_(temperature)
+                    parts = slabs(logits.shape, SLAB_VALUES)
+                    scratch = torch.empty(max(logits[p].numel() for p in parts), dtype=torch.float32,
+                                          device=logits.device)  # one float32 slab, reused
+                    for slab in parts:
+                        part = scratch[:logits[slab].numel()].view(logits[slab].shape)
+                        part.copy_(logits[slab]).mul_(1.0 / temperature)
                         # one reduction; NaN or inf anywhere makes the sum non-finite (float16 logits
                         # cannot overflow a float32 sum), the element-wise test confirms
                         if not torch.isfinite(part.sum()) and not torch.isfinite(part).all():
                             raise FastkdError(f"{name} produced non-finite logits (NaN or inf) in the voxels "
                                               f"{[(s.start, s.stop) for s in slab[1:]]}; check the checkpoint "
                                               "(a diverged training) and the preprocessed input")
-                        part = torch.softmax(part, 0) if self.softmax else torch.sigmoid(part)
-                        total[slab].add_(part.cpu(), alpha=weight)
-                    del logits
+                        if self.softmax:  # in place: exp(z - max), then total += weight * e / sum(e)
+                            part.sub_(part.amax(0, keepdim=True)).exp_()
+                            total[slab].addcdiv_(part.cpu(), part.sum(0, keepdim=True).cpu(), value=weight)
+                        else:
+                            total[slab].add_(part.sigmoid_().cpu(), alpha=weight)
+                    del logits, scratch, part
         return total.numpy()
 
 
