@@ -344,6 +344,42 @@ def bench_floor(store: Path, teacher_manifest: Path, device: str, threads: int) 
     return {"forwards": forwards, "seconds": seconds}
 
 
+def bench_sliding_window(case_manifest: Path, case_folder: Path, teacher_manifest: Path, args) -> dict:
+    """Seconds of nnU-Net's own sliding window alone, the floor fastkd cannot go below while it predicts
+    through nnU-Net's predictor: ``predict_sliding_window_return_logits`` of every fold on every
+    benchmark case (same step size, mirroring, device and threads as the pass), i.e. the forwards plus
+    nnU-Net's padding, tile copies, Gaussian weighting and float16 accumulation of C channels. Loading the
+    case is not timed; no softmax, fold mean, encoding or writing."""
+    import numpy as np
+    import torch
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    from fastkd.softlabels import TeacherEnsemble
+
+    teacher = json.loads(teacher_manifest.read_text())
+    cases = sorted(json.loads(case_manifest.read_text())["cases"])
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        ensemble = TeacherEnsemble([teacher], [1.0], step_size=args.step_size, mirroring=not args.disable_mirroring,
+                                   device=args.device)
+    predictor, networks, _ = ensemble.members[0]
+    dataset = infer_dataset_class(str(case_folder))(str(case_folder), cases)
+    torch.set_num_threads(args.threads)
+    seconds = 0.0
+    with torch.inference_mode():
+        for case in cases:
+            data, _, _, _ = dataset.load_case(case)
+            x = torch.from_numpy(np.ascontiguousarray(data[:], dtype=np.float32))
+            for network in networks:
+                predictor.network = network
+                start = time.perf_counter()
+                logits = predictor.predict_sliding_window_return_logits(x)
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                seconds += time.perf_counter() - start
+                del logits
+    return {"seconds": seconds, "forwards": ensemble.forwards}
+
+
 # -- 2. bytes -------------------------------------------------------------------------------------
 def bench_storage(store: Path, preprocessed: Path, cases: list[str]) -> dict:
     from fastkd.cache import info
@@ -556,6 +592,10 @@ def main(argv=None) -> int:
     floor = bench_floor(store, teacher_manifest, args.device, args.threads)
     floor["ratio_case_loop"] = statistics.median(wall["case_loop_seconds"]) / floor["seconds"]
     floor["ratio_wall"] = statistics.median(wall["softlabel_seconds"]) / floor["seconds"]
+    print("1c. nnU-Net's sliding window alone (the same folds and cases) ...", flush=True)
+    sliding = bench_sliding_window(case_manifest, preprocessed / pm["data_identifier"], teacher_manifest, args)
+    sliding["ratio_case_loop"] = statistics.median(wall["case_loop_seconds"]) / sliding["seconds"]
+    sliding["ratio_floor"] = sliding["seconds"] / floor["seconds"]
 
     print("3. patch reads vs student iterations ...", flush=True)
     plans = json.loads((preprocessed / f"{pm['plans_name']}.json").read_text())
@@ -578,6 +618,8 @@ def main(argv=None) -> int:
         row(f"1. soft-label pass / stock predict wall time (median of {args.repeats})", wall["ratio"], "<=", 1.1),
         row("1b. soft-label case loop / teacher forwards alone (floor)", floor["ratio_case_loop"], "<=", 1.2),
         row("    soft-label pass wall time (with start-up) / floor", floor["ratio_wall"]),
+        row("1c. soft-label case loop / nnU-Net's sliding window alone", sliding["ratio_case_loop"]),
+        row("    nnU-Net's sliding window alone / floor (1b's lower bound)", sliding["ratio_floor"]),
         row("2. cache bytes / preprocessed .b2nd bytes", storage["ratio_to_b2nd"], "<=", 0.5),
         row("   cache bytes / float32 soft labels", storage["ratio_to_float32"]),
         row("3. patch reads per s / student iterations per s", loading["ratio"], ">=", 10),
@@ -601,6 +643,9 @@ def main(argv=None) -> int:
     print(f"  1b. floor: {floor['forwards']} teacher forwards alone (random patch-sized tiles) "
           f"{floor['seconds']:.1f} s; the soft-label case loop {statistics.median(wall['case_loop_seconds']):.1f} s; "
           f"peak RSS of the pass {max(wall['softlabel_peak_rss_bytes']) / 1e9:.2f} GB")
+    print(f"  1c. nnU-Net's predict_sliding_window_return_logits of every fold on every case (loading untimed): "
+          f"{sliding['seconds']:.1f} s, {sliding['forwards']} forwards; what the pass adds to it: softmax, fold "
+          "mean, encoding, writing, loading")
     print(f"  2. cache {storage['cache_bytes'] / 1e6:.3f} MB, preprocessed .b2nd "
           f"{storage['preprocessed_b2nd_bytes'] / 1e6:.3f} MB, soft labels as float32 "
           f"{storage['float32_softlabel_bytes'] / 1e6:.3f} MB; {storage['bytes_per_voxel']:.3f} bytes per voxel, "
@@ -622,7 +667,7 @@ def main(argv=None) -> int:
     out.write_text(json.dumps({
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "cases": cases, "teacher_folder": str(teacher_folder), "short_trained_teachers": short,
-        "wall_time": wall, "floor": floor, "storage": storage, "loading": loading, "forwards": forwards, "table": rows,
+        "wall_time": wall, "floor": floor, "sliding_window": sliding, "storage": storage, "loading": loading, "forwards": forwards, "table": rows,
         "seconds": elapsed}, indent=2) + "\n")
     print(f"bench_cache: figures written to {out}")
     return 0

@@ -272,6 +272,7 @@ class TeacherEnsemble:
                     parts = slabs(logits.shape, SLAB_VALUES)
                     scratch = torch.empty(max(logits[p].numel() for p in parts), dtype=torch.float32,
                                           device=logits.device)  # one float32 slab, reused
+                    part = None
                     for slab in parts:
                         part = scratch[:logits[slab].numel()].view(logits[slab].shape)
                         part.copy_(logits[slab]).mul_(1.0 / temperature)
