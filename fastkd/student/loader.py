@@ -4,13 +4,23 @@
 oversampling, same boxes (half-open voxel ranges in the preprocessed grid that may reach outside the
 volume). It hooks three points of the parent's batch loop instead of copying it:
 
-- ``get_indices``: remembers the batch's case keys;
-- ``get_bbox``: remembers each sample's box (the parent discards it after cropping);
-- the transforms: a wrapper reads the same box from the soft-label cache, keeping only the classes
-  present in it (:meth:`fastkd.cache.SoftLabelCache.read_crop_classes`: the classes above zero in
-  the stored crop, plus background; float32, zero outside the volume; top-k caches add one "rest"
-  channel, the mass spread over the classes not stored), and hands those channels to nnU-Net's
-  augmentation as ``regression_target``.
+- ``get_indices``: remembers the batch's case keys and empties the queue below;
+- ``get_bbox``: queues each sample's (case key, box) (the parent discards the box after cropping).
+  ``get_bbox`` is not told the case (only its shape, ``force_fg`` and class locations), so the key is
+  the next of ``get_indices``' keys: the parent calls ``get_bbox`` once per sample, in the keys' order;
+- the transforms: a wrapper takes the oldest queued (case key, box), first in first out, and reads
+  that box from the soft-label cache, keeping only the classes present in it
+  (:meth:`fastkd.cache.SoftLabelCache.read_crop_classes`: the classes above zero in the stored crop,
+  plus background; float32, zero outside the volume; top-k caches add one "rest" channel, the mass
+  spread over the classes not stored), and hands those channels to nnU-Net's augmentation as
+  ``regression_target``.
+
+The queue pairs the n-th transforms call with the n-th ``get_bbox`` call, so the pairing holds whether
+the parent's batch loop crops and transforms one sample at a time (nnU-Net 2.8's loop) or first calls
+``get_bbox`` for every sample and only then runs the transforms per sample (nnU-Net's development
+branch); remembering only the latest box would give every sample but the last another sample's soft
+labels there. A transforms call with nothing queued, or boxes left over at the end of the batch, raises
+``RuntimeError``: the parent's loop no longer calls ``get_bbox`` and the transforms once per sample.
 
 batchgeneratorsv2 resamples ``regression_target`` on the same grid as image and segmentation in every
 spatial transform (rotation, scaling, elastic in DA5, mirroring, transposes, pseudo-2D), and its
@@ -42,6 +52,7 @@ their own reader.
 from __future__ import annotations
 
 import os
+from collections import deque
 
 import numpy as np
 import torch
@@ -57,7 +68,13 @@ class _SoftLabelTransforms:
 
     def __call__(self, **sample):
         loader = self.loader
-        values, classes, rest = loader.cache.read_crop_classes(str(loader.keys[loader.sample]), loader.box)
+        if not loader.pending:
+            raise RuntimeError(f"KDDataLoader: the transforms were called for a sample with no get_bbox box queued "
+                               f"({loader.sample + 1} get_bbox and {len(loader.softlabels)} transforms calls so far "
+                               f"in a batch of {len(loader.keys)}); nnUNetDataLoader's batch loop changed (expected "
+                               "one get_bbox call per sample before or with that sample's transforms call)")
+        key, box = loader.pending.popleft()  # the oldest box: get_bbox and transforms are paired in call order
+        values, classes, rest = loader.cache.read_crop_classes(key, box)
         soft = torch.from_numpy(values if rest is None else np.concatenate([values, rest[None]]))
         if loader.patch_size_was_2d:  # as the parent does with image and segmentation
             soft = soft[:, 0]
@@ -132,7 +149,9 @@ class KDDataLoader(nnUNetDataLoader):
         self.softmax = softmax
         self.transforms = _SoftLabelTransforms(self, self.transforms)
         self._cache, self._cache_pid = None, None
-        self.keys, self.sample, self.box, self.softlabels = [], -1, None, []
+        # keys: the batch's cases (get_indices); sample: index of the latest get_bbox call in the batch;
+        # pending: (case key, box) per get_bbox call, not yet taken by the transforms (first in first out)
+        self.keys, self.sample, self.pending, self.softlabels = [], -1, deque(), []
 
     @property
     def cache(self):
@@ -144,21 +163,28 @@ class KDDataLoader(nnUNetDataLoader):
 
     def get_indices(self):
         self.keys = list(super().get_indices())
-        self.sample, self.softlabels = -1, []
+        self.sample, self.pending, self.softlabels = -1, deque(), []
         return self.keys
 
     def get_bbox(self, *args, **kwargs):
+        """The parent's box, queued with its case: the parent passes the case's shape, ``force_fg`` and class
+        locations, not its key, and calls this once per sample in the order of ``get_indices``' keys."""
         lbs, ubs = super().get_bbox(*args, **kwargs)
         self.sample += 1
-        self.box = [[int(lo), int(hi)] for lo, hi in zip(lbs, ubs)]
+        if self.sample >= len(self.keys):
+            raise RuntimeError(f"KDDataLoader: get_bbox call {self.sample + 1} for a batch of {len(self.keys)} "
+                               "cases; nnUNetDataLoader's batch loop changed (expected one get_bbox call per sample)")
+        self.pending.append((str(self.keys[self.sample]), [[int(lo), int(hi)] for lo, hi in zip(lbs, ubs)]))
         return lbs, ubs
 
     def generate_train_batch(self):
         batch = super().generate_train_batch()
-        if len(self.softlabels) != len(batch["keys"]):
-            raise RuntimeError(f"KDDataLoader: {len(self.softlabels)} soft-label crops for a batch of "
-                               f"{len(batch['keys'])}; nnUNetDataLoader's batch loop changed (expected one "
-                               "get_bbox and one transforms call per sample)")
+        n, boxes, crops = len(batch["keys"]), self.sample + 1, len(self.softlabels)
+        if self.pending or not n == boxes == crops:
+            raise RuntimeError(f"KDDataLoader: a batch of {n} samples made {boxes} get_bbox and {crops} transforms "
+                               f"calls ({len(self.pending)} boxes left over without soft labels); "
+                               "nnUNetDataLoader's batch loop changed (expected one get_bbox and one transforms "
+                               "call per sample, in the same order)")
         batch["softlabels"], batch["softlabel_classes"] = collate(self.softlabels, bool(self.cache.top_k))
         self.softlabels = []
         return batch
