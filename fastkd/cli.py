@@ -83,7 +83,7 @@ def _demo_write(args) -> None:
     try:
         cases = make_demo_dataset(args.output, n_cases=args.n_cases, n_test=args.n_test, anisotropic=args.anisotropic, seed=args.seed,
                                   shape=args.shape, spacing=args.spacing, n_structures=args.n_structures,
-                                  n_channels=args.n_channels, regions=args.regions)
+                                  n_channels=args.n_channels, regions=args.regions, label_noise=args.label_noise)
     except ValueError as e:  # argument checks of the generator
         raise FastkdError(str(e)) from e
     print(f"wrote {len(cases)} demo training cases and {args.n_test} test cases to {args.output}")
@@ -379,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_flag(p, ["--n-channels"], "dataset.demo.n_channels", "image channels per case")
     p.add_argument("--regions", action="store_true",
                    help="region-based dataset.json (nested regions, regions_class_order; config dataset.demo.regions)")
+    config_flag(p, ["--label-noise"], "dataset.demo.label_noise", "annotation noise in the training labels only, "
+                "0 (clean) to 1", metavar="X")
     p.set_defaults(func=_demo_write)
 
     stage = _stage(sub, "config", "the workflow configuration")

@@ -32,7 +32,8 @@ def test_empty_config_gets_every_default(tmp_path):
     config = validate_config({}, base_dir=tmp_path)
     assert config["dataset"] == {"raw": "demo", "demo": {"id": 900, "name": "FastkdDemo", "n_cases": 12, "n_test": 4,
                                                          "anisotropic": False, "seed": 0, "shape": None, "spacing": None,
-                                                         "n_structures": 2, "n_channels": 1, "regions": False},
+                                                         "n_structures": 2, "n_channels": 1, "regions": False,
+                                                         "label_noise": 0},
                                  "holdout": {"n_test": 0, "seed": 0}}
     assert config["paths"]["nnunet_results"] == "nnUNet_results"
     assert config["teachers"]["schedule"] == {"epochs": 1000, "iterations_per_epoch": 250,

@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from fastkd import demo_data
 from fastkd.demo_data import (
@@ -547,3 +548,150 @@ def test_nnunet_accepts_region_dataset(variant, many_dir, pair_dir, capfd):
     output = "".join(capfd.readouterr())
     assert "verify_dataset_integrity Done" in output
     assert "Error" not in output and "Warning" not in output and "WARNING" not in output, output
+
+
+# -- label noise: noisy training labels, clean images and test labels --------------------------------
+def _dice(a, b):
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def _documented_dice():
+    """{label_noise: (organ, lesion)} of the isotropic demo, from the module docstring's table."""
+    rows = re.findall(r"^(\d\.\d+) +(\d\.\d+) / \d\.\d+ +(\d\.\d+) / \d\.\d+ ", demo_data.__doc__, re.M)
+    return {float(s): (float(organ), float(lesion)) for s, organ, lesion in rows}
+
+
+@pytest.fixture(scope="module")
+def noisy_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("noisy") / "Dataset984_Noisy"
+    make_demo_dataset(out, label_noise=0.5)
+    return out
+
+
+def test_label_noise_zero_is_the_default_demo(tmp_path, iso_dir):
+    for value in (0, 0.0):
+        same = tmp_path / f"zero{value}" / "Dataset990_Demo"
+        make_demo_dataset(same, label_noise=value)
+        assert _all_bytes(same) == _all_bytes(iso_dir)
+
+
+def test_label_noise_only_in_training_labels(noisy_dir, iso_dir):
+    noisy, clean = _all_bytes(noisy_dir), _all_bytes(iso_dir)
+    assert noisy.keys() == clean.keys()
+    for name in noisy:
+        if name.startswith(("imagesTr/", "imagesTs/", "labelsTs/")):
+            assert noisy[name] == clean[name], name  # the images show the clean anatomy; the test set is clean
+        elif name.startswith("labelsTr/"):
+            assert noisy[name] != clean[name], name
+    meta, clean_meta = json.loads(noisy["dataset.json"]), json.loads(clean["dataset.json"])
+    assert meta["fastkd_demo"] == {**clean_meta["fastkd_demo"], "label_noise": 0.5}
+    assert "labelsTs" in meta["description"] and meta["labels"] == clean_meta["labels"] == LABELS
+
+
+def test_label_noise_dice_against_clean_labels(noisy_dir, iso_dir):
+    organ, lesion = [], []
+    for case in case_ids(DEFAULT_N_CASES):
+        _, noisy = _arrays(noisy_dir, case)
+        _, clean = _arrays(iso_dir, case)
+        assert set(np.unique(noisy).tolist()) <= {0, 1, 2} and noisy.dtype == np.uint8
+        # contours move by two voxels at most (a shift, then the local move): every changed voxel is within a
+        # voxel of the clean contour, or was lesion (a missed lesion)
+        contour = np.zeros(clean.shape, dtype=bool)
+        for value in (0, 1, 2):
+            contour |= (clean == value) & ndimage.binary_dilation(clean != value)
+        assert not ((noisy != clean) & ~ndimage.binary_dilation(contour) & (clean != 2)).any(), case
+        organ.append(_dice(noisy == 1, clean == 1))
+        lesion.append(_dice(noisy == 2, clean == 2) if (noisy == 2).any() else 0.0)
+    assert 0.8 < np.mean(organ) < 0.9, organ
+    assert np.mean(lesion) < np.mean(organ) - 0.1, lesion
+    assert 0 < sum(d == 0 for d in lesion) < DEFAULT_N_CASES  # some lesions missed, not all
+
+
+def test_label_noise_dice_as_documented():
+    shape, spacing = demo_geometry(False)
+    clean = [demo_data._synthesize_case(0, i, shape, spacing)[1] for i in range(40)]
+    documented = _documented_dice()
+    assert sorted(documented) == [0.25, 0.5, 1.0]
+    organs = []
+    for strength, (organ_doc, lesion_doc) in sorted(documented.items()):
+        noisy = [demo_data._noisy_label(c, 0, i, 2, strength, spacing) for i, c in enumerate(clean)]
+        organ = np.mean([_dice(n == 1, c == 1) for n, c in zip(noisy, clean)])
+        lesion = np.mean([_dice(n == 2, c == 2) for n, c in zip(noisy, clean)])
+        # the docstring's means are over 100 cases; these 40 are their first 40
+        assert organ == pytest.approx(organ_doc, abs=0.03), strength
+        assert lesion == pytest.approx(lesion_doc, abs=0.1), strength
+        organs.append(organ)
+    assert organs == sorted(organs, reverse=True)  # stronger noise, lower Dice
+
+
+def test_label_noise_deterministic(tmp_path, noisy_dir):
+    again = tmp_path / "again" / "Dataset984_Noisy"
+    make_demo_dataset(again, label_noise=0.5)
+    assert _all_bytes(again) == _all_bytes(noisy_dir)
+    other = tmp_path / "other" / "Dataset984_Noisy"
+    make_demo_dataset(other, n_cases=5, n_test=0, label_noise=0.3)
+    for case in case_ids(5):
+        name = f"labelsTr/{case}.nii.gz"
+        assert (other / name).read_bytes() != (noisy_dir / name).read_bytes(), name
+
+
+def test_label_noise_many_structures_by_cli(tmp_path, capsys):
+    from fastkd.cli import main
+
+    common = ["--n-cases", "5", "--n-test", "1", "--shape", "32", "32", "16", "--spacing", "1.5", "1.5", "3",
+              "--n-structures", "8", "--regions"]
+    clean, noisy = tmp_path / "clean" / "Dataset983_Many", tmp_path / "noisy" / "Dataset983_Many"
+    assert main(["demo", "write", str(clean), *common]) == 0
+    assert main(["demo", "write", str(noisy), *common, "--label-noise", "1"]) == 0
+    assert json.loads((noisy / "dataset.json").read_text())["fastkd_demo"]["label_noise"] == 1.0
+    clean_files, noisy_files = _all_bytes(clean), _all_bytes(noisy)
+    missed = 0
+    for name in clean_files:
+        if name.startswith("labelsTr/"):
+            a = np.asanyarray(nib.load(clean / name).dataobj)
+            b = np.asanyarray(nib.load(noisy / name).dataobj)
+            assert (a != b).any() and set(np.unique(b).tolist()) <= set(range(9)), name
+            present = set(np.unique(b).tolist())
+            missed += 8 - len(present - {0})
+            # only the smallest quarter (two of eight) may be missed; the others keep some voxels
+            counts = np.bincount(a.ravel(), minlength=9)[1:]
+            assert {int(v) + 1 for v in np.argsort(-counts, kind="stable")[:6]} <= present, name
+        elif name != "dataset.json":
+            assert noisy_files[name] == clean_files[name], name
+    assert missed > 0  # at label_noise 1 each small structure is missed with probability 0.5
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, "0.5", True, None, float("nan")])
+def test_label_noise_invalid(tmp_path, bad):
+    with pytest.raises(ValueError, match=r"label_noise must be a number from 0 to 1") as info:
+        make_demo_dataset(tmp_path / "Dataset995_Bad", n_cases=5, label_noise=bad)
+    assert repr(bad) in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match=re.escape(repr(bad))):
+        demo_data.check_options({"label_noise": bad})
+
+
+@pytest.mark.parametrize("bad", ["1.5", "-1", "abc"])
+def test_label_noise_invalid_by_cli(tmp_path, capsys, bad):
+    from fastkd.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "write", str(tmp_path / "Dataset995_Bad"), "--label-noise", bad])
+    assert info.value.code != 0
+    err = capsys.readouterr().err
+    assert "--label-noise" in err and "dataset.demo.label_noise" in err and bad in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_label_noise_config_reaches_the_command(tmp_path):
+    from fastkd.cli import build_parser
+    from fastkd.config import ConfigError, validate_config
+
+    demo = validate_config({"dataset": {"demo": {"label_noise": 0.5}}}, base_dir=tmp_path)["dataset"]["demo"]
+    flags = demo_data.cli_options(demo)
+    assert flags == "--label-noise 0.5"
+    assert build_parser().parse_args(["demo", "write", "out", *flags.split()]).label_noise == 0.5
+    assert build_parser().parse_args(["demo", "write", "out"]).label_noise == 0
+    for bad in (2, -0.5, "high"):
+        with pytest.raises(ConfigError, match="label_noise"):
+            validate_config({"dataset": {"demo": {"label_noise": bad}}}, base_dir=tmp_path)

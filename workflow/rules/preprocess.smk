@@ -16,7 +16,7 @@ if P.is_demo:
             n_test=config["dataset"]["demo"]["n_test"],
             seed=config["dataset"]["demo"]["seed"],
             anisotropic="--anisotropic" if config["dataset"]["demo"]["anisotropic"] else "",
-            # CT-scale options (dataset.demo.shape, spacing, n_structures, n_channels, regions)
+            # CT-scale options (dataset.demo.shape, spacing, n_structures, n_channels, regions) and label_noise
             options=demo_cli_options(config["dataset"]["demo"]),
         log:
             P.log("demo_data"),
