@@ -306,10 +306,12 @@ def _predict(args) -> None:
 
 
 def _student_report(args) -> None:
-    from fastkd.student.report import write_report
+    from fastkd.student.report import report_notes, write_report
 
     rows = write_report(args.models, args.output, args.tsv, args.title)
     print(f"wrote {args.output} and {args.tsv} ({len(rows)} models)")
+    for note in report_notes(rows):
+        print(note)
 
 
 def _evaluate_cases(args) -> None:

@@ -28,13 +28,14 @@ Layout (``fastkd_work/<ds>/evaluation/<set>/``)::
     predictions/<label>/<case><fe>               segmentations (nnU-Net naming and geometry)
     predictions/<label>/fastkd_predict.json      written last by ``fastkd predict``: the prediction is complete
     summaries/<label>.json                       nnU-Net's summary.json of that model (per case and mean)
-    dice.tsv      one row per model: label, kind, r, temperature, alpha, folds_per_case, seed (students'
-                  settings; '-' for the teachers), folds, mirroring, Dice per class, mean, s/case, cases,
-                  optimistic
-    dice.json     the same rows plus the case set, the case list, the label and prediction folders, and
-                  "groups": per setting, the mean and sample standard deviation over its seeds
-    dice.md       the table as Markdown (README command 1 prints it), with a mean ± sd table when a
-                  setting has several seeds (student.seeds)
+    dice.tsv      one row per model: label, kind, r, temperature, alpha, loss, scales, class_balanced,
+                  folds_per_case, seed (students' settings; '-' for the teachers), folds, mirroring,
+                  Dice per class, mean, s/case, cases, optimistic
+    dice.json     the same rows plus the case set, the case list, the label and prediction folders,
+                  "groups": per setting, the mean and sample standard deviation over its seeds, and
+                  "notes": a sentence per class on which the teacher ensemble is below a no-KD baseline
+    dice.md       the table as Markdown (README command 1 prints it), the notes in bold, and a mean ± sd
+                  table when a setting has several seeds (student.seeds)
     dice.png      Dice per class and model; mean Dice against seconds per case
 """
 
@@ -289,8 +290,10 @@ def evaluate(labels: str | Path, predictions: list[str | Path], out: str | Path,
         row["optimistic"] = optimistic
         rows.append(row)
     rows.sort(key=lambda row: (KINDS.index(row["kind"]), row["r"] or 0, row["label"]))
+    groups = seed_groups(rows, names)
     _write_tables(rows, names, out, {"case_set": case_set, "optimistic": optimistic, "cases": cases,
-                                     "labels": str(labels), "classes": names, "groups": seed_groups(rows, names)})
+                                     "labels": str(labels), "classes": names, "groups": groups,
+                                     "notes": weak_teacher_lines(rows, groups, names)})
     return rows
 
 
@@ -338,6 +341,9 @@ def markdown(rows: list[dict], names: list[str], meta: dict) -> str:
                                         *(format_cell(row["dice"][n], 3) for n in names), format_cell(row["mean_dice"], 3),
                                         format_cell(row["seconds_per_case"], 2)]) + " |")
     groups = meta.get("groups") or []
+    notes = meta.get("notes") or []
+    if notes:
+        lines += [""] + [f"**{note.split(': ', 1)[0]}**: {note.split(': ', 1)[1]}" for note in notes]
     if any(g["n"] > 1 for g in groups):  # repeats (student.seeds): mean and spread, to tell a difference from noise
         cols = ["setting", "seeds", *(f"Dice {n}" for n in names), "mean Dice", "s / case"]
         lines += ["", "Mean ± sample standard deviation over the seeds of each setting", "",
@@ -347,6 +353,23 @@ def markdown(rows: list[dict], names: list[str], meta: dict) -> str:
             lines.append("| " + " | ".join([g["label"], str(g["n"]), *(f"{c['mean']:.3f} ± {c['sd']:.3f}" for c in cells),
                                             f"{g['seconds_per_case']['mean']:.2f}"]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def weak_teacher_lines(rows: list[dict], groups: list[dict], names: list[str]) -> list[str]:
+    """A sentence per class on which the teacher ensemble is below a no-KD baseline (its mean over seeds):
+    :func:`fastkd.student.report.weak_teacher_notes`."""
+    from fastkd.student.report import weak_teacher_notes
+
+    teachers = [r for r in rows if r["kind"] == KINDS[0]]
+    baselines = [g for g in groups if g["kind"] == KINDS[2]]
+    notes = []
+    for teacher in teachers:
+        for g in baselines:
+            seeds = f" (mean of {g['n']} seeds)" if g["n"] > 1 else ""
+            notes += weak_teacher_notes({n: teacher["dice"][n] for n in names},
+                                        {n: g["dice"][n]["mean"] for n in names}, "the " + teacher["short"],
+                                        f"the {g['label']}{seeds}")
+    return notes
 
 
 def _write_tables(rows: list[dict], names: list[str], out: Path, meta: dict) -> None:

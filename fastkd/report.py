@@ -204,6 +204,8 @@ def _group_cells(table: dict) -> list[list[str]] | None:
 
 def _dice_section(table: dict) -> str:
     section = f"<h2>{html.escape(_dice_title(table))}</h2>\n{html_table(_dice_cells(table))}"
+    for note in table.get("notes") or []:  # weak teachers, in words (fastkd.evaluate.weak_teacher_lines)
+        section += f"\n<p><b>{html.escape(note)}</b></p>"
     groups = _group_cells(table)
     if groups:
         section += "\n<p>Mean ± sample standard deviation over the seeds of each setting:</p>\n" + html_table(groups)

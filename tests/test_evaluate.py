@@ -89,6 +89,7 @@ def test_table_scores_each_model_with_nnunets_dice(tmp_path):
     assert table["cases"] == ["case_0", "case_1", "case_2"] and not table["optimistic"]
     assert (tmp_path / "eval" / "dice.png").stat().st_size > 10_000
     assert "none of them seen in training" in (tmp_path / "eval" / "dice.md").read_text()
+    assert "Weak teachers" not in (tmp_path / "eval" / "dice.md").read_text()  # the teachers are ahead everywhere
     summary = json.loads((tmp_path / "eval" / "summaries" / "teachers.json").read_text())
     assert len(summary["metric_per_case"]) == 3  # nnU-Net's own summary.json
 
@@ -251,3 +252,30 @@ def test_dry_run_evaluates_test_set_or_each_folds_validation_cases(tmp_path):
     off = job_counts(snakemake(workdir(tmp_path, {"evaluation": {"enabled": False}}, name="off"), "-n", "--cores",
                                "1").stdout)
     assert "evaluate" not in off and "predict_teachers" not in off
+
+
+def test_teachers_below_the_baseline_on_a_class_are_named_in_words(tmp_path):
+    """Distillation cannot add what the teachers do not know: the table says so where the teacher ensemble is
+    below the no-KD baseline's mean over its seeds, class by class."""
+    maps = _labels(tmp_path / "labels")
+    teachers = _model(tmp_path, "nnUNetTrainer__nnUNetPlans__3d_fullres")
+    preds = tmp_path / "predictions"
+    folders = [_prediction(preds / "teachers", maps, teachers, folds=range(5),
+                           change=lambda seg: np.where(seg == 2, 0, seg))]  # the teachers miss every lesion
+    for seed in (0, 1):
+        nokd = _model(tmp_path, f"nnUNetTrainerFastKDNoKD{'_s1' if seed else ''}__nnUNetPlans_fastkdR2__3d_fullres", r=2)
+        (nokd / "fold_0").mkdir()
+        (nokd / "fold_0" / "fastkd_student.json").write_text(json.dumps({"alpha": 0.0, "seed": seed}))
+        folders.append(_prediction(preds / f"{nokd.name}__fold_0", maps, nokd))
+    evaluate(tmp_path / "labels", folders, tmp_path / "eval", dataset_json=DATASET_JSON, optimistic=False,
+             case_set="test", num_processes=1)
+    md = (tmp_path / "eval" / "dice.md").read_text()
+    weak = [line for line in md.splitlines() if line.startswith("**Weak teachers**")]
+    assert len(weak) == 1, md  # the lesion only: on the organ the teachers are not below
+    assert "Dice 0.000 on lesion, below the no-KD r2 fold 0 (mean of 2 seeds)'s 1.000" in weak[0]
+    assert "distillation cannot add what the teachers do not know" in weak[0]
+    table = json.loads((tmp_path / "eval" / "dice.json").read_text())
+    assert len(table["notes"]) == 1 and table["notes"][0].split(": ", 1)[1] in weak[0]
+    from fastkd.report import _dice_section  # the report's Dice page says it too
+
+    assert "Dice 0.000 on lesion, below the no-KD r2 fold 0 (mean of 2 seeds)&#x27;s 1.000" in _dice_section(table)

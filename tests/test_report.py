@@ -289,3 +289,32 @@ def test_snakemake_report_holds_every_table_and_figure(students, tmp_path):
     for caption in ("Size and cost of the teachers", "Inference speed of every prediction",
                     "The soft-label cache the students learnt from", "nnU-Net's own training curves"):
         assert caption in text
+
+
+def _validated_fold(results: Path, model: str, dice: dict) -> Path:
+    """A fold folder with only nnU-Net's final-validation summary.json (no checkpoint: no curves)."""
+    fold = results / model / "fold_0"
+    (fold / "validation").mkdir(parents=True)
+    (fold / "validation" / "summary.json").write_text(json.dumps(
+        {"mean": {c: {"Dice": d} for c, d in dice.items()}, "foreground_mean": {"Dice": sum(dice.values()) / len(dice)}}))
+    return fold
+
+
+def test_the_student_report_names_teachers_weaker_than_the_baseline(tmp_path, capsys):
+    teacher = _validated_fold(tmp_path, "nnUNetTrainer__nnUNetPlans__3d_fullres", {"1": 0.9, "2": 0.3})
+    baseline = _validated_fold(tmp_path, "nnUNetTrainerFastKDNoKD__nnUNetPlans_fastkdR2__3d_fullres", {"1": 0.8, "2": 0.6})
+    student = _validated_fold(tmp_path, "nnUNetTrainerFastKD__nnUNetPlans_fastkdR2__3d_fullres", {"1": 0.7, "2": 0.2})
+    png, tsv = tmp_path / "r2.png", tmp_path / "r2.tsv"
+    main(["student", "report", f"teacher fold 0={teacher}", f"no-KD r2 fold 0={baseline}",
+          f"KD r2 fold 0={student}", "-o", str(png), "--tsv", str(tsv)])
+    printed = capsys.readouterr().out
+    weak = [line for line in printed.splitlines() if line.startswith("Weak teachers")]
+    assert weak == ["Weak teachers: teacher fold 0 has Dice 0.300 on 2, below no-KD r2 fold 0's 0.600; distillation "
+                    "cannot add what the teachers do not know (train the teachers longer, or keep the no-KD student "
+                    "for this class)"]
+    assert png.stat().st_size > 10_000 and tsv.read_text().count("\n") == 4
+    # teachers ahead on every class: nothing said
+    ahead = _validated_fold(tmp_path / "b", "nnUNetTrainer__nnUNetPlans__3d_fullres", {"1": 0.9, "2": 0.7})
+    main(["student", "report", f"teacher fold 0={ahead}", f"no-KD r2 fold 0={baseline}",
+          "-o", str(png), "--tsv", str(tsv)])
+    assert "Weak teachers" not in capsys.readouterr().out

@@ -9,6 +9,11 @@ foreground mean, then ``optimistic``: ``true`` where the student trainer noted i
 that the validation scored cases the model trained on, i.e. fold ``all`` or fold rotation across
 splits; see :func:`fastkd.student.trainers.validation_note`). The picture's table marks those rows
 ``<label> (optimistic)``.
+
+Weak teachers are named (:func:`weak_teacher_notes`): where a teacher fold scores below the no-KD baseline
+of the same fold on a class, the picture says so in words under its title, and the command prints it,
+because distillation cannot add what the teachers do not know. The evaluation table does the same for the
+teacher ensemble against the baseline's mean over seeds (:mod:`fastkd.evaluate`).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ def load_model(label: str, fold_folder: Path) -> dict:
     if not summary.is_file():
         raise FastkdError(f"{label}: {summary} is missing (the fold's final validation has not run)")
     s = json.loads(summary.read_text())
-    row = {"label": label, "dice": {k: v["Dice"] for k, v in s["mean"].items()},
+    row = {"label": label, "kind": _kind(fold_folder), "dice": {k: v["Dice"] for k, v in s["mean"].items()},
            "mean": s["foreground_mean"]["Dice"], "optimistic": s.get("fastkd", {}).get("optimistic", False)}
     checkpoint = fold_folder / "checkpoint_final.pth"
     if checkpoint.is_file():
@@ -47,6 +52,34 @@ def load_model(label: str, fold_folder: Path) -> dict:
     if parts.is_file():
         row["kd_loss"] = [r["kd_loss"] for r in json.loads(parts.read_text())]
     return row
+
+
+def weak_teacher_notes(teacher: dict[str, float], baseline: dict[str, float], teacher_name: str,
+                       baseline_name: str) -> list[str]:
+    """One sentence per class on which ``teacher`` (Dice per class) is below ``baseline`` (the no-KD
+    student's Dice per class, or its mean over seeds); none when the teachers are ahead everywhere."""
+    below = [c for c in teacher if c in baseline and teacher[c] < baseline[c]]
+    return [f"Weak teachers: {teacher_name} has Dice {teacher[c]:.3f} on {c}, below {baseline_name}'s {baseline[c]:.3f}; "
+            "distillation cannot add what the teachers do not know (train the teachers longer, or keep the "
+            "no-KD student for this class)" for c in below]
+
+
+def _kind(fold_folder: Path) -> str:
+    """``teacher``, ``kd`` or ``baseline``, from the model folder's trainer name."""
+    trainer = Path(fold_folder).resolve().parent.name.split("__")[0]
+    if trainer.startswith("nnUNetTrainerFastKDNoKD"):
+        return "baseline"
+    return "kd" if trainer.startswith("nnUNetTrainerFastKD") else "teacher"
+
+
+def report_notes(rows: list[dict]) -> list[str]:
+    """:func:`weak_teacher_notes` of every teacher fold against every no-KD baseline of this report (their final
+    validations score the same cases when they are the same fold)."""
+    notes = []
+    for teacher in (r for r in rows if r["kind"] == "teacher"):
+        for baseline in (r for r in rows if r["kind"] == "baseline"):
+            notes += weak_teacher_notes(teacher["dice"], baseline["dice"], teacher["label"], baseline["label"])
+    return notes
 
 
 def table_cells(rows: list[dict]) -> list[list[str]]:
@@ -70,7 +103,8 @@ def figure_cells(rows: list[dict]) -> list[list[str]]:
 
 
 def write_report(models: list[str], out_png: str | Path, out_tsv: str | Path, title: str = "") -> list[dict]:
-    """``models``: ``LABEL=FOLD_FOLDER`` each. Writes the PNG and the TSV; returns the rows."""
+    """``models``: ``LABEL=FOLD_FOLDER`` each. Writes the PNG and the TSV; returns the rows (and names weak
+    teachers in the picture: :func:`report_notes`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,7 +135,9 @@ def write_report(models: list[str], out_png: str | Path, out_tsv: str | Path, ti
     t.auto_set_font_size(False)
     t.set_fontsize(8)
     t.scale(1, 1.4)
-    fig.suptitle(title)
+    notes = report_notes(rows)
+    fig.suptitle("\n".join([title, *notes]) if notes else title, fontsize=9 if notes else None,
+                 color="firebrick" if notes else None)
     fig.tight_layout()
     out_png, out_tsv = Path(out_png), Path(out_tsv)
     out_png.parent.mkdir(parents=True, exist_ok=True)
