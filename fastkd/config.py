@@ -342,6 +342,7 @@ def _semantic_problems(config: dict, base_dir: Path, check_files: bool) -> list[
             validate_model_folder(folder, teachers["configuration"], teachers["folds"], teachers["checkpoint"])
         except TeacherFolderError as e:
             problems.append(f"teachers.model_folder: {e}")
+    problems += _distillation_problems(config)
     if not problems:
         problems += _softlabel_problems(config, base_dir, check_files)
     if not problems and check_files and not plans["preprocess"]:
@@ -349,6 +350,19 @@ def _semantic_problems(config: dict, base_dir: Path, check_files: bool) -> list[
     if not problems:
         problems += _evaluation_problems(config, base_dir, check_files)
     return problems
+
+
+def _distillation_problems(config: dict) -> list[str]:
+    """The convex loss form (1 - alpha) * nnU-Net's loss + alpha * KD needs alpha <= 1 (the schema allows any
+    alpha >= 0: the additive form's weight of the KD term)."""
+    d = config["distillation"]
+    forms = d["loss"] if isinstance(d["loss"], list) else [d["loss"]]
+    alphas = d["alpha"] if isinstance(d["alpha"], list) else [d["alpha"]]
+    above = [a for a in alphas if a > 1]
+    if "convex" in forms and above:
+        return [f"distillation.alpha = {above[0]} with distillation.loss 'convex': (1 - alpha) * nnU-Net's loss + "
+                "alpha * KD needs 0 <= alpha <= 1; use loss 'additive' (nnU-Net's loss + alpha * KD) for a larger weight"]
+    return []
 
 
 def _holdout_problems(config: dict, base_dir: Path, check_files: bool) -> list[str]:

@@ -184,12 +184,12 @@ def link_cases(cases: list[str], raw_dataset: str | Path, images: str | Path, la
 
 # -- the table --------------------------------------------------------------------------------------
 #: a student's training settings shown in the table (from its fold's fastkd_student.json; None: teachers)
-SETTING_KEYS = ("temperature", "alpha", "folds_per_case", "seed")
+SETTING_KEYS = ("temperature", "alpha", "loss", "scales", "class_balanced", "folds_per_case", "seed")
 
 
 def _model_row(label: str, record: dict) -> dict:
     """What kind of model a prediction came from: its model folder's trainer and plans say it, and a
-    student's settings file its temperature, alpha, soft-label fold selection and seed."""
+    student's settings file its KD settings (SETTING_KEYS) and seed."""
     from fastkd.student import SETTINGS_FILE
 
     folder = Path(record["model"])
@@ -218,7 +218,7 @@ def _short(row: dict, seed: bool = True) -> str:
     if row["kind"] == KINDS[0]:
         return f"teacher ensemble ({len(folds)} fold{'s' if len(folds) > 1 else ''})"
     kd = row["kind"] == KINDS[1]
-    tag = settings_tag(kd, row["temperature"], row["alpha"], row["folds_per_case"], row["seed"] if seed else None)
+    tag = settings_tag(kd, {**{k: row.get(k) for k in SETTING_KEYS}, "seed": row.get("seed") if seed else None})
     return " ".join([f"{'KD' if kd else 'no-KD'} r{row['r']}", *filter(None, tag.split("_"))]) + \
         f" fold {','.join(map(str, folds))}"
 
@@ -230,16 +230,16 @@ def seed_groups(rows: list[dict], names: list[str]) -> list[dict]:
 
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        key = (row["kind"], row["r"], row.get("temperature"), row.get("alpha"), row.get("folds_per_case"),
-               tuple(row["folds"]))
+        key = (row["kind"], row["r"], *(row.get(k) for k in SETTING_KEYS if k != "seed"), tuple(row["folds"]))
         groups.setdefault(key, []).append(row)
 
     def stats(values):
         return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
 
     out = []
-    for (kind, r, t, a, f, folds), members in groups.items():
-        out.append({"label": _short(members[0], seed=False), "kind": kind, "r": r, "temperature": t, "alpha": a, "folds_per_case": f,
+    for (kind, r, *values, folds), members in groups.items():
+        settings = dict(zip([k for k in SETTING_KEYS if k != "seed"], values))
+        out.append({"label": _short(members[0], seed=False), "kind": kind, "r": r, **settings,
                     "folds": list(folds), "seeds": [m.get("seed") for m in members], "n": len(members),
                     "dice": {n: stats([m["dice"][n] for m in members]) for n in names},
                     "mean_dice": stats([m["mean_dice"] for m in members]),

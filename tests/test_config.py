@@ -93,7 +93,7 @@ def test_bad_value_is_rejected_naming_key_value_and_valid_range(tmp_path, overri
 
 def test_all_problems_are_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as info:
-        validate_config({"distillation": {"temperature": 0, "alpha": 2}}, base_dir=tmp_path)
+        validate_config({"distillation": {"temperature": 0, "alpha": -1}}, base_dir=tmp_path)
     assert "distillation.temperature" in str(info.value) and "distillation.alpha" in str(info.value)
 
 
@@ -336,3 +336,11 @@ def test_top_k_is_checked_against_dtype_classes_and_regions(tmp_path):
 def test_checked_in_configs_validate_on_top_of_config_yaml(name):
     """configs/*.yaml are documented as `--configfile configs/X.yaml` from the repository root."""
     load_config([REPO / "config.yaml", REPO / "configs" / name], base_dir=REPO)
+
+
+@pytest.mark.parametrize("distillation", [{"loss": "convex", "alpha": 1.5}, {"loss": ["additive", "convex"], "alpha": [0.5, 2]}])
+def test_the_convex_loss_form_needs_alpha_at_most_one(tmp_path, distillation):
+    with pytest.raises(ConfigError, match=r"distillation.alpha = (1.5|2) with distillation.loss 'convex'.*0 <= alpha <= 1"):
+        validate_config({"distillation": distillation}, base_dir=tmp_path)
+    config = validate_config({"distillation": {"loss": "additive", "alpha": 2}}, base_dir=tmp_path)
+    assert (config["distillation"]["loss"], config["distillation"]["alpha"]) == ("additive", 2.0)

@@ -81,7 +81,8 @@ def test_table_scores_each_model_with_nnunets_dice(tmp_path):
     assert baseline["dice"]["lesion"] == 0.0 and baseline["dice"]["organ"] == pytest.approx(organ)
     assert baseline["mean_dice"] == pytest.approx(organ / 2)
     tsv = (tmp_path / "eval" / "dice.tsv").read_text().splitlines()
-    assert tsv[0].split("\t") == ["model", "kind", "r", "temperature", "alpha", "folds_per_case", "seed", "folds",
+    assert tsv[0].split("\t") == ["model", "kind", "r", "temperature", "alpha", "loss", "scales", "class_balanced",
+                                  "folds_per_case", "seed", "folds",
                                   "mirroring", "dice_organ", "dice_lesion", "mean_dice", "seconds_per_case", "cases",
                                   "optimistic"]
     assert tsv[3].split("\t")[:2] == [f"{nokd.name}__fold_0", "no-KD baseline"] and tsv[3].endswith("\t3\tfalse")
@@ -116,7 +117,8 @@ def test_sweep_rows_carry_their_settings_and_repeats_give_mean_and_spread(tmp_pa
         model = _model(tmp_path, f"{trainer}__nnUNetPlans_fastkdR4__3d_fullres", r=4)
         (model / "fold_0").mkdir()
         (model / "fold_0" / "fastkd_student.json").write_text(json.dumps(
-            {"temperature": t, "alpha": 0.3, "folds_per_case": f, "seed": seed}))
+            {"temperature": t, "alpha": 0.3, "loss": "convex", "scales": "all", "class_balanced": False,
+             "folds_per_case": f, "seed": seed}))
         folders.append(_prediction(preds / f"{model.name}__fold_0", maps, model, change=lesion_lost(lost)))
     rows = evaluate(tmp_path / "labels", folders, tmp_path / "eval", dataset_json=DATASET_JSON, optimistic=False,
                     case_set="test", num_processes=1)
@@ -136,8 +138,10 @@ def test_sweep_rows_carry_their_settings_and_repeats_give_mean_and_spread(tmp_pa
     assert "Mean ± sample standard deviation over the seeds" in md
     assert f"| KD r4 T1 oof fold 0 | 2 | {oof['dice']['organ']['mean']:.3f} ± {oof['dice']['organ']['sd']:.3f}" in md
     tsv = [line.split("\t") for line in (tmp_path / "eval" / "dice.tsv").read_text().splitlines()]
-    assert [row[3:7] for row in tsv[1:]] == [["1.0000", "0.3000", "out_of_fold", "0"], ["1.0000", "0.3000", "out_of_fold", "1"],
-                                             ["3.0000", "0.3000", "all", "0"]]
+    forms = ["convex", "all", "false"]
+    assert [row[3:10] for row in tsv[1:]] == [["1.0000", "0.3000", *forms, "out_of_fold", "0"],
+                                              ["1.0000", "0.3000", *forms, "out_of_fold", "1"],
+                                              ["3.0000", "0.3000", *forms, "all", "0"]]
 
 
 def test_incomplete_or_mismatched_predictions_are_errors(tmp_path):

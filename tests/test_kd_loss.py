@@ -469,3 +469,109 @@ def test_soft_labels_move_with_the_target_list():
     moved = soft.to(torch.device("cpu"), non_blocking=True)
     assert moved is not soft and moved.n_classes == 4 and not moved.has_rest
     assert torch.equal(moved.dense(), soft.dense())
+
+
+# ---------------------------------------------------------------- loss forms: scales, class balance
+
+
+def ref_class_balanced_kl(z, p, T, mask=None):
+    """By hand: group the counted voxels by the teacher's argmax class, mean KL per group, mean over groups."""
+    x = z.double() / T
+    per = F.kl_div(F.log_softmax(x, 1), p.double(), reduction="none").sum(1)  # (B, *sp)
+    cls = p.argmax(1)
+    counted = torch.ones_like(cls, dtype=torch.bool) if mask is None else mask[:, 0]
+    groups = [per[(cls == c) & counted] for c in range(p.shape[1])]
+    means = [g.mean() for g in groups if g.numel()]
+    return sum(means) / len(means)
+
+
+def test_kd_scale_weights():
+    assert kd.kd_scale_weights([4 / 7, 2 / 7, 1 / 7, 0.0], "all") == [4 / 7, 2 / 7, 1 / 7, 0.0]
+    assert kd.kd_scale_weights([4 / 7, 2 / 7, 1 / 7, 0.0], "full") == [1.0, 0.0, 0.0, 0.0]
+    assert kd.kd_scale_weights(None, "full") is None and kd.kd_scale_weights(None, "all") is None
+    with pytest.raises(ValueError, match="scales = 'some'.*'full'.*'all'"):
+        kd.kd_scale_weights([1.0], "some")
+
+
+def test_full_resolution_only_is_the_full_resolution_kl_and_leaves_coarse_outputs_alone():
+    g = gen(40)
+    T = 1.0
+    p = rand_probs((2, 3, 8, 8, 8), g)
+    outs = [torch.randn((2, 3, *s), generator=g, requires_grad=True) for s in SHAPES]
+    value = KDLoss(T, kd.kd_scale_weights([4 / 7, 2 / 7, 1 / 7], "full"))(outs, p)
+    assert value.item() == pytest.approx(ref_kl(outs[0], p, T).item(), rel=1e-5)
+    value.backward()
+    assert outs[0].grad is not None and outs[1].grad is None and outs[2].grad is None
+
+
+def test_class_balanced_kl_matches_the_by_hand_group_means():
+    g = gen(41)
+    T = 2.0
+    # a background-heavy teacher: class 0 on most voxels, classes 1 and 2 on a few
+    logits = torch.randn((2, 3, 4, 4, 4), generator=g)
+    logits[:, 0] += 3
+    logits[0, 1, :2, :2, :1] += 8
+    logits[1, 2, 3:, 3:, 2:] += 8
+    p = torch.softmax(logits, 1)
+    assert set(p.argmax(1).unique().tolist()) == {0, 1, 2}
+    z = torch.randn((2, 3, 4, 4, 4), generator=g) * 2
+    mask = torch.rand((2, 1, 4, 4, 4), generator=g) > 0.25
+    for m in (None, mask):
+        expected = T * T * ref_class_balanced_kl(z, p, T, m)
+        assert KDLoss(T, class_balanced=True)(z, p, m).item() == pytest.approx(expected.item(), rel=1e-5)
+        plain = T * T * ref_kl(z, p, T, mask=m)
+        assert abs(expected.item() - plain.item()) > 1e-3  # the balanced form is another loss, not a rename
+    # the weights are 1 / (|K| N_k) at counted voxels: they sum to 1, and each class's sum is 1 / |K|
+    w = kd.class_balanced_weights(p, None, 3, mask)
+    assert w.sum().item() == pytest.approx(1.0)
+    assert not w[~mask].any()
+    cls = p.argmax(1, keepdim=True)
+    for c in range(3):
+        assert w[(cls == c) & mask].sum().item() == pytest.approx(1 / 3)
+
+
+def test_class_balanced_kl_at_every_scale_uses_each_scales_own_argmax():
+    g = gen(42)
+    T = 1.0
+    p = rand_probs((2, 3, 8, 8, 8), g)
+    outs = [torch.randn((2, 3, *s), generator=g) for s in SHAPES]
+    w = [0.5, 0.3, 0.2]
+    expected = sum(wi * ref_class_balanced_kl(o, downsample_soft(p, s), T) for wi, o, s in zip(w, outs, SHAPES))
+    assert KDLoss(T, w, class_balanced=True)(outs, p).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("rest", [False, True])
+def test_class_balanced_compact_soft_labels_give_the_dense_loss(rest, per_sample):
+    g = gen(43)
+    soft, dense = compact_case(g, rest, per_sample=per_sample)
+    mask = torch.rand((2, 1, 8, 8, 8), generator=g) > 0.2
+    loss = KDLoss(1.0, [4 / 7, 2 / 7, 1 / 7], class_balanced=True)
+    results = []
+    for target in (soft, dense):
+        outs = [(torch.randn((2, 7, *s), generator=gen(44 + i)) * 3).requires_grad_() for i, s in enumerate(SHAPES)]
+        value = loss(outs, target, mask)
+        value.backward()
+        results.append((value, [o.grad for o in outs]))
+    (v_compact, g_compact), (v_dense, g_dense) = results
+    assert v_compact.item() == pytest.approx(v_dense.item(), rel=1e-5)
+    for a, b in zip(g_compact, g_dense):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("class_balanced", [False, True])
+@pytest.mark.parametrize("scales", ["full", "all"])
+def test_every_kd_form_passes_gradcheck(class_balanced, scales):
+    g = gen(45)
+    p = rand_probs((1, 3, 4, 4, 4), g).double()
+    shapes = [(4, 4, 4), (2, 2, 2)]
+    outs = tuple((torch.randn((1, 3, *s), generator=g, dtype=torch.float64) * 2).requires_grad_() for s in shapes)
+    mask = torch.rand((1, 1, 4, 4, 4), generator=g) > 0.2
+    for T in (1.0, 3.0):
+        loss = KDLoss(T, kd.kd_scale_weights([2 / 3, 1 / 3], scales), class_balanced=class_balanced)
+        assert torch.autograd.gradcheck(lambda *zs: loss(list(zs), p, mask), outs)
+
+
+def test_class_balanced_needs_softmax_outputs():
+    with pytest.raises(ValueError, match="class_balanced KD needs softmax outputs"):
+        KDLoss(1.0, regions=True, class_balanced=True)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from wf import REPO, job_counts, snakemake, workdir
 
-from fastkd.config import ConfigError, validate_config
+from fastkd.config import ConfigError, default, validate_config
 from fastkd.errors import FastkdError
 from fastkd.paths import Paths
 from fastkd.student import Student, one, soft_label_settings, student_tag, students, trainer_name
@@ -29,7 +29,7 @@ def config(override=None):
 
 def test_a_config_of_single_values_is_one_student_and_its_baseline_with_the_plain_names():
     c = config()
-    assert students(c) == [Student(2, True, 3.0, 0.3, "all", 0), Student(2, False, None, 0.0, None, 0)]
+    assert students(c) == [KD(2, 3.0, 0.3, "all", 0), Student(2, False, None, 0.0, None, 0)]
     assert soft_label_settings(c) == [(3.0, "all")]
     assert student_tag(c, kd=True) == student_tag(c, kd=False) == ""
     p = Paths(c)
@@ -48,9 +48,9 @@ def test_every_combination_is_its_own_student_and_every_t_and_fold_selection_its
     assert soft_label_settings(c) == [(1.0, "all"), (1.0, "out_of_fold"), (3.0, "all"), (3.0, "out_of_fold")]
     folders = {s: Paths(s.config(c)).student_folder(s.r, s.kd).name for s in students(c)}
     assert len(set(folders.values())) == 18  # no two students share a model folder
-    assert folders[Student(4, True, 1.0, 0.7, "out_of_fold", 1)] == \
+    assert folders[KD(4, 1.0, 0.7, "out_of_fold", 1)] == \
         "nnUNetTrainerFastKD_T1_a0.7_oof_s1__nnUNetPlans_fastkdR4__3d_fullres"
-    assert folders[Student(4, True, 3.0, 0.3, "all", 0)] == "nnUNetTrainerFastKD__nnUNetPlans_fastkdR4__3d_fullres"
+    assert folders[KD(4, 3.0, 0.3, "all", 0)] == "nnUNetTrainerFastKD__nnUNetPlans_fastkdR4__3d_fullres"
     assert folders[Student(4, False, None, 0.0, None, 1)] == "nnUNetTrainerFastKDNoKD_s1__nnUNetPlans_fastkdR4__3d_fullres"
     caches = {(s.temperature, s.folds_per_case): Paths(s.config(c)).softlabel_cache().name for s in kd}
     assert len(set(caches.values())) == 4
@@ -60,9 +60,15 @@ def test_every_combination_is_its_own_student_and_every_t_and_fold_selection_its
     assert len({Paths(s.config(c)).softlabel_cache() for s in kd if s.temperature == 1.0 and s.folds_per_case == "all"}) == 1
 
 
+def KD(r, temperature, alpha, folds_per_case, seed, **loss):
+    """A KD student with the default loss settings (``loss`` overrides some)."""
+    values = {k: default(f"distillation.{k}") for k in ("loss", "scales", "class_balanced")}
+    return Student(r, True, temperature, alpha, folds_per_case, seed, **{**values, **loss})
+
+
 def test_a_student_config_holds_single_values_and_its_settings_its_seed_and_soft_labels(tmp_path):
     c = config(SWEEP)
-    s = Student(4, True, 1.0, 0.7, "out_of_fold", 1)
+    s = KD(4, 1.0, 0.7, "out_of_fold", 1)
     single = s.config(c)
     assert one(single, "distillation.temperature") == 1.0 and single["student"]["seeds"] == [1]
     assert single["distillation"]["reduction_factors"] == [4]
@@ -168,3 +174,38 @@ def test_dry_run_passes_the_teachers_validation_mirroring(tmp_path):
     assert len(commands) == 5 and all("--disable-validation-mirroring" in c for c in commands)
     run = snakemake(workdir(tmp_path, name="default"), "-n", "-p", "--cores", "1", "teachers")
     assert "--disable-validation-mirroring" not in run.stdout
+
+
+FORMS = {"distillation": {"temperature": 1, "alpha": [0.5, 1.0], "loss": ["additive", "convex"], "scales": ["full", "all"],
+                          "class_balanced": [False, True]}, "export": {"onnx": False}}
+
+
+def test_loss_forms_sweep_into_students_of_their_own_with_their_settings_in_the_name(tmp_path):
+    c = config(FORMS)
+    kd = [s for s in students(c) if s.kd]
+    assert len(kd) == 16 and len({(s.alpha, s.loss, s.scales, s.class_balanced) for s in kd}) == 16
+    folders = {s: Paths(s.config(c)).student_folder(s.r, s.kd).name for s in kd}
+    assert len(set(folders.values())) == 16
+    odd = {"loss": "convex" if default("distillation.loss") == "additive" else "additive",
+           "scales": "all" if default("distillation.scales") == "full" else "full",
+           "class_balanced": not default("distillation.class_balanced")}
+    s = KD(2, 1.0, 0.5, "all", 0, **odd)
+    tag = ("_ds" + odd["scales"]) + ("_cb" if odd["class_balanced"] else "_nocb")
+    assert f"_{odd['loss']}{tag}__" in folders[s]
+    assert "_additive" not in folders[KD(2, 1.0, 0.5, "all", 0)] and "_convex" not in folders[KD(2, 1.0, 0.5, "all", 0)]
+    # all four loss forms of one T share one soft-label cache
+    assert len({Paths(s.config(c)).softlabel_cache() for s in kd}) == 1
+    settings = student_settings(s.config(c), tmp_path / "cache.zarr", kd=True)
+    assert {k: settings[k] for k in odd} == odd
+    baseline = student_settings(Student(2, False, None, 0.0, None, 0).config(c), None, kd=False)
+    assert not {"loss", "scales", "class_balanced"} & set(baseline)
+
+
+def test_dry_run_of_a_loss_form_sweep_trains_each_form_with_its_own_values(tmp_path):
+    run = snakemake(workdir(tmp_path, {**FORMS, "distillation": {**FORMS["distillation"], "alpha": 1.0}}), "-n", "-p",
+                    "--cores", "2", "student")
+    trains = [t for t in re.findall(r"fastkd student train .*", run.stdout) if "--baseline" not in t]
+    assert len(trains) == 8
+    combos = {(re.search(r"distillation.loss=(\w+)", t).group(1), re.search(r"distillation.scales=(\w+)", t).group(1),
+               re.search(r"distillation.class_balanced=(\w+)", t).group(1)) for t in trains}
+    assert combos == {(f, s, b) for f in ("additive", "convex") for s in ("full", "all") for b in ("false", "true")}

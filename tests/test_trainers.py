@@ -11,15 +11,17 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from fastkd.errors import FastkdError
-from fastkd.student.trainers import (nnUNetTrainerFastKD, nnUNetTrainerFastKDBase, nnUNetTrainerFastKDNoKD,
-                                     validation_note)
+from fastkd.student.loss import KDLoss, kd_scale_weights
+from fastkd.student.trainers import (DistillationLoss, nnUNetTrainerFastKD, nnUNetTrainerFastKDBase,
+                                     nnUNetTrainerFastKDNoKD, validation_note)
 
 SCHEDULE = {"epochs": 4, "iterations_per_epoch": 3, "val_iterations_per_epoch": 2, "batch_size": 2, "save_every": 1,
             "rotate_every": 0}
 
 
 def _settings(kd: bool, **schedule) -> dict:
-    head = {"cache": "/c.zarr", "alpha": 0.3, "temperature": 3.0, "soft_dice": 0.0, "cauchy_schwarz": 0.0} if kd \
+    head = {"cache": "/c.zarr", "alpha": 0.3, "temperature": 3.0, "loss": "convex", "scales": "all",
+            "class_balanced": False, "soft_dice": 0.0, "cauchy_schwarz": 0.0} if kd \
         else {"cache": None, "alpha": 0.0}
     return {**head, "validation_mirroring": True, "schedule": {**SCHEDULE, **schedule}}
 
@@ -184,3 +186,79 @@ def test_final_validation_is_marked_and_honours_the_mirroring_setting(monkeypatc
     summary = json.loads((tmp_path / "validation" / "summary.json").read_text())
     assert summary["foreground_mean"] == {"Dice": 0.5}  # nnU-Net's content stays
     assert summary["fastkd"]["optimistic"] and "splits [0, 4]" in summary["fastkd"]["reason"]
+
+
+# -- the loss forms -------------------------------------------------------------------------------
+DS_WEIGHTS = [4 / 7, 2 / 7, 1 / 7]
+DS_SHAPES = [(8, 8, 8), (4, 4, 4), (2, 2, 2)]
+
+
+def _nnunet_hard_loss():
+    """nnU-Net's own DC+CE under its deep-supervision wrapper, as nnUNetTrainer._build_loss makes it."""
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+    dc_ce = DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1,
+                           weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
+    return DeepSupervisionWrapper(dc_ce, DS_WEIGHTS)
+
+
+def _batch(seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    outs = [(torch.randn((2, 3, *s), generator=g, dtype=dtype) * 2).requires_grad_() for s in DS_SHAPES]
+    seg = torch.randint(0, 3, (2, 1, 8, 8, 8), generator=g)
+    targets = [seg[:, :, ::f, ::f, ::f].to(dtype) for f in (1, 2, 4)]
+    soft = torch.softmax(torch.randn((2, 3, 8, 8, 8), generator=g, dtype=dtype) * 3, 1)
+    return outs, targets, soft
+
+
+@pytest.mark.parametrize("form", ["additive", "convex"])
+@pytest.mark.parametrize("scales", ["full", "all"])
+@pytest.mark.parametrize("class_balanced", [False, True])
+def test_each_loss_form_is_nnunets_loss_and_the_kd_term_combined_by_hand(form, scales, class_balanced):
+    outs, targets, soft = _batch()
+    alpha, T = 0.4, 2.0
+    hard = _nnunet_hard_loss()
+    kd = KDLoss(T, kd_scale_weights(DS_WEIGHTS, scales), class_balanced=class_balanced)
+    loss = DistillationLoss(hard, kd, alpha, None, regions=False, deep_supervision=True, form=form)
+    h, k = hard(outs, targets).item(), kd(outs, soft).item()
+    expected = (h if form == "additive" else (1 - alpha) * h) + alpha * k
+    assert loss(outs, [*targets, soft]).item() == pytest.approx(expected, rel=1e-5)
+    assert loss.last["hard"].item() == pytest.approx(h, rel=1e-6) and loss.last["kd"].item() == pytest.approx(k, rel=1e-6)
+    assert loss(outs, targets).item() == pytest.approx(h, rel=1e-6)  # the validation step: nnU-Net's loss alone
+
+
+@pytest.mark.parametrize("form", ["additive", "convex"])
+def test_each_loss_form_passes_gradcheck(form):
+    # nnU-Net's cross-entropy under its deep-supervision wrapper (its Dice term fails gradcheck on its own)
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+    from nnunetv2.training.loss.robust_ce_loss import RobustCrossEntropyLoss
+
+    outs, targets, soft = _batch(1, torch.float64)
+    kd = KDLoss(1.0, kd_scale_weights(DS_WEIGHTS, "full"))
+    hard = DeepSupervisionWrapper(RobustCrossEntropyLoss(), DS_WEIGHTS)
+    loss = DistillationLoss(hard, kd, 0.7, None, regions=False, deep_supervision=True, form=form)
+    assert torch.autograd.gradcheck(lambda *zs: loss(list(zs), [*targets, soft]), tuple(outs))
+
+
+def test_loss_forms_refuse_bad_weights():
+    for form, alpha, message in (("convex", 1.5, "0 <= alpha <= 1"), ("additive", -1.0, "alpha >= 0"),
+                                 ("mixed", 0.3, "must be one of additive, convex")):
+        with pytest.raises(ValueError, match=message):
+            DistillationLoss(None, None, alpha, None, regions=False, deep_supervision=True, form=form)
+
+
+@pytest.mark.parametrize("scales, kd_weights", [("full", [1.0, 0.0, 0.0]), ("all", DS_WEIGHTS)])
+def test_build_loss_applies_the_kd_settings(monkeypatch, tmp_path, scales, kd_weights):
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+
+    monkeypatch.setattr(nnUNetTrainer, "_build_loss", lambda self: DeepSupervisionWrapper(lambda *a: 0, DS_WEIGHTS))
+    settings = {**_settings(True), "loss": "additive", "alpha": 2.0, "scales": scales, "class_balanced": True}
+    labels = SimpleNamespace(has_regions=False, ignore_label=None)
+    trainer = _bare(nnUNetTrainerFastKD, tmp_path, settings, enable_deep_supervision=True, label_manager=labels)
+    loss = trainer._build_loss()
+    assert (loss.form, loss.alpha, loss.kd.ds_weights, loss.kd.class_balanced) == ("additive", 2.0, tuple(kd_weights), True)
+    trainer.label_manager = SimpleNamespace(has_regions=True, ignore_label=None)
+    with pytest.raises(FastkdError, match="class_balanced = true needs a label-based dataset"):
+        trainer._build_loss()

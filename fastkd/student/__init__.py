@@ -66,7 +66,16 @@ def student_kinds(config: dict) -> list[bool]:
 
 # -- sweeps -----------------------------------------------------------------------------------------
 #: the settings that may be lists (a sweep): every combination is its own student
-SWEPT = ("distillation.temperature", "distillation.alpha", "softlabels.folds_per_case", "student.seeds")
+SWEPT = ("distillation.temperature", "distillation.alpha", "distillation.loss", "distillation.scales",
+         "distillation.class_balanced", "softlabels.folds_per_case", "student.seeds")
+#: a student's settings that tell the students of a sweep apart, in tag order: (name in the student's
+#: settings and :class:`Student`, config key); all but the seed are distillation's only
+TAGGED = (("temperature", "distillation.temperature"), ("alpha", "distillation.alpha"),
+          ("loss", "distillation.loss"), ("scales", "distillation.scales"),
+          ("class_balanced", "distillation.class_balanced"), ("folds_per_case", "softlabels.folds_per_case"),
+          ("seed", "student.seeds"))
+#: the KD settings that only KD students have (the baseline's are None)
+KD_TAGGED = tuple(name for name, _ in TAGGED if name != "seed")
 
 
 def as_list(value) -> list:
@@ -90,34 +99,39 @@ def one(config: dict, key: str):
 @dataclass(frozen=True)
 class Student:
     """One student a config asks for. ``kd=False``: the no-KD baseline (no temperature, alpha 0, no
-    soft labels); its model folder is shared by every temperature, alpha and soft-label setting."""
+    loss form, no soft labels: those are None); its model folder is shared by every KD setting."""
     r: int
     kd: bool
     temperature: float | None
     alpha: float
     folds_per_case: str | None
     seed: int
+    loss: str | None = None
+    scales: str | None = None
+    class_balanced: bool | None = None
 
     def config(self, config: dict) -> dict:
         """``config`` with this student's single values (the baseline keeps the first of the swept KD values,
         which it does not use)."""
         c = copy.deepcopy(config)
         c["distillation"]["reduction_factors"] = [self.r]
-        c["distillation"]["alpha"] = self.alpha
         c["student"]["seeds"] = [self.seed]
-        if self.kd:
-            c["distillation"]["temperature"] = self.temperature
-            c["softlabels"]["folds_per_case"] = self.folds_per_case
-        else:
-            for key in ("distillation.temperature", "softlabels.folds_per_case"):
-                block, name = key.split(".")
-                c[block][name] = as_list(c[block][name])[0]
+        for name, key in TAGGED:
+            if name == "seed":
+                continue
+            block, field = key.split(".")
+            c[block][field] = getattr(self, name) if self.kd or name == "alpha" else as_list(c[block][field])[0]
         return c
+
+    @property
+    def settings(self) -> dict:
+        """This student's values of :data:`TAGGED`."""
+        return {name: getattr(self, name) for name, _ in TAGGED}
 
     @property
     def tag(self) -> str:
         """:func:`student_tag` of this student's settings."""
-        return settings_tag(self.kd, self.temperature, self.alpha, self.folds_per_case, self.seed)
+        return settings_tag(self.kd, self.settings)
 
     @property
     def label(self) -> str:
@@ -126,16 +140,21 @@ class Student:
 
 
 def students(config: dict) -> list[Student]:
-    """Every student of a validated config: each reduction factor x temperature x alpha (> 0) x soft-label
-    fold selection x seed (KD), and each reduction factor x seed (the baseline), in that order."""
+    """Every student of a validated config: each reduction factor x temperature x alpha (> 0) x loss form x
+    KD scales x class balancing x soft-label fold selection x seed (KD), and each reduction factor x seed
+    (the baseline), in that order."""
+    import itertools
+
     d, seeds = config["distillation"], as_list(config["student"]["seeds"])
     kinds = student_kinds(config)
     out = []
     for r in d["reduction_factors"]:
         if True in kinds:
-            out += [Student(r, True, float(t), float(a), f, s) for t in as_list(d["temperature"])
-                    for a in as_list(d["alpha"]) if a > 0 for f in as_list(config["softlabels"]["folds_per_case"])
-                    for s in seeds]
+            for t, a, loss, scales, cb, f, s in itertools.product(
+                    as_list(d["temperature"]), [a for a in as_list(d["alpha"]) if a > 0], as_list(d["loss"]),
+                    as_list(d["scales"]), as_list(d["class_balanced"]), as_list(config["softlabels"]["folds_per_case"]),
+                    seeds):
+                out.append(Student(r, True, float(t), float(a), f, s, loss, scales, bool(cb)))
         if False in kinds:
             out += [Student(r, False, None, 0.0, None, s) for s in seeds]
     return out
@@ -148,25 +167,41 @@ def soft_label_settings(config: dict) -> list[tuple[float, str]]:
 
 def student_tag(config: dict, kd: bool) -> str:
     """What tells the students of a sweep apart in their model folder name (``<trainer><tag>__<plans>__<cfg>``):
-    each setting that differs from its default (KD: ``_T<t>``, ``_a<alpha>``, ``_oof``; all: ``_s<seed>``), so a
-    config of default values keeps the plain names, and a student's name depends on its own settings only."""
-    if not kd:
-        return settings_tag(False, None, 0.0, None, one(config, "student.seeds"))
-    return settings_tag(True, one(config, "distillation.temperature"), one(config, "distillation.alpha"),
-                one(config, "softlabels.folds_per_case"), one(config, "student.seeds"))
+    each setting that differs from its default (KD: ``_T<t>``, ``_a<alpha>``, ``_additive`` / ``_convex``,
+    ``_dsall`` / ``_dsfull``, ``_cb`` / ``_nocb``, ``_oof``; all: ``_s<seed>``), so a config of default values
+    keeps the plain names, and a student's name depends on its own settings only."""
+    values = {name: one(config, key) if kd or name == "seed" else None for name, key in TAGGED}
+    return settings_tag(kd, values)
 
 
-def settings_tag(kd: bool, temperature, alpha, folds_per_case, seed) -> str:
-    """:func:`student_tag` from the values themselves (a student's settings file, a table row)."""
+def _tag_part(name: str, value) -> str:
+    if name == "temperature":
+        return f"T{value:g}"
+    if name == "alpha":
+        return f"a{value:g}"
+    if name == "scales":
+        return f"ds{value}"
+    if name == "class_balanced":
+        return "cb" if value else "nocb"
+    if name == "folds_per_case":
+        return "oof" if value == "out_of_fold" else str(value)
+    if name == "seed":
+        return f"s{value}"
+    return str(value)
+
+
+def settings_tag(kd: bool, values: dict) -> str:
+    """:func:`student_tag` from the values themselves (a student's settings file, a table row): ``values``
+    maps names of :data:`TAGGED` to values; a name absent or None (not known: a model folder without
+    fastkd's settings file, or a setting only KD has) adds nothing."""
     from fastkd.config import default
 
-    parts = []  # a value not known (None: a model folder without fastkd's settings file) adds nothing
-    if kd and temperature not in (None, default("distillation.temperature")):
-        parts.append(f"T{temperature:g}")
-    if kd and alpha not in (None, default("distillation.alpha")):
-        parts.append(f"a{alpha:g}")
-    if kd and folds_per_case == "out_of_fold":
-        parts.append("oof")
-    if seed not in (None, default("student.seeds")[0]):
-        parts.append(f"s{seed}")
+    parts = []
+    for name, key in TAGGED:
+        value = values.get(name)
+        if value is None or (name != "seed" and not kd):
+            continue
+        fallback = default(key)
+        if value != (fallback[0] if name == "seed" else fallback):
+            parts.append(_tag_part(name, value))
     return "".join(f"_{p}" for p in parts)

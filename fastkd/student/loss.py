@@ -14,15 +14,34 @@ KL per deep-supervision scale ``s`` (``p_s`` = ``p`` area-downsampled to the sca
                                                    + (1-p_r) (log(1-p_r) - log sigmoid(-x_r)) ]
 
 ``0 log 0 = 0`` (``p log max(p, tiny)``): uint8-quantised teacher probabilities are often exactly 0.
+
+Class-balanced KL (``class_balanced=True``, softmax mode only). The mean over counted voxels lets the
+background, 90 % or more of a medical patch, outweigh a 1 % structure 90 to 1. The class-balanced KL
+groups the counted voxels by the teachers' most likely class ``k(v) = argmax_c p_c`` (at the scale's own
+soft labels) and gives each group of the batch the same total weight::
+
+    KL_s = 1/|K_s| sum_{k in K_s} 1/N_{s,k} sum_{v: m_v, k(v) = k} KL_v
+
+with ``K_s`` the classes that are the argmax of at least one counted voxel of the batch and ``N_{s,k}``
+their counted voxels: each structure the teachers see counts as much as the background. The argmax
+(not the soft mass) decides the groups, so a class with a little stray probability somewhere is not
+made as heavy as the background on those few voxels. The weights carry no gradient; the by-voxel
+KL and its gradient are the plain mode's.
 Region mode is one Bernoulli KL per region (never a softmax across regions), computed stably as
 ``BCE-with-logits(x, p) - H(p)``. The ``T^2`` factor (Hinton et al. 2015) keeps the gradient's size
-independent of ``T``. ``w_s`` are used as given: the trainer passes nnU-Net's normalised deep
-supervision weights (``2^-s``, lowest resolution 0, sum 1), so the KD term is on the same scale as
-nnU-Net's DC+CE deep-supervision loss. Scales of weight 0 are not computed at all.
+independent of ``T``. ``w_s`` are used as given (scales of weight 0 are not computed at all): the
+trainer passes :func:`kd_scale_weights`, ``(1, 0, ..., 0)`` for KD on the full-resolution output only
+(``distillation.scales: full``) or nnU-Net's normalised deep supervision weights (``2^-s``, lowest
+resolution 0, sum 1) for KD at every scale (``all``), on the scale of nnU-Net's DC+CE deep-supervision
+loss either way.
 
-Unlike FastnnUNet (KD on the full-resolution output only, ``F.kl_div(reduction='mean')``), we apply KD
-at every weighted deep-supervision scale and average over counted voxels only; ``reduction='mean'`` also
-divides by the number of classes C, so FastnnUNet's KD term at the same alpha is C times smaller.
+Like FastnnUNet, KD on the full-resolution output only is available (``scales: full``), but the KL is
+averaged over counted voxels only and summed over classes: FastnnUNet's ``F.kl_div(reduction='mean')``
+also divides by the number of classes C, so its KD term at the same weight is C times smaller.
+
+How the KD term joins nnU-Net's loss (``distillation.loss``) is the trainer's
+:class:`fastkd.student.trainers.DistillationLoss`: ``additive`` keeps nnU-Net's DC+CE at full weight
+and adds ``alpha * KD`` on top; ``convex`` is ``(1 - alpha) * DC+CE + alpha * KD``.
 
 Downsampling. The teacher probabilities at a coarser scale are the mean of ``p`` over the counted
 voxels of each block (area interpolation, :func:`downsample_soft`; each scale pooled from the one
@@ -157,6 +176,45 @@ def kd_mask_from_target(target0: torch.Tensor, ignore_label: int | None, regions
     if target0.shape[1] != 1:
         raise ValueError(f"label target must have shape (B, 1, *spatial), got {tuple(target0.shape)}")
     return target0 != ignore_label
+
+
+def kd_scale_weights(ds_weights: Sequence[float] | None, scales: str) -> list[float] | None:
+    """The KD term's weight per deep-supervision output: ``"all"``: nnU-Net's weights as they are;
+    ``"full"``: 1 on the full-resolution output, 0 (not computed) elsewhere. ``ds_weights`` None (no deep
+    supervision) stays None: the single output has weight 1 either way."""
+    if scales not in ("full", "all"):
+        raise ValueError(f"scales = {scales!r}: must be 'full' (KD on the full-resolution output only) or 'all' "
+                         "(every deep-supervision output, at nnU-Net's weights)")
+    if ds_weights is None:
+        return None
+    weights = [float(w) for w in ds_weights]
+    return weights if scales == "all" else [1.0] + [0.0] * (len(weights) - 1)
+
+
+def _argmax_class(p: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
+    """(B, 1, *spatial) int64: the class of largest probability among the carried channels of ``p``
+    (``classes`` as in :class:`SoftLabels`; None: channel c is class c). A top-k cache's rest channel is
+    not a class: the carried classes are the most likely ones."""
+    idx = p.argmax(1, keepdim=True)
+    if classes is None:
+        return idx
+    if classes.ndim == 1:
+        return classes[idx]
+    return classes.gather(1, idx.reshape(idx.shape[0], -1)).reshape(idx.shape)
+
+
+def class_balanced_weights(p: torch.Tensor, classes: torch.Tensor | None, n_classes: int,
+                           mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-voxel weights (B, 1, *spatial) of the class-balanced KL (module docstring): ``1 / (|K| N_k(v))`` at
+    counted voxels, 0 elsewhere; they sum to 1 (0 when no voxel counts). ``p``: the carried channels
+    (B, K, *spatial), no rest channel."""
+    with torch.no_grad():
+        cls = _argmax_class(p, classes)
+        counted = torch.ones_like(cls, dtype=torch.bool) if mask is None else mask
+        counts = torch.bincount(cls[counted], minlength=n_classes).to(p.dtype)
+        present = (counts > 0).sum().clamp_min(1).to(p.dtype)
+        weights = 1.0 / (present * counts.clamp_min(1))
+        return torch.where(counted, weights[cls], 0.0)
 
 
 def _masked_mean(per_voxel: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -322,13 +380,14 @@ def _cauchy_schwarz(q: torch.Tensor, p: torch.Tensor, regions: bool) -> torch.Te
 class KDLoss(torch.nn.Module):
     """``sum_s w_s T^2 KL_s + soft_dice * SD + cauchy_schwarz * CS`` (formulas in the module docstring).
 
-    ``ds_weights``: one weight per deep-supervision output, highest resolution first (nnU-Net's
-    normalised weights); None = a single output with weight 1. ``regions``: sigmoid (region-based)
-    outputs and soft labels instead of softmax.
+    ``ds_weights``: one weight per deep-supervision output, highest resolution first (:func:`kd_scale_weights`);
+    None = a single output with weight 1. ``regions``: sigmoid (region-based) outputs and soft labels
+    instead of softmax. ``class_balanced``: each teacher-argmax class of the batch weighs the same in
+    ``KL_s`` instead of each voxel (softmax mode only).
     """
 
     def __init__(self, temperature: float, ds_weights: Sequence[float] | None = None, regions: bool = False,
-                 soft_dice: float = 0.0, cauchy_schwarz: float = 0.0):
+                 soft_dice: float = 0.0, cauchy_schwarz: float = 0.0, class_balanced: bool = False):
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature = {temperature}: must be > 0")
@@ -338,6 +397,10 @@ class KDLoss(torch.nn.Module):
         for name, value in (("soft_dice", soft_dice), ("cauchy_schwarz", cauchy_schwarz)):
             if not value >= 0:
                 raise ValueError(f"{name} = {value}: must be >= 0")
+        if class_balanced and regions:
+            raise ValueError("class_balanced KD needs softmax outputs: region-based datasets (overlapping sigmoid "
+                             "regions) have no one class per voxel to balance; use class_balanced = false")
+        self.class_balanced = bool(class_balanced)
         self.temperature = float(temperature)
         self.ds_weights = weights
         self.regions = regions
@@ -374,7 +437,11 @@ class KDLoss(torch.nn.Module):
                 else:
                     rest = p_s[:, k:] if p_s.shape[1] > k else None
                     per_voxel = _softmax_kl(z, p_s[:, :k], rest, classes, T)
-                loss = loss + w * T * T * _masked_mean(per_voxel, m)
+                if self.class_balanced:
+                    kl = (per_voxel * class_balanced_weights(p_s[:, :k], classes, z.shape[1], m)).sum()
+                else:
+                    kl = _masked_mean(per_voxel, m)
+                loss = loss + w * T * T * kl
             if self.soft_dice or self.cauchy_schwarz:
                 if compact:
                     p = SoftLabels(p, classes, soft.n_classes).dense()

@@ -15,6 +15,9 @@ config (``workflow/schemas/config.schema.yaml`` documents and checks every value
 
     {"cache": "/abs/path/of/the/soft-label/store.zarr",   # null for the baseline
      "alpha": distillation.alpha,                          # 0.0 for the baseline
+     "loss": distillation.loss,                            # KD students only: additive | convex
+     "scales": distillation.scales,                        # KD students only: full | all
+     "class_balanced": distillation.class_balanced,        # KD students only
      "seed": student.seeds (this student's one seed),
      "temperature": distillation.temperature,              # KD students only
      "folds_per_case": softlabels.folds_per_case,          # KD students only: the soft labels' teacher folds
@@ -78,6 +81,8 @@ def student_settings(config: dict, cache: str | Path | None, kd: bool) -> dict:
                           "the no-KD baseline)")
     distillation = {"cache": str(Path(cache).resolve()), "alpha": alpha,
                     "temperature": one(config, "distillation.temperature"),
+                    "loss": one(config, "distillation.loss"), "scales": one(config, "distillation.scales"),
+                    "class_balanced": one(config, "distillation.class_balanced"),
                     "folds_per_case": one(config, "softlabels.folds_per_case")} if kd else {"cache": None, "alpha": 0.0}
     distillation["seed"] = one(config, "student.seeds")
     root = root_attrs(cache) if kd else None

@@ -34,8 +34,10 @@ one concern:
 - :class:`nnUNetTrainerFastKD`, the distilled student:
 
   - ``_build_loss`` wraps nnU-Net's DC+CE (or DC+BCE for regions) with deep supervision in
-    :class:`DistillationLoss`: ``(1 - alpha) * nnU-Net loss + alpha * KD``, KD from
-    :class:`fastkd.student.loss.KDLoss` at every deep-supervision scale with nnU-Net's scale weights;
+    :class:`DistillationLoss`: ``nnU-Net loss + alpha * KD`` (``distillation.loss: additive``) or
+    ``(1 - alpha) * nnU-Net loss + alpha * KD`` (``convex``), KD from :class:`fastkd.student.loss.KDLoss`
+    on the full-resolution output or at every deep-supervision scale (``distillation.scales``), plain or
+    class-balanced (``distillation.class_balanced``);
   - ``get_dataloaders`` puts :class:`fastkd.student.loader.KDDataLoader` in place of the training
     loader (validation keeps the stock loader and the plain nnU-Net loss, so the pseudo-Dice and the
     validation loss curves compare with a plain nnU-Net run);
@@ -67,16 +69,28 @@ from fastkd.student import KD_LOSSES_FILE, N_SPLITS, RUN_FILES, SETTINGS_FILE, m
 STOCK_TRAINER = "nnUNetTrainer"
 
 
+#: how the KD term joins nnU-Net's loss (``distillation.loss``)
+LOSS_FORMS = ("additive", "convex")
+
+
 class DistillationLoss(torch.nn.Module):
-    """``(1 - alpha) * hard(output, target) + alpha * kd(output, soft, mask)``.
+    """``form="additive"``: ``hard(output, target) + alpha * kd(output, soft, mask)``, nnU-Net's loss at
+    full weight with the KD term on top (alpha >= 0); ``form="convex"``: ``(1 - alpha) * hard + alpha * kd``
+    (0 <= alpha <= 1), which also weakens nnU-Net's Dice term, its only class-balanced one.
 
     ``target`` is nnU-Net's target (a list under deep supervision); during training the soft labels
     ride as one extra last element (see :meth:`nnUNetTrainerFastKD.train_step`). Without it (the
     validation step) this is nnU-Net's loss alone.
     """
 
-    def __init__(self, hard, kd, alpha: float, ignore_label: int | None, regions: bool, deep_supervision: bool):
+    def __init__(self, hard, kd, alpha: float, ignore_label: int | None, regions: bool, deep_supervision: bool,
+                 form: str = "convex"):
         super().__init__()
+        if form not in LOSS_FORMS:
+            raise ValueError(f"loss form {form!r}: must be one of {', '.join(LOSS_FORMS)}")
+        if not alpha >= 0 or (form == "convex" and alpha > 1):
+            raise ValueError(f"alpha = {alpha}: the {form} form needs " + ("0 <= alpha <= 1" if form == "convex" else "alpha >= 0"))
+        self.form = form
         self.hard, self.kd, self.alpha = hard, kd, float(alpha)
         self.ignore_label, self.regions, self.deep_supervision = ignore_label, regions, deep_supervision
         self.last = {}
@@ -93,7 +107,7 @@ class DistillationLoss(torch.nn.Module):
         full_res = target[0] if self.deep_supervision else target
         kd = self.kd(output, soft, kd_mask_from_target(full_res, self.ignore_label, self.regions))
         self.last = {"hard": hard.detach(), "kd": kd.detach()}
-        return (1 - self.alpha) * hard + self.alpha * kd
+        return (hard if self.form == "additive" else (1 - self.alpha) * hard) + self.alpha * kd
 
 
 class nnUNetTrainerFastKDBase(nnUNetTrainer):
@@ -204,16 +218,19 @@ class nnUNetTrainerFastKD(nnUNetTrainerFastKDBase):
 
     # -- loss ------------------------------------------------------------------------------------
     def _build_loss(self):
-        from fastkd.student.loss import KDLoss
+        from fastkd.student.loss import KDLoss, kd_scale_weights
 
         hard = super()._build_loss()
         s = self.settings
-        kd = KDLoss(s["temperature"],
-                    ds_weights=list(hard.weight_factors) if self.enable_deep_supervision else None,
-                    regions=self.label_manager.has_regions, soft_dice=s["soft_dice"],
-                    cauchy_schwarz=s["cauchy_schwarz"])
-        return DistillationLoss(hard, kd, s["alpha"], self.label_manager.ignore_label,
-                                self.label_manager.has_regions, self.enable_deep_supervision)
+        regions = self.label_manager.has_regions
+        if s["class_balanced"] and regions:
+            raise FastkdError("distillation.class_balanced = true needs a label-based dataset; this one is "
+                              "region-based (overlapping sigmoid regions have no one class per voxel): set it to false")
+        ds_weights = list(hard.weight_factors) if self.enable_deep_supervision else None
+        kd = KDLoss(s["temperature"], ds_weights=kd_scale_weights(ds_weights, s["scales"]), regions=regions,
+                    soft_dice=s["soft_dice"], cauchy_schwarz=s["cauchy_schwarz"], class_balanced=s["class_balanced"])
+        return DistillationLoss(hard, kd, s["alpha"], self.label_manager.ignore_label, regions,
+                                self.enable_deep_supervision, form=s["loss"])
 
     def train_step(self, batch: dict) -> dict:
         target, soft = batch["target"], batch.pop("softlabels")

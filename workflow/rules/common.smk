@@ -110,7 +110,8 @@ def student_settings_args(name):
     keep = {k: v for k, v in sp.config["student"].items() if k not in ("folds", "baseline") and (s.kd or k not in KD_KEYS)}
     subset = {"student": keep}
     if s.kd:
-        subset["distillation"] = {k: sp.config["distillation"][k] for k in ("temperature", "alpha")}
+        subset["distillation"] = {k: sp.config["distillation"][k] for k in ("temperature", "alpha", "loss", "scales",
+                                                                             "class_balanced")}
         subset["softlabels"] = {"folds_per_case": s.folds_per_case}
     return " ".join(q(pair) for pair in overrides(subset))
 
