@@ -52,12 +52,13 @@ def test_trainer_names_match_the_classes():
 def test_settings_are_the_config_student_block_without_run_keys(tmp_path):
     from fastkd.student.run import RUN_KEYS, student_settings
 
-    config = _config(tmp_path, {"temperature": 2.0, "alpha": 0.4},
+    config = _config(tmp_path, {"temperature": 2.0, "alpha": 1.5, "loss": "additive", "scales": "full",
+                                "class_balanced": True},
                      {"schedule": {"epochs": 7, "rotate_every": 2}, "validation_mirroring": False, "soft_dice": 0.5,
                       "augmentation": "da5", "folds": [1, "all"]})
     s = student_settings(config, tmp_path / "c.zarr", kd=True)
-    assert s == {"cache": str((tmp_path / "c.zarr").resolve()), "alpha": 0.4, "temperature": 2.0, "soft_dice": 0.5,
-                 "folds_per_case": "all", "seed": 0,
+    assert s == {"cache": str((tmp_path / "c.zarr").resolve()), "alpha": 1.5, "temperature": 2.0, "soft_dice": 0.5,
+                 "loss": "additive", "scales": "full", "class_balanced": True, "folds_per_case": "all", "seed": 0,
                  "cauchy_schwarz": 0.0, "validation_mirroring": False,
                  "schedule": {"epochs": 7, "iterations_per_epoch": 250, "val_iterations_per_epoch": 50,
                               "batch_size": None, "save_every": 5, "rotate_every": 2}}
@@ -73,10 +74,12 @@ def test_baseline_settings_ignore_what_only_distillation_uses(tmp_path):
     from fastkd.student.run import student_settings
 
     a = _config(tmp_path, {"temperature": 2.0, "alpha": 0.3}, {"soft_dice": 0.0})
-    b = _config(tmp_path, {"temperature": 5.0, "alpha": 0.7}, {"soft_dice": 0.5, "cauchy_schwarz": 1.0})
+    b = _config(tmp_path, {"temperature": 5.0, "alpha": 0.7, "loss": "additive", "scales": "full", "class_balanced": True},
+                {"soft_dice": 0.5, "cauchy_schwarz": 1.0})
     base = student_settings(a, tmp_path / "t2.zarr", kd=False)
     assert base == student_settings(b, tmp_path / "t5.zarr", kd=False)  # a T sweep does not retrain the baseline
     assert base["cache"] is None and base["alpha"] == 0.0 and "temperature" not in base and "soft_dice" not in base
+    assert not {"loss", "scales", "class_balanced"} & set(base)
     assert student_settings(a, tmp_path / "t2.zarr", kd=True) != student_settings(b, tmp_path / "t5.zarr", kd=True)
 
 
