@@ -63,10 +63,10 @@ def test_dry_run_declares_every_preprocessed_case(tmp_path):
 
 
 def test_bad_config_stops_snakemake_before_any_job(tmp_path):
-    wd = workdir(tmp_path, {"distillation": {"alpha": 1.5}, "teachers": {"folds": [0, 7]}})
+    wd = workdir(tmp_path, {"distillation": {"alpha": -0.5}, "teachers": {"folds": [0, 7]}})
     run = snakemake(wd, "--cores", "1", check=False)
     assert run.returncode != 0
-    assert "distillation.alpha = 1.5 (float): must be <= 1" in run.stderr
+    assert "distillation.alpha = -0.5 (float): must be >= 0" in run.stderr
     assert "teachers.folds[1] = 7 (int): must be <= 4" in run.stderr
     assert not (wd / "nnUNet_raw").exists() and not (wd / "fastkd_work").exists()
 
