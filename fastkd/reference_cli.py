@@ -1,11 +1,15 @@
 """The reference system's training commands: FastnnUNet's flags mapped onto fastkd's workflow.
 
 ``nnUNetv2_distillation_train`` and ``nnUNetv2_resenc_distillation_train`` take FastnnUNet's flags
-(same names, same defaults). :func:`resolve` maps them onto a fastkd config (it reads folders but
-writes and runs nothing; the config is validated by the workflow's schema, and errors name the flag
-and the key); :func:`fastkd.workflow.run_workflow` then runs the workflow with that student fold as
-its target. So the stage sequence exists once, and a soft-label cache of the same teachers and
-settings is reused whether the workflow or an earlier command built it.
+(same names and defaults, except the KD loss: ``-a`` and ``-temp`` default to fastkd's 1 and 1 with
+the additive, full-resolution, class-balanced form, which beat FastnnUNet's 0.3 and 3 with its convex
+form in benchmarks/kd_protocol.py; ``--loss convex --class-balanced false -a 0.3 -temp 3`` is
+FastnnUNet's form, up to its KL's division by the number of classes). :func:`resolve` maps them onto
+a fastkd config (it reads folders but writes and runs nothing; the config is validated by the
+workflow's schema, and errors name the flag and the key); :func:`fastkd.workflow.run_workflow` then
+runs the workflow with that student fold as its target. So the stage sequence exists once, and a
+soft-label cache of the same teachers and settings is reused whether the workflow or an earlier command
+built it.
 
 Where things are, as nnU-Net users expect: nnU-Net's folders from ``nnUNet_raw``,
 ``nnUNet_preprocessed``, ``nnUNet_results``; fastkd's work folder is ``--work`` (default
@@ -46,8 +50,9 @@ TEACHER_TRAINER = "nnUNetTrainer"
 #: flags that set one config key each (default and check: the schema's); FastnnUNet's, then fastkd's extras
 REFERENCE_KEYS = [
     (["-tcp"], "teachers.checkpoint", "Teacher checkpoint file name in each fold_X"),
-    (["-a", "--alpha"], "distillation.alpha", "Distillation loss weight in [0, 1], controls the ratio of soft label "
-     "and hard label losses: (1-a) * nnU-Net loss + a * T^2 * KL (0 trains the no-KD baseline, no soft labels)"),
+    (["-a", "--alpha"], "distillation.alpha", "Distillation loss weight >= 0: nnU-Net loss + a * T^2 * KL with "
+     "fastkd's default --loss additive, (1-a) * nnU-Net loss + a * T^2 * KL (a <= 1) with --loss convex, "
+     "FastnnUNet's form (0 trains the no-KD baseline, no soft labels)"),
     (["-temp", "--temperature"], "distillation.temperature", "Distillation temperature > 0, controls the "
      "smoothness of soft labels; each temperature has its own soft-label cache"),
     (["-e", "--epochs"], "student.schedule.epochs", "Maximum number of training epochs"),
@@ -60,6 +65,12 @@ EXTRA_KEYS = [
     (["--step-size"], "softlabels.step_size", "sliding-window step of the teachers' soft-label pass (patch fraction)"),
     (["--cache-dtype"], "softlabels.dtype", "soft-label storage: uint8 (k/255, sums exactly 1) or float16"),
     (["-num_gpus"], "student.num_gpus", "GPUs for nnU-Net's multi-GPU (DDP) training (with -d_device cuda)"),
+    (["--loss"], "distillation.loss", "how KD joins nnU-Net's loss: additive (fastkd's default) or convex "
+     "(FastnnUNet's)"),
+    (["--kd-scales"], "distillation.scales", "KD on the full-resolution output only (full, the default, as "
+     "FastnnUNet) or on every deep-supervision output (all)"),
+    (["--class-balanced"], "distillation.class_balanced", "true (the default): each class the teachers predict "
+     "weighs as much in the KL as the background; false: every voxel the same (FastnnUNet's)"),
     (["--soft-dice"], "student.soft_dice", "weight of a soft Dice term against the soft labels"),
     (["--cauchy-schwarz"], "student.cauchy_schwarz", "weight of a Cauchy-Schwarz divergence term"),
 ]
@@ -126,7 +137,7 @@ def build_parser(resenc: bool = False) -> argparse.ArgumentParser:
     d = DEFAULTS[resenc]
     prog = RESENC_PROG if resenc else PROG
     parser, ref = reference_parser(
-        prog, resenc, "-d 4 -f 0 -a 0.3 -temp 3.0 -r 2 --dry-run",
+        prog, resenc, "-d 4 -f 0 -a 1 -temp 1 -r 2 --dry-run",
         f"FastnnUNet's {'ResEnc ' if resenc else ''}knowledge distillation training, run as fastkd's workflow: the "
         "teacher folds run once per training case into a soft-label cache (reused across runs and with the "
         "workflow), then a student with the teachers' topology and features per stage / r trains on patches plus "

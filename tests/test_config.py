@@ -25,7 +25,7 @@ def test_repo_config_is_valid_and_complete(tmp_path):
     config = validate_config(demo_config(), base_dir=tmp_path)
     assert config["dataset"]["raw"] == "demo"
     assert config["teachers"]["folds"] == [0, 1, 2, 3, 4]
-    assert config["distillation"]["temperature"] == 3.0
+    assert config["distillation"]["temperature"] == 1.0 and config["student"]["seeds"] == [0, 1, 2]
 
 
 def test_empty_config_gets_every_default(tmp_path):
@@ -57,7 +57,7 @@ def test_defaults_do_not_leak_between_configs(tmp_path):
 BAD_VALUES = [
     ({"distillation": {"temperature": 0}}, ["distillation.temperature", "0", "> 0"]),
     ({"distillation": {"temperature": -1.5}}, ["distillation.temperature", "-1.5", "> 0"]),
-    ({"distillation": {"alpha": 1.2}}, ["distillation.alpha", "1.2", "<= 1"]),
+    ({"distillation": {"alpha": 1.2, "loss": "convex"}}, ["distillation.alpha", "1.2", "<= 1"]),
     ({"distillation": {"alpha": -0.1}}, ["distillation.alpha", "-0.1", ">= 0"]),
     ({"distillation": {"reduction_factors": [0]}}, ["distillation.reduction_factors[0]", "0", ">= 1"]),
     ({"distillation": {"reduction_factors": []}}, ["distillation.reduction_factors", "at least 1"]),
@@ -253,7 +253,7 @@ def test_defaults_come_from_the_schema():
 
     student = load_schema()["properties"]["student"]["properties"]
     assert default("student.schedule.epochs") == student["schedule"]["properties"]["epochs"]["default"] == 1000
-    assert default("distillation.temperature") == 3.0
+    assert default("distillation.temperature") == 1.0
     with pytest.raises(KeyError, match="'student.nope' is not a fastkd config key"):
         default("student.nope")
 
@@ -274,7 +274,7 @@ def test_command_line_flags_are_checked_by_the_schema():
             arg_type(key)(text)
     # argparse defaults are the schema's
     args = build_parser().parse_args(["softlabels", "fill", "-o", "s", "-t", "t", "-m", "m"])
-    assert (args.temperature, args.step_size, args.dtype, args.device) == (3.0, 0.5, "uint8", "cpu")
+    assert (args.temperature, args.step_size, args.dtype, args.device) == (1.0, 0.5, "uint8", "cpu")
     args = build_parser().parse_args(["teachers", "train", "-d", "4", "-f", "0"])
     assert (args.epochs, args.iterations, args.save_every, args.trainer) == (1000, 250, 10, "nnUNetTrainer")
 

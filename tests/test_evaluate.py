@@ -110,38 +110,38 @@ def test_sweep_rows_carry_their_settings_and_repeats_give_mean_and_spread(tmp_pa
             return out
         return change
 
-    settings = [("nnUNetTrainerFastKD_T1_oof", 1.0, "out_of_fold", 0, 0.0),
-                ("nnUNetTrainerFastKD_T1_oof_s1", 1.0, "out_of_fold", 1, 0.5),
-                ("nnUNetTrainerFastKD", 3.0, "all", 0, 1.0)]
+    settings = [("nnUNetTrainerFastKD_oof", 1.0, "out_of_fold", 0, 0.0),
+                ("nnUNetTrainerFastKD_oof_s1", 1.0, "out_of_fold", 1, 0.5),
+                ("nnUNetTrainerFastKD_T3", 3.0, "all", 0, 1.0)]
     for trainer, t, f, seed, lost in settings:
         model = _model(tmp_path, f"{trainer}__nnUNetPlans_fastkdR4__3d_fullres", r=4)
         (model / "fold_0").mkdir()
         (model / "fold_0" / "fastkd_student.json").write_text(json.dumps(
-            {"temperature": t, "alpha": 0.3, "loss": "convex", "scales": "all", "class_balanced": False,
+            {"temperature": t, "alpha": 1.0, "loss": "additive", "scales": "full", "class_balanced": True,
              "folds_per_case": f, "seed": seed}))
         folders.append(_prediction(preds / f"{model.name}__fold_0", maps, model, change=lesion_lost(lost)))
     rows = evaluate(tmp_path / "labels", folders, tmp_path / "eval", dataset_json=DATASET_JSON, optimistic=False,
                     case_set="test", num_processes=1)
     by_seed = {(r["temperature"], r["seed"]): r for r in rows}
-    assert by_seed[(1.0, 1)]["short"] == "KD r4 T1 oof s1 fold 0" and by_seed[(3.0, 0)]["short"] == "KD r4 fold 0"
-    assert by_seed[(1.0, 0)]["folds_per_case"] == "out_of_fold" and by_seed[(1.0, 0)]["alpha"] == 0.3
+    assert by_seed[(1.0, 1)]["short"] == "KD r4 oof s1 fold 0" and by_seed[(3.0, 0)]["short"] == "KD r4 T3 fold 0"
+    assert by_seed[(1.0, 0)]["folds_per_case"] == "out_of_fold" and by_seed[(1.0, 0)]["alpha"] == 1.0
     table = json.loads((tmp_path / "eval" / "dice.json").read_text())
     groups = {g["label"]: g for g in table["groups"]}
-    assert set(groups) == {"KD r4 T1 oof fold 0", "KD r4 fold 0"}
-    oof = groups["KD r4 T1 oof fold 0"]
+    assert set(groups) == {"KD r4 oof fold 0", "KD r4 T3 fold 0"}
+    oof = groups["KD r4 oof fold 0"]
     lesion = [by_seed[(1.0, s)]["dice"]["lesion"] for s in (0, 1)]
     assert oof["n"] == 2 and oof["seeds"] == [0, 1] and lesion[0] > lesion[1]
     assert oof["dice"]["lesion"]["mean"] == pytest.approx(np.mean(lesion))
     assert oof["dice"]["lesion"]["sd"] == pytest.approx(np.std(lesion, ddof=1))
-    assert groups["KD r4 fold 0"]["n"] == 1 and groups["KD r4 fold 0"]["dice"]["lesion"]["sd"] == 0.0
+    assert groups["KD r4 T3 fold 0"]["n"] == 1 and groups["KD r4 T3 fold 0"]["dice"]["lesion"]["sd"] == 0.0
     md = (tmp_path / "eval" / "dice.md").read_text()
     assert "Mean ± sample standard deviation over the seeds" in md
-    assert f"| KD r4 T1 oof fold 0 | 2 | {oof['dice']['organ']['mean']:.3f} ± {oof['dice']['organ']['sd']:.3f}" in md
+    assert f"| KD r4 oof fold 0 | 2 | {oof['dice']['organ']['mean']:.3f} ± {oof['dice']['organ']['sd']:.3f}" in md
     tsv = [line.split("\t") for line in (tmp_path / "eval" / "dice.tsv").read_text().splitlines()]
-    forms = ["convex", "all", "false"]
-    assert [row[3:10] for row in tsv[1:]] == [["1.0000", "0.3000", *forms, "out_of_fold", "0"],
-                                              ["1.0000", "0.3000", *forms, "out_of_fold", "1"],
-                                              ["3.0000", "0.3000", *forms, "all", "0"]]
+    forms = ["additive", "full", "true"]
+    assert [row[3:10] for row in tsv[1:]] == [["3.0000", "1.0000", *forms, "all", "0"],
+                                              ["1.0000", "1.0000", *forms, "out_of_fold", "0"],
+                                              ["1.0000", "1.0000", *forms, "out_of_fold", "1"]]
 
 
 def test_incomplete_or_mismatched_predictions_are_errors(tmp_path):
@@ -241,15 +241,15 @@ def test_dry_run_evaluates_test_set_or_each_folds_validation_cases(tmp_path):
     run = snakemake(workdir(tmp_path, {"distillation": {"reduction_factors": [2, 4]}, "student": {"folds": [0, 1]}}),
                     "-n", "--cores", "1", "evaluation")
     counts = job_counts(run.stdout)
-    # the test set: one teacher ensemble prediction, every student fold and baseline, one table
-    assert (counts["predict_teachers"], counts["predict_student"], counts["evaluate"]) == (1, 8, 1)
+    # the test set: one teacher ensemble prediction, every student fold and baseline (3 seeds each), one table
+    assert (counts["predict_teachers"], counts["predict_student"], counts["evaluate"]) == (1, 24, 1)
     assert "evaluation_cases" not in counts and "evaluation/test/dice.tsv" in run.stdout
     wd = workdir(tmp_path, {"dataset": {"demo": {"n_test": 0}}, "student": {"folds": [0, 1]}}, name="validation")
     run = snakemake(wd, "-n", "--cores", "1", "evaluation")
     counts = job_counts(run.stdout)
     # no test set: each fold's students on that fold's validation cases, the teachers there too
     assert (counts["evaluation_cases"], counts["predict_teachers"], counts["predict_student"], counts["evaluate"]) \
-        == (2, 2, 4, 2)
+        == (2, 2, 12, 2)
     assert "evaluation/fold_1_validation/dice.tsv" in run.stdout
     assert "evaluation/fold_1_validation/predictions/nnUNetTrainerFastKDNoKD__nnUNetPlans_fastkdR2__3d_fullres" \
            "__fold_1" in run.stdout

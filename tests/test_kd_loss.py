@@ -572,6 +572,55 @@ def test_every_kd_form_passes_gradcheck(class_balanced, scales):
         assert torch.autograd.gradcheck(lambda *zs: loss(list(zs), p, mask), outs)
 
 
-def test_class_balanced_needs_softmax_outputs():
-    with pytest.raises(ValueError, match="class_balanced KD needs softmax outputs"):
-        KDLoss(1.0, regions=True, class_balanced=True)
+def by_hand_region_balanced_kl(z, p, T, mask):
+    """Loops over regions and their inside / outside groups, with the Bernoulli KL written out."""
+    total = 0.0
+    q = torch.sigmoid(z.double() / T)
+    pd = p.double()
+    counted = torch.ones_like(pd[:, :1], dtype=torch.bool) if mask is None else mask
+    for r in range(p.shape[1]):
+        pr, qr_, c = pd[:, r:r + 1], q[:, r:r + 1], counted
+        kl = torch.where(pr > 0, pr * torch.log(pr.clamp_min(1e-300) / qr_), 0.0) \
+            + torch.where(pr < 1, (1 - pr) * torch.log((1 - pr).clamp_min(1e-300) / (1 - qr_)), 0.0)
+        groups = [sel for sel in ((pr >= 0.5) & c, (pr < 0.5) & c) if sel.any()]
+        total += sum(kl[sel].mean() for sel in groups) / max(len(groups), 1)
+    return total
+
+
+def test_region_class_balanced_kl_matches_the_by_hand_group_means():
+    g = gen(46)
+    T = 2.0
+    # region 0 is large (the whole tumour), region 1 small, region 2 absent (never >= 0.5)
+    logits = torch.randn((2, 3, 4, 4, 4), generator=g) - 2
+    logits[:, 0, 1:, 1:, 1:] += 6
+    logits[0, 1, :2, :2, :1] += 8
+    logits[:, 2] = -6
+    p = torch.sigmoid(logits)
+    z = torch.randn((2, 3, 4, 4, 4), generator=g) * 2
+    mask = torch.rand((2, 1, 4, 4, 4), generator=g) > 0.25
+    for m in (None, mask):
+        expected = T * T * by_hand_region_balanced_kl(z, p, T, m)
+        got = KDLoss(T, regions=True, class_balanced=True)(z, p, m).item()
+        assert got == pytest.approx(float(expected), rel=1e-5)
+        plain = KDLoss(T, regions=True)(z, p, m).item()
+        assert abs(got - plain) > 1e-3  # another loss, not a rename
+    # each region's weights sum to 1 over counted voxels, half inside and half outside where both exist
+    w = kd.region_balanced_weights(p, mask)
+    assert not w[~mask.expand_as(w)].any()
+    for r, halves in ((0, 2), (1, 2), (2, 1)):
+        assert w[:, r].sum().item() == pytest.approx(1.0)
+        inside = (p[:, r:r + 1] >= 0.5) & mask
+        assert w[:, r:r + 1][inside].sum().item() == pytest.approx(0.5 if halves == 2 else 0.0)
+
+
+def test_region_class_balanced_gradient_is_the_weighted_sigmoid_residual():
+    """Region mode computes in float32 (so no float64 gradcheck): its gradient against the closed form
+    d/dz [w T^2 KL(p || sigmoid(z / T))] = w T (sigmoid(z / T) - p), w the balanced weights."""
+    g = gen(47)
+    p = rand_probs((2, 3, 4, 4, 4), g, regions=True)
+    mask = torch.rand((2, 1, 4, 4, 4), generator=g) > 0.2
+    for T in (1.0, 3.0):
+        z = (torch.randn((2, 3, 4, 4, 4), generator=g) * 2).requires_grad_()
+        KDLoss(T, regions=True, class_balanced=True)(z, p, mask).backward()
+        expected = kd.region_balanced_weights(p, mask) * T * (torch.sigmoid(z.detach() / T) - p)
+        torch.testing.assert_close(z.grad, expected, rtol=1e-4, atol=1e-7)

@@ -24,7 +24,8 @@ REFERENCE_FLAGS = ["-d", "--dataset_id", "-c", "-f", "--fold", "-t", "--teacher_
                    "-rotate_freq", "-e", "--epochs", "--use_da5", "-tpl", "--teacher_plans"]
 RESENC_FLAGS = ["-spl", "--student_plans", "-bs", "--block_strategy"]
 EXTRA_FLAGS = ["--iterations", "--val-iterations", "--batch-size", "--save-every", "--step-size", "--cache-dtype",
-               "-num_gpus", "--soft-dice", "--cauchy-schwarz", "--threads", "--work", "--dry-run"]
+               "-num_gpus", "--loss", "--kd-scales", "--class-balanced", "--soft-dice", "--cauchy-schwarz", "--threads",
+               "--work", "--dry-run"]
 
 
 def plans(name, resenc=False, data_identifier="nnUNetPlans_3d_fullres"):
@@ -92,11 +93,13 @@ def main(capsys, *argv, resenc=False):
 
 
 # -- defaults and the flag mapping ---------------------------------------------------------------
-def test_defaults_equal_the_reference(fake):
+def test_defaults_equal_the_reference_but_the_kd_loss_is_fastkds(fake):
     plan = resolve("-d_device", "cpu")
     cfg, s = plan.config, plan.settings
     assert (plan.configuration, plan.fold, plan.r) == ("3d_fullres", 0, 2)
-    assert (s["alpha"], s["temperature"], s["schedule"]["epochs"], s["schedule"]["rotate_every"]) == (0.3, 3.0, 1000, 0)
+    assert (s["schedule"]["epochs"], s["schedule"]["rotate_every"]) == (1000, 0)
+    # FastnnUNet's -a 0.3 -temp 3 (convex) trailed the no-KD baseline; fastkd's schema defaults instead
+    assert (s["alpha"], s["temperature"], s["loss"], s["scales"], s["class_balanced"]) == (1.0, 1.0, "additive", "full", True)
     assert cfg["teachers"]["folds"] == [0, 1]  # auto-detected: fold_2 has no checkpoint_final.pth
     assert cfg["teachers"]["checkpoint"] == "checkpoint_final.pth"
     assert plan.teacher_folder.name == "nnUNetTrainer__nnUNetPlans__3d_fullres"
@@ -110,7 +113,7 @@ def test_defaults_equal_the_reference(fake):
     assert plan.student_plans_name == "nnUNetPlans_fastkdR2"
     assert str(plan.student_plans_file) == f"nnUNet_preprocessed/{DS}/nnUNetPlans_fastkdR2.json"
     assert str(plan.model_folder) == f"nnUNet_results/{DS}/nnUNetTrainerFastKD__nnUNetPlans_fastkdR2__3d_fullres/fold_0"
-    assert str(plan.cache).startswith(f"fastkd_work/{DS}/softlabels/3d_fullres__T3__mirror__step0.5__uint8__")
+    assert str(plan.cache).startswith(f"fastkd_work/{DS}/softlabels/3d_fullres__T1__mirror__step0.5__uint8__")
     assert s["cache"] == str(plan.cache.resolve())
 
 
@@ -176,6 +179,9 @@ def _get(plan, key):
      {"settings.schedule.iterations_per_epoch": 3, "settings.schedule.val_iterations_per_epoch": 2,
       "settings.schedule.batch_size": 4, "settings.schedule.save_every": 2, "settings.soft_dice": 0.1,
       "settings.cauchy_schwarz": 0.2, "config.resources.train_student.threads": 1}),
+    (["--loss", "convex", "--kd-scales", "all", "--class-balanced", "false", "-a", "0.3", "-temp", "3"],
+     {"settings.loss": "convex", "settings.scales": "all", "settings.class_balanced": False, "settings.alpha": 0.3,
+      "trainer": "nnUNetTrainerFastKD_T3_a0.3_convex_dsall_nocb"}),
     (["--step-size", "0.25", "--cache-dtype", "float16", "--work", "elsewhere"],
      {"cache": lambda p: str(p).startswith(f"elsewhere/{DS}/softlabels/") and "__step0.25__float16__" in p.name}),
 ])
@@ -254,7 +260,8 @@ def test_a_complete_store_of_the_same_settings_is_reused(fake):
 # -- errors --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv, code, message", [
     (["-a", "-0.5"], 2, "argument -a/--alpha: distillation.alpha = -0.5 (float): must be >= 0"),
-    (["-a", "1.5"], 1, "-a/--alpha (distillation.alpha) = 1.5 with distillation.loss 'convex'"),
+    (["-a", "1.5", "--loss", "convex"], 1, "-a/--alpha (distillation.alpha) = 1.5 with distillation.loss 'convex'"),
+    (["--loss", "mixed"], 2, "argument --loss: distillation.loss = 'mixed' (str): must be one of"),
     (["-temp", "0"], 2, "argument -temp/--temperature: distillation.temperature = 0 (int): must be > 0"),
     (["-r", "0"], 2, "argument -r/--reduction_factor: distillation.reduction_factors[] = 0 (int): must be >= 1"),
     (["-e", "0"], 2, "argument -e/--epochs: student.schedule.epochs = 0 (int): must be >= 1"),
@@ -341,7 +348,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(fake, capsys):
                  "5 cases x 2 teacher fold(s)",
                  f"nnUNetPlans_fastkdR2 -> nnUNet_preprocessed/{DS}/nnUNetPlans_fastkdR2.json",
                  f"nnUNet_results/{DS}/nnUNetTrainerFastKD_T2__nnUNetPlans_fastkdR2__3d_fullres/fold_0 (new)",
-                 "nnUNetTrainerFastKD_T2, alpha = 0.3, T = 2, 1000 epochs x 250 iterations",
+                 "nnUNetTrainerFastKD_T2, alpha = 1, T = 2, 1000 epochs x 250 iterations",
                  "cuda:1 (CUDA_VISIBLE_DEVICES=1)", '"temperature": 2.0', "fastkd config", "reduction_factors:"):
         assert text in out, text
     assert "CUDA_VISIBLE_DEVICES" not in os.environ

@@ -29,7 +29,7 @@ from wf import BIN, TINY, env, nnunet_env, sha256, snakemake
 DS = "Dataset900_FastkdDemo"
 TEACHERS = "nnUNetTrainer__nnUNetPlans__3d_fullres"
 KD = "nnUNetTrainerFastKD__nnUNetPlans_fastkdR2__3d_fullres"
-# the distilled student at T = 2: a setting off its default is in the model folder's name, so the T = 3
+# the distilled student at T = 2: a setting off its default is in the model folder's name, so the T = 1
 # student stays as it was (the tests after the temperature test run at T = 2)
 KD_T2 = "nnUNetTrainerFastKD_T2__nnUNetPlans_fastkdR2__3d_fullres"
 NOKD = "nnUNetTrainerFastKDNoKD__nnUNetPlans_fastkdR2__3d_fullres"
@@ -160,7 +160,7 @@ def wf(trained, tmp_path_factory):
 @pytest.mark.slow
 def test_new_temperature_reruns_soft_labels_and_what_follows_only(wf):
     before = stamps(wf)
-    old = store(wf, 3)
+    old = store(wf, 1)
     old_root = (old / "zarr.json").read_bytes()
     configure(wf, distillation={"temperature": 2.0})
     dry = snakemake(wf, "-n", "--cores", "2")
@@ -172,26 +172,26 @@ def test_new_temperature_reruns_soft_labels_and_what_follows_only(wf):
     assert not ran.keys() & (UPSTREAM | {"train_baseline", "predict_teachers", "student_plans", "student_info"})
     shard = reason(dry, "softlabels_shard", "shard-1-of-2")
     assert shard.startswith("Missing output files: ") and "3d_fullres__T2__" in shard  # T is in the store's name
-    # a new student (its own folder, T in the name), while the T = 3 student stays where it is
+    # a new student (its own folder, T in the name), while the T = 1 student stays where it is
     assert reason(dry, "train_student").startswith("Missing output files: ") and KD_T2 in reason(dry, "train_student")
     assert KD_T2 in reason(dry, "export_onnx") and KD_T2 in reason(dry, "predict_student")  # not NOKD's
-    kd_t3 = (student_folder(wf, KD) / "validation" / "summary.json").stat().st_mtime_ns
+    kd_t1 = (student_folder(wf, KD) / "validation" / "summary.json").stat().st_mtime_ns
 
     run = snakemake(wf, "--cores", "2", *BUILT)
     assert rules(run) == {"softlabels_shard": 2, "softlabels_finalize": 1, "softlabels_preview": 1, "train_student": 1,
                           "export_onnx": 1, "student_report": 1, "softlabels": 1, "student": 1, "export": 1}
     assert stamps(wf) == before  # no teacher, preprocessing or baseline file was rewritten
-    assert (old / "zarr.json").read_bytes() == old_root  # the T = 3 store is kept as it was
+    assert (old / "zarr.json").read_bytes() == old_root  # the T = 1 store is kept as it was
     new = store(wf, 2)
     assert verify(wf, new).returncode == 0
     settings = json.loads((student_folder(wf) / "fastkd_student.json").read_text())
     assert settings["temperature"] == 2.0 and settings["cache"] == str(new.resolve())
     log = (wf / "fastkd_work" / "logs" / "train_student" / f"{DS}__{KD_T2}_fold_{FOLD}.log").read_text()
     assert "Epoch 0" in log and "resuming" not in log  # other settings: trained from scratch, never continued
-    assert (student_folder(wf, KD) / "validation" / "summary.json").stat().st_mtime_ns == kd_t3
+    assert (student_folder(wf, KD) / "validation" / "summary.json").stat().st_mtime_ns == kd_t1
     assert nothing_to_do(wf, *BUILT)
-    # back to T = 3: its student and store are still there, only the r = 2 report (its list of students) would rerun
-    configure(wf, distillation={"temperature": 3.0})
+    # back to T = 1: its student and store are still there, only the r = 2 report (its list of students) would rerun
+    configure(wf, distillation={"temperature": 1.0})
     assert set(rules(snakemake(wf, "-n", "--cores", "2", *BUILT))) <= {"student_report", "student"}
     configure(wf, distillation={"temperature": 2.0})
     assert nothing_to_do(wf, *BUILT)

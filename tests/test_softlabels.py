@@ -46,7 +46,7 @@ def fastkd(*args, wd: Path, check=True) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_snakemake_fills_a_complete_verified_cache(trained):
     [store] = stores(trained)
-    assert store.name == "3d_fullres__T3__mirror__step0.5__uint8__teachers-" + store.name.split("-")[-1]
+    assert store.name == "3d_fullres__T1__mirror__step0.5__uint8__teachers-" + store.name.split("-")[-1]
     reader = SoftLabelCache(store)
     cases = [f"demo_{i:03d}" for i in range(5)]
     teacher_manifest, preprocess_manifest = manifests(trained)
@@ -108,7 +108,7 @@ def test_new_temperature_keeps_the_old_cache_and_reruns_only_soft_labels(trained
     assert job_counts(run.stdout) == {"softlabels_shard": 2, "softlabels_finalize": 1, "softlabels_preview": 1,
                                       "softlabels": 1}
     assert "3d_fullres__T2__mirror" in run.stdout
-    assert len(stores(trained)) == 1  # a dry run writes nothing, and the T = 3 store stays
+    assert len(stores(trained)) == 1  # a dry run writes nothing, and the T = 1 store stays
 
 
 @pytest.mark.slow

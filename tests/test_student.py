@@ -285,7 +285,8 @@ def test_snakemake_trains_stock_nnunet_students(students):
         assert set(summary["mean"]) == {"1", "2"} and "Dice" in summary["mean"]["1"]
         assert not list(fold.glob("*.partial"))
     kd_settings = json.loads((kd_fold / "fastkd_student.json").read_text())
-    assert kd_settings["alpha"] == 0.3 and kd_settings["temperature"] == 3.0 and kd_settings["cache"].endswith(".zarr")
+    assert kd_settings["alpha"] == 1.0 and kd_settings["temperature"] == 1.0 and kd_settings["cache"].endswith(".zarr")
+    assert (kd_settings["loss"], kd_settings["scales"], kd_settings["class_balanced"]) == ("additive", "full", True)
     assert json.loads((base_fold / "fastkd_student.json").read_text())["alpha"] == 0.0
     losses = json.loads((kd_fold / "kd_losses.json").read_text())
     assert [r["epoch"] for r in losses] == [0, 1] and all(r["kd_loss"] > 0 for r in losses)
@@ -362,7 +363,7 @@ def test_temperature_must_match_the_cache(students):
                                "student.schedule.iterations_per_epoch=1"])
     out, _ = run.communicate(timeout=300)
     assert run.returncode == 1, out
-    assert "temperature: the cache was made with T = 3.0, expected T = 2.0" in out
+    assert "temperature: the cache was made with T = 1.0, expected T = 2.0" in out
     assert "Traceback" not in out
     fold = wd / "nnUNet_results" / DS / "nnUNetTrainerFastKD__nnUNetPlans_fastkdR2__3d_fullres" / "fold_2"
     assert not (fold / "checkpoint_final.pth").exists()

@@ -21,7 +21,9 @@ SWEEP = {"distillation": {"temperature": [1, 3], "alpha": [0.3, 0.7], "reduction
 
 
 def config(override=None):
+    """The demo config with one seed (config.yaml's three would triple every list), plus ``override``."""
     c = yaml.safe_load((REPO / "config.yaml").read_text())
+    c["student"]["seeds"] = [0]
     for block, values in (override or {}).items():
         c[block].update(copy.deepcopy(values))
     return validate_config(c, check_files=False)
@@ -29,12 +31,12 @@ def config(override=None):
 
 def test_a_config_of_single_values_is_one_student_and_its_baseline_with_the_plain_names():
     c = config()
-    assert students(c) == [KD(2, 3.0, 0.3, "all", 0), Student(2, False, None, 0.0, None, 0)]
-    assert soft_label_settings(c) == [(3.0, "all")]
+    assert students(c) == [KD(2, 1.0, 1.0, "all", 0), Student(2, False, None, 0.0, None, 0)]
+    assert soft_label_settings(c) == [(1.0, "all")]
     assert student_tag(c, kd=True) == student_tag(c, kd=False) == ""
     p = Paths(c)
     assert p.student_folder(2).name == "nnUNetTrainerFastKD__nnUNetPlans_fastkdR2__3d_fullres"
-    assert p.softlabel_cache().name.startswith("3d_fullres__T3__mirror__step0.5__uint8__teachers-")
+    assert p.softlabel_cache().name.startswith("3d_fullres__T1__mirror__step0.5__uint8__teachers-")
 
 
 def test_every_combination_is_its_own_student_and_every_t_and_fold_selection_its_own_cache():
@@ -48,9 +50,9 @@ def test_every_combination_is_its_own_student_and_every_t_and_fold_selection_its
     assert soft_label_settings(c) == [(1.0, "all"), (1.0, "out_of_fold"), (3.0, "all"), (3.0, "out_of_fold")]
     folders = {s: Paths(s.config(c)).student_folder(s.r, s.kd).name for s in students(c)}
     assert len(set(folders.values())) == 18  # no two students share a model folder
-    assert folders[KD(4, 1.0, 0.7, "out_of_fold", 1)] == \
-        "nnUNetTrainerFastKD_T1_a0.7_oof_s1__nnUNetPlans_fastkdR4__3d_fullres"
-    assert folders[KD(4, 3.0, 0.3, "all", 0)] == "nnUNetTrainerFastKD__nnUNetPlans_fastkdR4__3d_fullres"
+    assert folders[KD(4, 3.0, 0.7, "out_of_fold", 1)] == \
+        "nnUNetTrainerFastKD_T3_a0.7_oof_s1__nnUNetPlans_fastkdR4__3d_fullres"
+    assert folders[KD(4, 1.0, 0.3, "all", 0)] == "nnUNetTrainerFastKD_a0.3__nnUNetPlans_fastkdR4__3d_fullres"
     assert folders[Student(4, False, None, 0.0, None, 1)] == "nnUNetTrainerFastKDNoKD_s1__nnUNetPlans_fastkdR4__3d_fullres"
     caches = {(s.temperature, s.folds_per_case): Paths(s.config(c)).softlabel_cache().name for s in kd}
     assert len(set(caches.values())) == 4
@@ -125,13 +127,13 @@ def test_dry_run_of_a_sweep_has_a_job_per_student_and_cache_and_evaluates_every_
     trains = re.findall(r"fastkd student train .*", run.stdout)
     assert len(trains) == 18
     kd = [t for t in trains if "--baseline" not in t]
-    assert sum("distillation.temperature=1.0" in t and "distillation.alpha=0.7" in t
+    assert sum("distillation.temperature=3.0" in t and "distillation.alpha=0.7" in t
                and "softlabels.folds_per_case=out_of_fold" in t and "student.seeds=[1]" in t for t in kd) == 1
     assert sum("student.seeds=[1]" in t for t in trains) == 9
     # the table's rows: one prediction per student, all of them evaluated
     predicted = set(re.findall(r"evaluation/test/predictions/([^/\s,]+)__fold_0", run.stdout))
     assert len(predicted) == 18
-    assert "nnUNetTrainerFastKD_T1_a0.7_oof_s1__nnUNetPlans_fastkdR4__3d_fullres" in predicted
+    assert "nnUNetTrainerFastKD_T3_a0.7_oof_s1__nnUNetPlans_fastkdR4__3d_fullres" in predicted
     assert "nnUNetTrainerFastKDNoKD_s1__nnUNetPlans_fastkdR4__3d_fullres" in predicted
 
 
@@ -177,7 +179,8 @@ def test_dry_run_passes_the_teachers_validation_mirroring(tmp_path):
 
 
 FORMS = {"distillation": {"temperature": 1, "alpha": [0.5, 1.0], "loss": ["additive", "convex"], "scales": ["full", "all"],
-                          "class_balanced": [False, True]}, "export": {"onnx": False}}
+                          "class_balanced": [False, True]}, "export": {"onnx": False},
+         "student": {"seeds": [0]}}
 
 
 def test_loss_forms_sweep_into_students_of_their_own_with_their_settings_in_the_name(tmp_path):

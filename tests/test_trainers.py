@@ -260,5 +260,5 @@ def test_build_loss_applies_the_kd_settings(monkeypatch, tmp_path, scales, kd_we
     loss = trainer._build_loss()
     assert (loss.form, loss.alpha, loss.kd.ds_weights, loss.kd.class_balanced) == ("additive", 2.0, tuple(kd_weights), True)
     trainer.label_manager = SimpleNamespace(has_regions=True, ignore_label=None)
-    with pytest.raises(FastkdError, match="class_balanced = true needs a label-based dataset"):
-        trainer._build_loss()
+    loss = trainer._build_loss()
+    assert (loss.kd.regions, loss.kd.class_balanced) == (True, True)  # regions balance inside against outside

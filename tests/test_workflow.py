@@ -21,9 +21,11 @@ def test_dry_run_dag_of_the_demo(tmp_path):
     assert job_counts(run.stdout) == {"demo_data": 1, "plan_preprocess": 1, "train_teacher": 5,
                                       "teacher_manifest": 1, "softlabels_shard": 2, "softlabels_finalize": 1,
                                       "softlabels_preview": 1, "student_plans": 1, "student_info": 1,
-                                      "train_student": 1, "train_baseline": 1, "student_report": 1,
-                                      "export_onnx": 2, "predict_teachers": 1, "predict_student": 2,
-                                      "evaluate": 1, "report_summary": 1, "all": 1}
+                                      "train_student": 3, "train_baseline": 3, "student_report": 1,
+                                      "export_onnx": 6, "predict_teachers": 1, "predict_student": 6,
+                                      "evaluate": 1, "report_summary": 1, "all": 1}  # 3 seeds of each student
+    for seed in ("", "_s1", "_s2"):
+        assert f"nnUNetTrainerFastKD{seed}__nnUNetPlans_fastkdR2__3d_fullres/fold_0/validation/summary.json" in run.stdout
     for fold in range(5):
         assert f"fold_{fold}/checkpoint_final.pth" in run.stdout
     assert "nnUNetTrainerFastKD__nnUNetPlans_fastkdR2__3d_fullres/fold_0/validation/summary.json" in run.stdout
@@ -36,12 +38,12 @@ def test_dry_run_dag_of_the_demo(tmp_path):
 def test_dry_run_students_per_reduction_factor_fold_and_kind(tmp_path):
     wd = workdir(tmp_path, {"distillation": {"reduction_factors": [2, 4]}, "student": {"folds": [1, "all"]}})
     counts = job_counts(snakemake(wd, "-n", "--cores", "1", "student").stdout)
-    assert counts["student_plans"] == 2 and counts["train_student"] == 4 and counts["train_baseline"] == 4
+    assert counts["student_plans"] == 2 and counts["train_student"] == 12 and counts["train_baseline"] == 12
     assert counts["student_report"] == 2
     wd = workdir(tmp_path, {"distillation": {"alpha": 0.0}, "student": {"augmentation": "da5"}}, name="nokd")
     run = snakemake(wd, "-n", "--cores", "1", "student")
     counts = job_counts(run.stdout)
-    assert "train_student" not in counts and counts["train_baseline"] == 1 and "softlabels_shard" not in counts
+    assert "train_student" not in counts and counts["train_baseline"] == 3 and "softlabels_shard" not in counts
     assert "nnUNetTrainerFastKDNoKD_DA5__nnUNetPlans_fastkdR2__3d_fullres/fold_0" in run.stdout
 
 
@@ -88,10 +90,10 @@ def test_hippocampus_dag_takes_cases_from_dataset_json(tmp_path):
     run = snakemake(wd, "-n", "--cores", "2")
     assert job_counts(run.stdout) == {"plan_preprocess": 1, "train_teacher": 5, "teacher_manifest": 1,
                                       "softlabels_shard": 2, "softlabels_finalize": 1, "softlabels_preview": 1,
-                                      "student_plans": 1, "student_info": 1, "train_student": 1,
-                                      "train_baseline": 1, "student_report": 1, "export_onnx": 2,
+                                      "student_plans": 1, "student_info": 1, "train_student": 3,
+                                      "train_baseline": 3, "student_report": 1, "export_onnx": 6,
                                       # the Decathlon's test images carry no labels: fold 0's validation cases
-                                      "evaluation_cases": 1, "predict_teachers": 1, "predict_student": 2,
+                                      "evaluation_cases": 1, "predict_teachers": 1, "predict_student": 6,
                                       "evaluate": 1, "report_summary": 1, "all": 1}
     cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (HIPPOCAMPUS / "imagesTr").glob("*_0000.nii.gz"))
     assert len(cases) == 200

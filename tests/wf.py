@@ -20,7 +20,7 @@ TINY = {
     "plans": {"num_processes": 1},
     "teachers": {"folds": [0], "schedule": {"epochs": 1, "iterations_per_epoch": 2, "val_iterations_per_epoch": 1,
                                             "batch_size": 2, "save_every": 1}},
-    "student": {"schedule": {"epochs": 2, "iterations_per_epoch": 2, "val_iterations_per_epoch": 1, "batch_size": 2,
+    "student": {"seeds": [0], "schedule": {"epochs": 2, "iterations_per_epoch": 2, "val_iterations_per_epoch": 1, "batch_size": 2,
                              "save_every": 1}},
     "resources": {"plan_preprocess": {"threads": 1}, "train_teacher": {"threads": 2}, "train_student": {"threads": 1}},
 }

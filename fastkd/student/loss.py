@@ -15,7 +15,7 @@ KL per deep-supervision scale ``s`` (``p_s`` = ``p`` area-downsampled to the sca
 
 ``0 log 0 = 0`` (``p log max(p, tiny)``): uint8-quantised teacher probabilities are often exactly 0.
 
-Class-balanced KL (``class_balanced=True``, softmax mode only). The mean over counted voxels lets the
+Class-balanced KL (``class_balanced=True``). The mean over counted voxels lets the
 background, 90 % or more of a medical patch, outweigh a 1 % structure 90 to 1. The class-balanced KL
 groups the counted voxels by the teachers' most likely class ``k(v) = argmax_c p_c`` (at the scale's own
 soft labels) and gives each group of the batch the same total weight::
@@ -26,7 +26,14 @@ with ``K_s`` the classes that are the argmax of at least one counted voxel of th
 their counted voxels: each structure the teachers see counts as much as the background. The argmax
 (not the soft mass) decides the groups, so a class with a little stray probability somewhere is not
 made as heavy as the background on those few voxels. The weights carry no gradient; the by-voxel
-KL and its gradient are the plain mode's.
+KL and its gradient are the plain mode's. In region mode (overlapping regions: no one class per voxel)
+each region is balanced on its own: its counted voxels inside (``p_r >= 0.5``) and outside weigh the
+same in total, and the regions add up as in the plain region KL::
+
+    KL_s = sum_r 1/|G_{s,r}| sum_{g in G_{s,r}} 1/N_{s,r,g} sum_{v: m_v, g_r(v) = g} KL_{v,r}
+
+with ``G_{s,r}`` the groups (inside, outside) of region ``r`` that hold at least one counted voxel of
+the batch.
 Region mode is one Bernoulli KL per region (never a softmax across regions), computed stably as
 ``BCE-with-logits(x, p) - H(p)``. The ``T^2`` factor (Hinton et al. 2015) keeps the gradient's size
 independent of ``T``. ``w_s`` are used as given (scales of weight 0 are not computed at all): the
@@ -217,6 +224,21 @@ def class_balanced_weights(p: torch.Tensor, classes: torch.Tensor | None, n_clas
         return torch.where(counted, weights[cls], 0.0)
 
 
+def region_balanced_weights(p: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-voxel, per-region weights (B, R, *spatial) of the region-mode class-balanced KL (module
+    docstring): for each region, ``1 / (|G_r| N_{r,g}(v))`` at counted voxels, with ``g`` inside
+    (``p_r >= 0.5``) or outside; each region's weights sum to 1 (0 when no voxel counts)."""
+    with torch.no_grad():
+        inside = p >= 0.5
+        counted = torch.ones_like(inside) if mask is None else mask.expand_as(inside)
+        axes = [0, *range(2, p.ndim)]
+        n_in = (inside & counted).sum(axes, keepdim=True).to(p.dtype)
+        n_out = (~inside & counted).sum(axes, keepdim=True).to(p.dtype)
+        groups = ((n_in > 0).to(p.dtype) + (n_out > 0).to(p.dtype)).clamp_min(1)
+        weights = torch.where(inside, 1.0 / (groups * n_in.clamp_min(1)), 1.0 / (groups * n_out.clamp_min(1)))
+        return torch.where(counted, weights, 0.0)
+
+
 def _masked_mean(per_voxel: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean of (B, 1, *spatial) values over counted voxels; 0 when none counts (never NaN)."""
     if mask is None:
@@ -344,12 +366,15 @@ def _softmax_kl(z: torch.Tensor, p: torch.Tensor, rest: torch.Tensor | None,
     return _SoftmaxCrossEntropy.apply(z, p, rest, classes, float(temperature)) + entropy
 
 
+def _region_kl(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Per-voxel, per-region Bernoulli KL(p_r || sigmoid(x_r)), (B, R, *spatial)."""
+    return F.binary_cross_entropy_with_logits(x, p, reduction="none") + _xlogx(p) + _xlogx(1 - p)
+
+
 def _kl(x: torch.Tensor, p: torch.Tensor, regions: bool) -> torch.Tensor:
     """Per-voxel KL(p || act(x)) summed over channels, (B, 1, *spatial), p dense over all channels."""
     if regions:
-        bce = F.binary_cross_entropy_with_logits(x, p, reduction="none")
-        per_channel = bce + _xlogx(p) + _xlogx(1 - p)
-        return per_channel.sum(1, keepdim=True)
+        return _region_kl(x, p).sum(1, keepdim=True)
     return _softmax_kl(x, p, None, None)
 
 
@@ -383,7 +408,7 @@ class KDLoss(torch.nn.Module):
     ``ds_weights``: one weight per deep-supervision output, highest resolution first (:func:`kd_scale_weights`);
     None = a single output with weight 1. ``regions``: sigmoid (region-based) outputs and soft labels
     instead of softmax. ``class_balanced``: each teacher-argmax class of the batch weighs the same in
-    ``KL_s`` instead of each voxel (softmax mode only).
+    ``KL_s`` instead of each voxel (region mode: the inside and outside of each region).
     """
 
     def __init__(self, temperature: float, ds_weights: Sequence[float] | None = None, regions: bool = False,
@@ -397,9 +422,6 @@ class KDLoss(torch.nn.Module):
         for name, value in (("soft_dice", soft_dice), ("cauchy_schwarz", cauchy_schwarz)):
             if not value >= 0:
                 raise ValueError(f"{name} = {value}: must be >= 0")
-        if class_balanced and regions:
-            raise ValueError("class_balanced KD needs softmax outputs: region-based datasets (overlapping sigmoid "
-                             "regions) have no one class per voxel to balance; use class_balanced = false")
         self.class_balanced = bool(class_balanced)
         self.temperature = float(temperature)
         self.ds_weights = weights
@@ -432,15 +454,17 @@ class KDLoss(torch.nn.Module):
             weighted = [(w, z) for w, z in zip(self.ds_weights, outputs) if w != 0]
             for (w, z), p_s in zip(weighted, _pyramid(p, [z.shape[2:] for _, z in weighted], mask)):
                 m = None if mask is None else downsample_mask(mask, z.shape[2:])
-                if self.regions:
-                    per_voxel = _kl(z.float() / T, p_s, True)
+                if self.regions and self.class_balanced:
+                    kl = (_region_kl(z.float() / T, p_s) * region_balanced_weights(p_s, m)).sum()
+                elif self.regions:
+                    kl = _masked_mean(_kl(z.float() / T, p_s, True), m)
                 else:
                     rest = p_s[:, k:] if p_s.shape[1] > k else None
                     per_voxel = _softmax_kl(z, p_s[:, :k], rest, classes, T)
-                if self.class_balanced:
-                    kl = (per_voxel * class_balanced_weights(p_s[:, :k], classes, z.shape[1], m)).sum()
-                else:
-                    kl = _masked_mean(per_voxel, m)
+                    if self.class_balanced:
+                        kl = (per_voxel * class_balanced_weights(p_s[:, :k], classes, z.shape[1], m)).sum()
+                    else:
+                        kl = _masked_mean(per_voxel, m)
                 loss = loss + w * T * T * kl
             if self.soft_dice or self.cauchy_schwarz:
                 if compact:

@@ -223,9 +223,6 @@ class nnUNetTrainerFastKD(nnUNetTrainerFastKDBase):
         hard = super()._build_loss()
         s = self.settings
         regions = self.label_manager.has_regions
-        if s["class_balanced"] and regions:
-            raise FastkdError("distillation.class_balanced = true needs a label-based dataset; this one is "
-                              "region-based (overlapping sigmoid regions have no one class per voxel): set it to false")
         ds_weights = list(hard.weight_factors) if self.enable_deep_supervision else None
         kd = KDLoss(s["temperature"], ds_weights=kd_scale_weights(ds_weights, s["scales"]), regions=regions,
                     soft_dice=s["soft_dice"], cauchy_schwarz=s["cauchy_schwarz"], class_balanced=s["class_balanced"])
