@@ -396,7 +396,7 @@ def test_trains_a_student_on_the_workflows_cache(trained):
     fold = wd / "nnUNet_results" / DS / "nnUNetTrainerFastKD_a0.4__nnUNetPlans_fastkdR2__3d_fullres" / "fold_0"
     assert (fold / "checkpoint_final.pth").is_file() and (fold / "validation" / "summary.json").is_file()
     settings = json.loads((fold / "fastkd_student.json").read_text())
-    assert (settings["alpha"], settings["temperature"], settings["cache"]) == (0.4, 3.0, str(stores[0]))
+    assert (settings["alpha"], settings["temperature"], settings["cache"]) == (0.4, 1.0, str(stores[0]))
     assert "nnUNetv2_predict -i INPUT_FOLDER -o OUTPUT_FOLDER -d 900 -c 3d_fullres -f 0 -tr nnUNetTrainerFastKD_a0.4 " \
            "-p nnUNetPlans_fastkdR2" in run.stdout
 
