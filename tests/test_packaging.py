@@ -94,11 +94,19 @@ def test_schema_ships_inside_the_package():
     assert "distillation" in load_schema()["properties"]
 
 
+def ci_steps(text: str) -> list[str]:
+    """The commands of a bash script, one per line, without the shebang, comments and blank lines."""
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
 def test_ci_runs_the_readme_test_command():
+    """.ci/run is strict bash that goes to the clone's root, starts from a fresh venv and then runs exactly
+    the README's test command as its last line (so `... && pytest || true` or a later step cannot hide it)."""
     readme = (REPO / "README.md").read_text()
-    ci = (REPO / ".ci" / "run").read_text()
     command = readme.split("<!-- test-command -->", 1)[1].split("```bash", 1)[1].split("```", 1)[0].strip()
-    assert command and command in ci
+    assert len(command.splitlines()) == 1 and command.endswith("&& pytest"), command
+    assert ci_steps((REPO / ".ci" / "run").read_text()) == [
+        "set -euo pipefail", 'cd "$(dirname "$0")/.."', "rm -rf .venv", command]
 
 
 @pytest.mark.parametrize("given, expected", [(None, "1"), ("0", "0")])
