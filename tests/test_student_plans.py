@@ -191,8 +191,19 @@ def test_resenc_block_strategies(planned, strategy, r):
         assert kwargs["n_conv_per_stage_decoder"] == t_kwargs["n_conv_per_stage_decoder"]
 
 
-def test_block_strategies_constant():
-    assert BLOCK_STRATEGIES == ("reduce", "keep", "increase", "adaptive")
+def test_every_block_strategy_is_a_valid_setting_and_an_unknown_one_is_refused():
+    """One list of strategies: the schema's enum and the reference CLI's -bs choices are BLOCK_STRATEGIES
+    (derive_student_plans' own refusal of 'fast' is tested above), and a name outside it is refused."""
+    from fastkd.config import load_schema
+    from fastkd.reference_cli import build_parser
+
+    schema = load_schema()["properties"]["student"]["properties"]["block_strategy"]
+    assert tuple(schema["enum"]) == BLOCK_STRATEGIES
+    parser = build_parser(resenc=True)
+    for strategy in BLOCK_STRATEGIES:
+        assert parser.parse_args(["-d", "4", "-bs", strategy]).block_strategy == strategy
+    with pytest.raises(SystemExit):
+        parser.parse_args(["-d", "4", "-bs", "halve"])
 
 
 # -- the student network in nnU-Net ----------------------------------------------------------------
