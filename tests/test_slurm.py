@@ -302,7 +302,11 @@ def test_gpu_jobs_ask_slurm_for_gpus(slurm_cluster, slurm_softlabels, tmp_path):
     assert [rule for rule, _, _ in jobs] == ["softlabels_shard"], run.stdout + run.stderr
     record = slurm_cluster.job(jobs[0][1])
     assert record["TresPerJob"] == "gres:gpu:1", record
-    assert record["JobState"] in ("COMPLETED", "FAILED"), record
+    # SLURM scheduled it on the placeholder GPU and ran it; fastkd then refused: this machine has no CUDA
+    assert record["JobState"] == "FAILED", record
+    logs = [jobs[0][2], *(wd / "fastkd_work" / "logs").rglob("*")]
+    said = "\n".join(p.read_text(errors="replace") for p in logs if p.is_file())
+    assert "softlabels.device = 'cuda' but torch sees no CUDA GPU" in said, said[-3000:]
 
 
 @pytest.mark.slow
