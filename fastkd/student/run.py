@@ -100,13 +100,24 @@ def student_fold_folder(results: str | Path, dataset_name: str, plans_name: str,
     return Path(results) / dataset_name / folder / f"fold_{fold}"
 
 
+def same_settings(old: dict | None, new: dict) -> bool:
+    """Whether a run of the settings ``old`` continues as one of ``new``: equal but for the folder the
+    soft-label store lies in (the store's name holds its settings, ``teachers`` its teachers' checkpoints),
+    so that a work folder copied or moved elsewhere keeps its students."""
+    def where_free(settings):
+        cache = settings.get("cache")
+        return {**settings, "cache": Path(cache).name if cache else cache}
+
+    return old is not None and where_free(old) == where_free(new)
+
+
 def prepare_fold_folder(fold_folder: Path, settings: dict) -> bool:
     """Write the settings; move a run of other settings aside. Returns whether there is a run to resume."""
     fold_folder.mkdir(parents=True, exist_ok=True)
     path = fold_folder / SETTINGS_FILE
     old = json.loads(path.read_text()) if path.is_file() else None
     present = [c for c in CHECKPOINTS if (fold_folder / c).is_file()]
-    if present and old != settings:
+    if present and not same_settings(old, settings):
         aside = move_aside(fold_folder, [*RUN_FILES, SETTINGS_FILE], "previous_settings")
         print(f"fastkd: {fold_folder} held checkpoints trained with other settings; moved them to {aside} "
               "and training from scratch", file=sys.stderr)
@@ -121,7 +132,7 @@ def fold_state(fold_folder: Path, settings: dict, resume: bool) -> str:
     if not present:
         return "new"
     old = Path(fold_folder) / SETTINGS_FILE
-    if not (old.is_file() and json.loads(old.read_text()) == settings):
+    if not (old.is_file() and same_settings(json.loads(old.read_text()), settings)):
         return "start over: its checkpoints were trained with other settings; they move to previous_settings/"
     if not resume:
         return f"start over: without resuming, {', '.join(present)} move to previous_run/ once training starts"
