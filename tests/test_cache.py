@@ -262,7 +262,7 @@ def test_rewriting_a_case_replaces_it_atomically(tmp_path):
     store, _ = make_store(tmp_path)
     new = softmax(np.random.default_rng(5).normal(size=(3, 10, 12, 9)))
     dead = subprocess.Popen(["true"])
-    dead.wait()  # a finished process: its pid is not alive (a killed writer's)
+    dead.wait(timeout=60)  # a finished process: its pid is not alive (a killed writer's)
     host = cache.socket.gethostname().replace(".", "_")
     (cache.partial_dir(store) / f"case_a.w{dead.pid}@{host}.0123abcd").mkdir(parents=True)
     cache.write_case(store, "case_a", new, provenance())
@@ -292,7 +292,7 @@ def test_a_flipped_byte_fails_verify_and_the_reader_naming_the_case(tmp_path):
         SoftLabelCache(store).read_crop("case_b", [[0, 4]] * 3)
 
     run = subprocess.run([str(BIN / "fastkd"), "cache", "verify", str(store), "--preprocessed", str(tmp_path)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 1
     assert "fastkd cache verify: error:" in run.stderr and "case_b: unreadable" in run.stderr
 
@@ -339,13 +339,13 @@ def test_info_reports_size_compression_and_provenance(tmp_path):
     assert report["logical_bytes"] == 3 * (10 * 12 * 9 + 7 * 5 * 11)
     assert report["float32_bytes"] == 4 * report["logical_bytes"]
     assert report["bytes"] > 0 and report["teacher_forwards"] == 16
-    run = subprocess.run([str(BIN / "fastkd"), "cache", "info", str(store), "--cases"], capture_output=True, text=True)
+    run = subprocess.run([str(BIN / "fastkd"), "cache", "info", str(store), "--cases"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     assert "complete:      yes" in run.stdout and "case_b" in run.stdout and "uint8" in run.stdout
 
     (store / "zarr.json").unlink()
     assert not cache.info(store)["complete"]
-    run = subprocess.run([str(BIN / "fastkd"), "cache", "info", str(tmp_path / "nope.zarr")], capture_output=True, text=True)
+    run = subprocess.run([str(BIN / "fastkd"), "cache", "info", str(tmp_path / "nope.zarr")], capture_output=True, text=True, timeout=600)
     assert run.returncode == 1 and "nope.zarr does not exist" in run.stderr
 
 
@@ -380,13 +380,13 @@ def test_softlabels_command_names_bad_inputs_and_writes_nothing(tmp_path):
     manifest.write_text("{not json")
     store = tmp_path / "c.zarr"
     base = [str(BIN / "fastkd"), "softlabels", "fill", "-o", str(store)]
-    run = subprocess.run(base + ["-t", str(tmp_path / "teachers.json"), "-m", str(manifest)], capture_output=True, text=True)
+    run = subprocess.run(base + ["-t", str(tmp_path / "teachers.json"), "-m", str(manifest)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 1 and f"preprocess manifest {manifest} is not valid JSON" in run.stderr
     manifest.write_text("{}")
-    run = subprocess.run(base + ["-t", str(tmp_path / "teachers.json"), "-m", str(manifest)], capture_output=True, text=True)
+    run = subprocess.run(base + ["-t", str(tmp_path / "teachers.json"), "-m", str(manifest)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 1 and f"teacher manifest {tmp_path / 'teachers.json'} does not exist" in run.stderr
-    run = subprocess.run(base + ["-t", "a", "-m", "b", "--shard", "3/2"], capture_output=True, text=True)
+    run = subprocess.run(base + ["-t", "a", "-m", "b", "--shard", "3/2"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 2 and "--shard: '3/2': need 1 <= I <= N" in run.stderr
-    run = subprocess.run(base + ["-t", "a", "-m", "b", "-T", "0"], capture_output=True, text=True)
+    run = subprocess.run(base + ["-t", "a", "-m", "b", "-T", "0"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 2 and "-T/--temperature: distillation.temperature = 0 (int): must be > 0" in run.stderr
     assert not store.exists()

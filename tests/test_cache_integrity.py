@@ -57,7 +57,7 @@ def test_a_deleted_chunk_fails_verify_reader_and_finalize_naming_the_case(tmp_pa
     with pytest.raises(CacheError, match=r"case_a: 1 of 12 chunks missing"):
         cache.finalize(store, expected)
     run = subprocess.run([sys.executable, "-m", "fastkd", "cache", "verify", str(store), "--preprocessed",
-                          str(tmp_path)], capture_output=True, text=True)
+                          str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 1 and "case_a: 1 of 12 chunks missing" in run.stderr
 
 
@@ -86,7 +86,7 @@ def test_a_live_writers_partial_folder_is_never_removed(tmp_path):
         assert (elsewhere / "c" / "data").read_bytes() == b"being written"
     finally:
         live.kill()
-        live.wait()
+        live.wait(timeout=60)
     cache.write_case(store, "case_a", softmax(np.ones((3, 10, 12, 9))), provenance())
     assert not theirs.exists() and elsewhere.exists()  # its writer is dead now
 
@@ -150,7 +150,7 @@ def test_sigkill_inside_write_case_is_recomputed_and_never_read(tmp_path, where)
     store, probs = make_store(tmp_path)
     script = tmp_path / "killer.py"
     script.write_text(KILLER.format(tests=str(Path(__file__).parent)))
-    run = subprocess.run([sys.executable, str(script), str(store), where], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, str(script), str(store), where], capture_output=True, text=True, timeout=600)
     assert run.returncode == -9, run.stderr
     # the dead writer's folder (and, killed while renaming, the old version it had moved aside)
     assert len(list(cache.partial_dir(store).iterdir())) == (1 if where == "encode" else 2)

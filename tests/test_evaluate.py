@@ -179,7 +179,7 @@ def test_cli_prints_the_table_and_marks_it_optimistic(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps(DATASET_JSON))
     run = subprocess.run([str(BIN / "fastkd"), "evaluate", "table", str(pred), "-l", str(tmp_path / "labels"),
                           "--dataset-json", str(tmp_path / "dataset.json"), "-o", str(tmp_path / "eval"),
-                          "--case-set", "fold_0_validation", "--optimistic"], capture_output=True, text=True)
+                          "--case-set", "fold_0_validation", "--optimistic"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     assert "OPTIMISTIC" in run.stdout and "| teachers | teacher ensemble | - | 1.000 | 1.000 | 1.000 |" in run.stdout
     assert (tmp_path / "eval" / "dice.tsv").read_text().splitlines()[1].endswith("\ttrue")

@@ -175,12 +175,12 @@ def test_a_checkpoint_carrying_a_malicious_pickle_is_refused(model, tmp_path, mo
 def test_export_command(model, tmp_path):
     fastkd = [str(BIN / "fastkd"), "export", "onnx", str(model)]
     run = subprocess.run([*fastkd, "-f", "0", "-o", str(tmp_path / "cli.onnx"), "--dynamic"], capture_output=True,
-                         text=True)
+                         text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     assert "onnxruntime vs PyTorch on 2 inputs (0 real)" in run.stdout and (tmp_path / "cli.onnx.json").is_file()
-    run = subprocess.run([*fastkd, "-f", "1", "-o", str(tmp_path / "no.onnx")], capture_output=True, text=True)
+    run = subprocess.run([*fastkd, "-f", "1", "-o", str(tmp_path / "no.onnx")], capture_output=True, text=True, timeout=600)
     assert run.returncode == 1 and "fold_1/checkpoint_final.pth does not exist" in run.stderr
-    run = subprocess.run([*fastkd, "-o", str(tmp_path / "no.txt")], capture_output=True, text=True)
+    run = subprocess.run([*fastkd, "-o", str(tmp_path / "no.txt")], capture_output=True, text=True, timeout=600)
     assert run.returncode == 1 and "must end in .onnx" in run.stderr
     assert not (tmp_path / "no.onnx").exists()
 
@@ -225,7 +225,7 @@ def results(model, tmp_path, monkeypatch):
     ("nnUNetv2_distillation_export_onnx", EXPORT_FLAGS + STANDARD_FLAGS + ["--baseline"]),
     ("nnUNetv2_resenc_distillation_export_onnx", EXPORT_FLAGS + RESENC_FLAGS + ["--baseline"])])
 def test_export_commands_list_every_reference_flag(command, flags):
-    run = subprocess.run([str(BIN / command), "--help"], capture_output=True, text=True, check=True)
+    run = subprocess.run([str(BIN / command), "--help"], capture_output=True, text=True, check=True, timeout=600)
     words = set(run.stdout.replace(",", " ").split())
     assert not [f for f in flags if f not in words]
 

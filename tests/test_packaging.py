@@ -69,21 +69,22 @@ def test_every_rule_names_an_env_file_that_installs_fastkd(tmp_path):
 
 
 def test_snakemake_lint_finds_nothing(tmp_path):
+    """`snakemake --lint` exits 1 on any finding (e.g. a rule without a log or conda env)."""
     (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
     run = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "-s", str(REPO / "Snakefile"), "--lint"],
-                         cwd=tmp_path, capture_output=True, text=True)
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
 
 
 def test_console_script_is_installed():
     fastkd = Path(sys.executable).parent / "fastkd"
-    run = subprocess.run([str(fastkd), "--help"], capture_output=True, text=True, check=True)
+    run = subprocess.run([str(fastkd), "--help"], capture_output=True, text=True, check=True, timeout=600)
     for stage in ("demo", "config", "preprocess", "teachers", "softlabels", "cache", "student"):
         assert stage in run.stdout
     for stage, actions in {"demo": ["write"], "config": ["show"], "preprocess": ["run", "adopt"],
                            "teachers": ["train", "check", "manifest"], "softlabels": ["fill", "finalize"],
                            "cache": ["info", "verify", "show"], "student": ["plans", "info", "train", "report"]}.items():
-        run = subprocess.run([str(fastkd), stage, "--help"], capture_output=True, text=True, check=True)
+        run = subprocess.run([str(fastkd), stage, "--help"], capture_output=True, text=True, check=True, timeout=600)
         assert all(action in run.stdout for action in actions), (stage, run.stdout)
 
 
@@ -99,14 +100,22 @@ def ci_steps(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
-def test_ci_runs_the_readme_test_command():
-    """.ci/run is strict bash that goes to the clone's root, starts from a fresh venv and then runs exactly
-    the README's test command as its last line (so `... && pytest || true` or a later step cannot hide it)."""
+def readme_command(marker: str) -> str:
+    """The one-line bash block after ``<!-- marker -->`` in the README."""
     readme = (REPO / "README.md").read_text()
-    command = readme.split("<!-- test-command -->", 1)[1].split("```bash", 1)[1].split("```", 1)[0].strip()
-    assert len(command.splitlines()) == 1 and command.endswith("&& pytest"), command
+    command = readme.split(f"<!-- {marker} -->", 1)[1].split("```bash", 1)[1].split("```", 1)[0].strip()
+    assert len(command.splitlines()) == 1, command
+    return command
+
+
+def test_ci_runs_the_readme_ci_command():
+    """.ci/run is strict bash that goes to the clone's root, installs SLURM, starts from a fresh venv and then
+    runs exactly the README's CI command as its last line (so `... && pytest || true` or a later step cannot
+    hide it); the README's default command is the same install with plain `pytest`."""
+    default, ci = readme_command("test-command"), readme_command("ci-command")
+    assert default.endswith(" && pytest") and ci == default + " --tier ci", (default, ci)
     assert ci_steps((REPO / ".ci" / "run").read_text()) == [
-        "set -euo pipefail", 'cd "$(dirname "$0")/.."', "rm -rf .venv", command]
+        "set -euo pipefail", 'cd "$(dirname "$0")/.."', "bash .ci/install-slurm", "rm -rf .venv", ci]
 
 
 @pytest.mark.parametrize("given, expected", [(None, "1"), ("0", "0")])

@@ -12,7 +12,7 @@ from fastkd import reference_cli as rc
 from fastkd.cache import FORMAT_VERSION, finalize, write_case
 from fastkd.config import validate_config
 from fastkd.paths import Paths
-from wf import BIN, nnunet_env
+from wf import BIN, clone, nnunet_env
 
 DS = "Dataset900_FastkdDemo"
 CASES = [f"demo_{i:03d}" for i in range(5)]
@@ -333,7 +333,7 @@ def test_not_preprocessed_points_to_plan_and_preprocess(fake, capsys):
     ("nnUNetv2_distillation_train", REFERENCE_FLAGS + EXTRA_FLAGS),
     ("nnUNetv2_resenc_distillation_train", REFERENCE_FLAGS + RESENC_FLAGS + EXTRA_FLAGS)])
 def test_help_of_the_console_scripts_lists_every_flag(command, flags):
-    run = subprocess.run([str(BIN / command), "--help"], capture_output=True, text=True, check=True)
+    run = subprocess.run([str(BIN / command), "--help"], capture_output=True, text=True, check=True, timeout=600)
     words = set(run.stdout.replace(",", " ").split())
     assert not [f for f in flags if f not in words]
     assert "fastkd extras (not in FastnnUNet)" in run.stdout
@@ -374,9 +374,9 @@ def test_plan_says_whether_the_student_continues(fake):
 
 
 # -- a real run ----------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_trains_a_student_on_the_workflows_cache(trained):
-    wd = trained
+@pytest.mark.extended
+def test_trains_a_student_on_the_workflows_cache(trained, tmp_path):
+    wd = clone(trained, tmp_path)
     env = {**nnunet_env(wd), "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "OMP_NUM_THREADS": "1"}
     softlabels = wd / "fastkd_work" / DS / "softlabels"
     stores = sorted(softlabels.glob("*.zarr"))
@@ -385,7 +385,7 @@ def test_trains_a_student_on_the_workflows_cache(trained):
     base = [str(BIN / "nnUNetv2_distillation_train"), "-d", "900", "-f", "0", "-tf", "0", "-d_device", "cpu",
             "--work", str(wd / "fastkd_work")]
     run = subprocess.run([*base, "-e", "1", "--iterations", "2", "--val-iterations", "1", "--batch-size", "2",
-                          "-a", "0.4", "--threads", "1"], cwd=wd, env=env, capture_output=True, text=True)
+                          "-a", "0.4", "--threads", "1"], cwd=wd, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert f"reuse {stores[0].relative_to(wd)}" in run.stdout, run.stdout
     assert sorted(softlabels.glob("*.zarr")) == stores
@@ -400,7 +400,7 @@ def test_trains_a_student_on_the_workflows_cache(trained):
     assert "nnUNetv2_predict -i INPUT_FOLDER -o OUTPUT_FOLDER -d 900 -c 3d_fullres -f 0 -tr nnUNetTrainerFastKD_a0.4 " \
            "-p nnUNetPlans_fastkdR2" in run.stdout
 
-    dry = subprocess.run([*base, "-temp", "2", "--dry-run"], cwd=wd, env=env, capture_output=True, text=True)
+    dry = subprocess.run([*base, "-temp", "2", "--dry-run"], cwd=wd, env=env, capture_output=True, text=True, timeout=600)
     assert dry.returncode == 0, dry.stderr
     assert f"build fastkd_work/{DS}/softlabels/3d_fullres__T2__mirror__step0.5__uint8__" in dry.stdout, dry.stdout
     assert str(stores[0].relative_to(wd)) not in dry.stdout

@@ -1,8 +1,8 @@
 """The report's own pages: fastkd.report, `fastkd report summary`, the report_summary rule, `snakemake --report`.
 
-Fast tests build tiny nnU-Net model folders, evaluation tables and a soft-label cache by hand; the slow one
-runs the exports, the evaluation and the report on a copy of the session's trained students and reads the
-pages back out of the generated report.html.
+Fast tests build tiny nnU-Net model folders, evaluation tables and a soft-label cache by hand; the ci one
+runs `snakemake --report` on a copy of the session's ``finished`` workflow (exports, evaluation and report
+pages made by the default target) and reads the pages back out of the generated report.html.
 """
 
 import base64
@@ -14,7 +14,6 @@ from pathlib import Path
 import blosc2
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from fastkd import report
@@ -22,7 +21,7 @@ from fastkd.cli import main
 from fastkd.errors import FastkdError
 from fastkd.paths import Paths
 from test_cache import flip_a_byte, make_store
-from wf import job_counts, snakemake, workdir
+from wf import clone, job_counts, snakemake, workdir
 
 DATASET_JSON = {"channel_names": {"0": "x"}, "labels": {"background": 0, "organ": 1, "lesion": 2},
                 "file_ending": ".nii.gz", "numTraining": 5}
@@ -242,6 +241,22 @@ def test_the_workflow_runs_the_summary_in_all_and_by_name(tmp_path):
 
 
 # -- slow: the real workflow -----------------------------------------------------------------------
+def dice_by_hand(predictions: Path, labels: Path, cases: list[str]) -> dict[str, float]:
+    """Mean Dice per class over ``cases`` (nnU-Net's convention: a case where the class is absent from both
+    maps does not count)."""
+    import SimpleITK as sitk
+
+    scores = {"organ": [], "lesion": []}
+    for case in cases:
+        pred, ref = (sitk.GetArrayFromImage(sitk.ReadImage(str(f / f"{case}.nii.gz"))) for f in (predictions, labels))
+        for value, name in ((1, "organ"), (2, "lesion")):
+            tp, fp, fn = ((pred == value) & (ref == value)).sum(), ((pred == value) & (ref != value)).sum(), \
+                ((pred != value) & (ref == value)).sum()
+            if tp + fp + fn:
+                scores[name].append(2 * tp / (2 * tp + fp + fn))
+    return {name: float(np.mean(v)) for name, v in scores.items()}
+
+
 def report_pages(html_file) -> dict[str, bytes]:
     """Every file a Snakemake report embeds (a data URI each), by file name."""
     text = html_file.read_text()
@@ -249,23 +264,20 @@ def report_pages(html_file) -> dict[str, bytes]:
             re.findall(r"data:[\w/+.-]+;charset=[\w-]+;filename=([^;\"]+);base64,([A-Za-z0-9+/=]+)", text)}
 
 
-@pytest.mark.slow
-def test_snakemake_report_holds_every_table_and_figure(students, tmp_path):
-    """On a copy of the trained students (the session's fixture stays as test_student expects it): the
-    exports, the evaluation and the report's pages, then `snakemake --report` with all of them in it."""
-    wd, _ = students
-    copy = tmp_path / "wf"
-    shutil.copytree(wd, copy, symlinks=True)  # keeps modification times: the trained models stay up to date
-    config = yaml.safe_load((copy / "test.yaml").read_text())
-    # prediction settings only (no trained model reruns): students without test-time mirroring, and two
-    # one-thread prediction jobs side by side, whose start-ups (worker processes importing torch) overlap
-    config["evaluation"] = {"mirroring": False}
-    config["resources"]["predict"] = {"threads": 1}
-    (copy / "test.yaml").write_text(yaml.safe_dump(config))
-    run = snakemake(copy, "--cores", "2", "summary")
-    log = run.stdout + run.stderr
-    assert "rule report_summary" in log and "rule evaluate" in log
-    assert "rule train_student" not in log and "rule train_teacher" not in log and "rule softlabels_shard" not in log
+@pytest.mark.ci
+def test_snakemake_report_holds_every_table_and_figure(finished, tmp_path):
+    """On a copy of the session's finished workflow (its exports, evaluation and report pages, made by
+    ``snakemake`` with the default target): `snakemake --report` with all of them in it."""
+    copy = clone(finished, tmp_path)
+    # the evaluation's Dice of every model is the Dice of its predictions against the held-out labels
+    evaluation = json.loads((copy / "fastkd_work" / "Dataset900_FastkdDemo" / "evaluation" / "test" / "dice.json").read_text())
+    assert len(evaluation["cases"]) == 4 and evaluation["classes"] == ["organ", "lesion"]
+    assert sorted(row["short"] for row in evaluation["rows"]) == sorted(["teacher ensemble (1 fold)", "KD r2 fold 1",
+                                                                        "no-KD r2 fold 1"])
+    for row in evaluation["rows"]:
+        predictions = copy / "fastkd_work" / "Dataset900_FastkdDemo" / "evaluation" / "test" / "predictions" / row["label"]
+        assert row["dice"] == pytest.approx(dice_by_hand(predictions, copy / evaluation["labels"], evaluation["cases"]),
+                                            abs=1e-9), row["label"]
     snakemake(copy, "--report", "report.html")
     pages = report_pages(copy / "report.html")
 

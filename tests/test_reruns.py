@@ -1,16 +1,14 @@
 """What reruns after a change, through the real ``snakemake``: dry-run reasons, then real runs.
 
-One copy of the ``trained`` fixture (demo, nnU-Net preprocessing, one tiny teacher fold, soft labels)
-is brought to the end of the workflow once (students for fold 1, ONNX exports, evaluation) and then
-changed test by test, in this order: a new temperature, forced rules, a second reduction factor, a
-replaced teacher checkpoint (run killed with SIGKILL while it rewrites the soft labels, then resumed),
-a case deleted from the soft-label store. The dry runs show the whole DAG, evaluation included; the
-real runs stop before the evaluation (:data:`BUILT`), whose predictions are the slowest jobs here, so
-each test starts from, and leaves, a workflow with nothing to do up to the exports. One fast test
+Each test changes its own copy of the session's ``finished`` fixture (tests/conftest.py: the demo to the
+end of the workflow, students for fold 1, ONNX exports, evaluation), so their order does not matter: a new
+temperature, forced rules, a second reduction factor, a replaced teacher checkpoint (run killed with
+SIGKILL while it rewrites the soft labels, then resumed), a case deleted from the soft-label store. The dry runs show the whole DAG, evaluation included; the
+real runs stop before the evaluation (:data:`BUILT`), whose predictions are the slowest jobs here, and
+each test ends with nothing to do up to the exports. One fast test
 checks the student settings that decide whether a distilled student is continued or trained again.
 """
 
-import copy
 import json
 import os
 import re
@@ -24,16 +22,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wf import BIN, TINY, env, nnunet_env, sha256, snakemake
+from wf import BIN, clone, env, nnunet_env, sha256, snakemake
 
 DS = "Dataset900_FastkdDemo"
 TEACHERS = "nnUNetTrainer__nnUNetPlans__3d_fullres"
 KD = "nnUNetTrainerFastKD__nnUNetPlans_fastkdR2__3d_fullres"
 # the distilled student at T = 2: a setting off its default is in the model folder's name, so the T = 1
-# student stays as it was (the tests after the temperature test run at T = 2)
+# student stays as it was
 KD_T2 = "nnUNetTrainerFastKD_T2__nnUNetPlans_fastkdR2__3d_fullres"
 NOKD = "nnUNetTrainerFastKDNoKD__nnUNetPlans_fastkdR2__3d_fullres"
-#: the student fold of the ``students`` fixture, so a session that built it lends its students to the copy
+#: the student fold of the session's fixtures
 FOLD = 1
 #: jobs before the soft labels: a change of the distillation settings must not rerun them
 UPSTREAM = {"demo_data", "plan_preprocess", "train_teacher", "teacher_manifest"}
@@ -98,7 +96,7 @@ def cases_of(path: Path, sha: str) -> list[str]:
 
 def verify(wd: Path, path: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "fastkd"), "cache", "verify", str(path)], env=nnunet_env(wd),
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=300)
 
 
 def stamps(wd: Path) -> dict[Path, int]:
@@ -110,7 +108,7 @@ def stamps(wd: Path) -> dict[Path, int]:
     return {f: f.stat().st_mtime_ns for f in files}
 
 
-def student_folder(wd: Path, model: str = KD_T2) -> Path:
+def student_folder(wd: Path, model: str = KD) -> Path:
     return wd / "nnUNet_results" / DS / model / f"fold_{FOLD}"
 
 
@@ -144,20 +142,32 @@ def test_a_distilled_student_is_continued_only_on_soft_labels_of_the_same_teache
     assert (fold / "previous_settings" / "checkpoint_final.pth").is_file()
 
 
-@pytest.fixture(scope="module")
-def wf(trained, tmp_path_factory):
-    """A copy of ``trained`` run to the end: students of fold 1 (KD and baseline), exports, evaluation."""
-    wd = tmp_path_factory.mktemp("reruns") / "wf"
-    shutil.copytree(trained, wd, symlinks=True)
-    config = copy.deepcopy(TINY)
-    config["student"]["folds"] = [FOLD]
-    (wd / "test.yaml").write_text(yaml.safe_dump(config))
-    snakemake(wd, "--cores", "2")
+def test_a_copied_work_folder_keeps_its_students(tmp_path):
+    """The store's folder is not a setting (a copied or moved work folder resumes its students); its name is."""
+    from fastkd.student.run import fold_state, prepare_fold_folder
+
+    settings = {"cache": str(tmp_path / "a" / "3d_fullres__T1__mirror.zarr"), "alpha": 1.0}
+    fold = tmp_path / "fold_0"
+    prepare_fold_folder(fold, settings)
+    (fold / "checkpoint_latest.pth").write_text("a run")
+    moved = {**settings, "cache": str(tmp_path / "b" / "3d_fullres__T1__mirror.zarr")}
+    assert fold_state(fold, moved, resume=True) == "continue from checkpoint_latest.pth"
+    assert prepare_fold_folder(fold, moved) is True
+    other = {**settings, "cache": str(tmp_path / "b" / "3d_fullres__T2__mirror.zarr")}
+    assert fold_state(fold, other, resume=True).startswith("start over: its checkpoints were trained with other")
+    assert prepare_fold_folder(fold, {**moved, "alpha": 0.5}) is False
+
+
+@pytest.fixture
+def wf(finished, tmp_path):
+    """A copy of the session's ``finished`` workflow (students of fold 1, KD and baseline, exports, evaluation)
+    for one test to change."""
+    wd = clone(finished, tmp_path)
     assert nothing_to_do(wd)
     return wd
 
 
-@pytest.mark.slow
+@pytest.mark.ci
 def test_new_temperature_reruns_soft_labels_and_what_follows_only(wf):
     before = stamps(wf)
     old = store(wf, 1)
@@ -184,7 +194,7 @@ def test_new_temperature_reruns_soft_labels_and_what_follows_only(wf):
     assert (old / "zarr.json").read_bytes() == old_root  # the T = 1 store is kept as it was
     new = store(wf, 2)
     assert verify(wf, new).returncode == 0
-    settings = json.loads((student_folder(wf) / "fastkd_student.json").read_text())
+    settings = json.loads((student_folder(wf, KD_T2) / "fastkd_student.json").read_text())
     assert settings["temperature"] == 2.0 and settings["cache"] == str(new.resolve())
     log = (wf / "fastkd_work" / "logs" / "train_student" / f"{DS}__{KD_T2}_fold_{FOLD}.log").read_text()
     assert "Epoch 0" in log and "resuming" not in log  # other settings: trained from scratch, never continued
@@ -197,13 +207,13 @@ def test_new_temperature_reruns_soft_labels_and_what_follows_only(wf):
     assert nothing_to_do(wf, *BUILT)
 
 
-@pytest.mark.slow
+@pytest.mark.ci
 def test_forcerun_reruns_the_rule_and_what_follows(wf):
     # -R train_student: the distilled students and what follows them, not the baselines
     dry = snakemake(wf, "-n", "--cores", "2", *BUILT, "-R", "train_student")
     assert rules(dry) == {"train_student": 1, "export_onnx": 1, "student_report": 1, "student": 1, "export": 1}
     assert reason(dry, "train_student") == "Forced execution"
-    assert KD_T2 in reason(dry, "export_onnx")
+    assert KD in reason(dry, "export_onnx")
     # --forcerun (the same option) with a target before it: the soft-label jobs, up to that target
     dry = snakemake(wf, "-n", "--cores", "2", "softlabels", "--forcerun", "softlabels_shard")
     assert rules(dry) == {"softlabels_shard": 2, "softlabels_finalize": 1, "softlabels_preview": 1, "softlabels": 1}
@@ -218,10 +228,10 @@ def test_forcerun_reruns_the_rule_and_what_follows(wf):
     assert "demo_data" not in ran
 
 
-@pytest.mark.slow
+@pytest.mark.ci
 def test_new_reduction_factor_adds_its_students_only(wf):
     before = stamps(wf)
-    r2 = {m: (student_folder(wf, m) / "validation" / "summary.json").stat().st_mtime_ns for m in (KD_T2, NOKD)}
+    r2 = {m: (student_folder(wf, m) / "validation" / "summary.json").stat().st_mtime_ns for m in (KD, NOKD)}
     configure(wf, distillation={"reduction_factors": [2, 4]})
     dry = snakemake(wf, "-n", "--cores", "2", *BUILT)
     assert rules(dry) == {"student_plans": 1, "student_info": 1, "train_student": 1, "train_baseline": 1,
@@ -235,16 +245,16 @@ def test_new_reduction_factor_adds_its_students_only(wf):
 
     run = snakemake(wf, "--cores", "2", "export")  # the r = 4 students and their exports, for real
     assert rules(run) == {"student_plans": 1, "train_student": 1, "train_baseline": 1, "export_onnx": 2, "export": 1}
-    assert {m: (student_folder(wf, m) / "validation" / "summary.json").stat().st_mtime_ns for m in (KD_T2, NOKD)} == r2
+    assert {m: (student_folder(wf, m) / "validation" / "summary.json").stat().st_mtime_ns for m in (KD, NOKD)} == r2
     assert stamps(wf) == before
-    r4 = wf / "fastkd_work" / DS / "export" / "nnUNetTrainerFastKD_T2__nnUNetPlans_fastkdR4__3d_fullres"
+    r4 = wf / "fastkd_work" / DS / "export" / "nnUNetTrainerFastKD__nnUNetPlans_fastkdR4__3d_fullres"
     assert (r4 / f"fold_{FOLD}.onnx").is_file()
     # back to r = 2 alone: the r = 2 results are what they were, nothing to do
     configure(wf, distillation={"reduction_factors": [2]})
     assert nothing_to_do(wf, *BUILT)
 
 
-@pytest.mark.slow
+@pytest.mark.ci
 def test_replaced_teacher_checkpoint_reruns_soft_labels_and_a_killed_run_resumes(wf):
     """A teacher fold replaced by a copy that kept an older modification time (``cp -p``, ``rsync -a``); the
     run that rewrites the soft labels is killed (controller and jobs, SIGKILL) and resumed."""
@@ -274,7 +284,7 @@ def test_replaced_teacher_checkpoint_reruns_soft_labels_and_a_killed_run_resumes
     assert f"teachers/{TEACHERS}.json" in reason(dry, "predict_teachers")
     assert not ran.keys() & {"demo_data", "plan_preprocess", "train_teacher", "train_baseline"}
 
-    path = store(wf, 2)
+    path = store(wf, 1)
     command = [str(BIN / "snakemake"), "--configfile", "test.yaml", "--cores", "2", *BUILT]
     controller = subprocess.Popen(command, cwd=wf, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   start_new_session=True)
@@ -305,17 +315,17 @@ def test_replaced_teacher_checkpoint_reruns_soft_labels_and_a_killed_run_resumes
     assert settings["teachers"] == {TEACHERS: {"0": new_sha}}
     [moved] = set(student_folder(wf).glob("previous_settings*")) - aside  # the student of the old soft labels
     assert json.loads((moved / "fastkd_student.json").read_text())["teachers"] == {TEACHERS: {"0": old_sha}}
-    log = (wf / "fastkd_work" / "logs" / "train_student" / f"{DS}__{KD_T2}_fold_{FOLD}.log").read_text()
+    log = (wf / "fastkd_work" / "logs" / "train_student" / f"{DS}__{KD}_fold_{FOLD}.log").read_text()
     assert "Epoch 0" in log and "resuming" not in log  # retrained on the new soft labels, not continued
     assert (student_folder(wf, NOKD) / "validation" / "summary.json").stat().st_mtime_ns == baseline
     assert nothing_to_do(wf, *BUILT)
 
 
-@pytest.mark.slow
+@pytest.mark.ci
 def test_deleted_cache_case_is_rebuilt_when_its_jobs_are_forced(wf):
     import zarr
 
-    path = store(wf, 2)
+    path = store(wf, 1)
     case = "demo_003"
     kept = zarr.open_array(str(path / case), mode="r")[...]
     shutil.rmtree(path / case)
@@ -337,5 +347,5 @@ def test_deleted_cache_case_is_rebuilt_when_its_jobs_are_forced(wf):
     assert rules(dry) == {"train_student": 1, "student_report": 1, "export_onnx": 1, "student": 1, "export": 1}
     assert reason(dry, "train_student").startswith("Updated input files: ")
     snakemake(wf, "--cores", "2", *BUILT)
-    log = (wf / "fastkd_work" / "logs" / "train_student" / f"{DS}__{KD_T2}_fold_{FOLD}.log").read_text()
+    log = (wf / "fastkd_work" / "logs" / "train_student" / f"{DS}__{KD}_fold_{FOLD}.log").read_text()
     assert re.search(r"fastkd: resuming .* at epoch 2", log) and "Epoch 0" not in log

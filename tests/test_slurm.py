@@ -1,12 +1,12 @@
 """The workflow on SLURM: the cluster profiles, and real submissions to a one-node cluster on this machine.
 
-The ``slow`` tests start their own SLURM: slurm-wlm and munge from Debian (apt-get, when ``slurmctld`` is
-missing), a private munged and a slurm.conf in a temporary folder (SLURM_CONF; /etc is left alone),
+The ci and extended tests start their own SLURM: slurm-wlm and munge from Debian (installed by
+``.ci/install-slurm``, which .ci/run calls; a test fails without them), a private munged and a slurm.conf in a temporary folder (SLURM_CONF; /etc is left alone),
 slurmctld and slurmd on free ports, the node with one placeholder GPU (gres ``gpu:1`` on /dev/null) so
 that GPU requests are scheduled and visible. Then the demo runs through ``workflow/profiles/slurm`` up to
 the soft-label cache (every job an sbatch job), one GPU job is submitted, and one job goes through
 ``workflow/profiles/slurm-generic``. Teardown cancels the cluster's jobs and stops exactly the daemons it
-started, by PID. Needs root (apt-get, munged as user munge).
+started, by PID. Needs root (munged runs as user munge).
 """
 
 import os
@@ -49,19 +49,12 @@ def read(cmd, cluster_env, timeout=30, check=True) -> str:
     return run.stdout
 
 
-def install_slurm():
-    """slurm-wlm and munge from Debian, unless slurmctld is on PATH; a failure fails the test."""
-    if shutil.which("slurmctld", path=SBIN_PATH) and shutil.which("munged", path=SBIN_PATH):
-        return
-    apt = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "slurm-wlm", "munge"]):
-        try:
-            run = subprocess.run(cmd, env=apt, capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            pytest.fail(f"installing SLURM: {' '.join(cmd)} failed: {e}")
-        if run.returncode != 0:
-            pytest.fail(f"installing SLURM: {' '.join(cmd)} exited {run.returncode}:\n{run.stdout[-3000:]}\n"
-                        f"{run.stderr[-3000:]}")
+def slurm_installed():
+    """slurmctld, slurmd and munged on PATH (.ci/install-slurm installs them); a test fails without them."""
+    missing = [name for name in ("slurmctld", "slurmd", "munged", "sbatch") if not shutil.which(name, path=SBIN_PATH)]
+    if missing:
+        pytest.fail(f"SLURM is not installed ({', '.join(missing)} not found): run `bash .ci/install-slurm` as root "
+                    "first (.ci/run does)")
 
 
 def free_ports(n: int) -> list[int]:
@@ -151,11 +144,11 @@ def wait_for(what: str, ready, daemons: list, logs: list[Path]):
 def slurm_cluster():
     """A one-node SLURM cluster on this machine for the whole session; stops exactly what it started."""
     if os.geteuid() != 0:
-        pytest.fail("the SLURM tests start munged and slurmd and may apt-get install SLURM: run them as root")
-    install_slurm()
+        pytest.fail("the SLURM tests start munged (as user munge) and slurmd: run them as root")
+    slurm_installed()
     root = Path(tempfile.mkdtemp(prefix="fastkd-slurm-"))
     root.chmod(0o755)  # munged (user munge) reaches its socket below
-    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip() or socket.gethostname()
+    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True, timeout=600).stdout.strip() or socket.gethostname()
     munge = root / "munge"
     munge.mkdir()
     (root / "state").mkdir()
@@ -241,7 +234,7 @@ def submissions(run: subprocess.CompletedProcess) -> list[tuple[str, str, Path]]
     return found
 
 
-@pytest.mark.slow
+@pytest.mark.ci
 def test_every_job_runs_as_a_slurm_job_and_succeeds(slurm_cluster, slurm_softlabels):
     wd, run = slurm_softlabels
     jobs = submissions(run)
@@ -257,7 +250,7 @@ def test_every_job_runs_as_a_slurm_job_and_succeeds(slurm_cluster, slurm_softlab
         assert log.is_file() and log.is_relative_to(wd / ".snakemake" / "slurm_logs"), log
 
 
-@pytest.mark.slow
+@pytest.mark.ci
 def test_jobs_ask_slurm_for_their_rules_resources(slurm_cluster, slurm_softlabels):
     """threads, mem_mb and runtime of the config's resources: block reach sbatch; CPU jobs ask for no GPU;
     the soft-label shards are separate SLURM jobs, so a cluster spreads them over its nodes."""
@@ -276,7 +269,7 @@ def test_jobs_ask_slurm_for_their_rules_resources(slurm_cluster, slurm_softlabel
     assert all("gpu" not in record.get("TresPerJob", "") for rs in records.values() for record in rs)
 
 
-@pytest.mark.slow
+@pytest.mark.ci
 def test_cache_written_through_slurm_verifies(slurm_softlabels):
     wd, _ = slurm_softlabels
     stores = list(wd.glob("fastkd_work/*/softlabels/*.zarr"))
@@ -286,7 +279,7 @@ def test_cache_written_through_slurm_verifies(slurm_softlabels):
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.ci
 def test_gpu_jobs_ask_slurm_for_gpus(slurm_cluster, slurm_softlabels, tmp_path):
     """softlabels.device: cuda -> the shard job is submitted with --gpus=1 (the placeholder GPU lets SLURM
     schedule it; without a real GPU the job itself then fails, which is not what this checks)."""
@@ -309,7 +302,7 @@ def test_gpu_jobs_ask_slurm_for_gpus(slurm_cluster, slurm_softlabels, tmp_path):
     assert "softlabels.device = 'cuda' but torch sees no CUDA GPU" in said, said[-3000:]
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_killed_controller_restarted_ends_with_a_verified_cache(slurm_cluster, slurm_softlabels, tmp_path):
     """The controller is SIGKILLed while a soft-label shard runs as a SLURM job (which SLURM keeps running:
     killing Snakemake cancels nothing); after ``--unlock`` the restarted controller (``--rerun-incomplete``)
@@ -367,7 +360,7 @@ def test_killed_controller_restarted_ends_with_a_verified_cache(slurm_cluster, s
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stdout + again.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.ci
 def test_generic_cluster_profile_submits_with_sbatch(slurm_cluster, tmp_path):
     """workflow/profiles/slurm-generic: sbatch --parsable to submit, status.sh (scontrol) to follow."""
     wd = workdir(tmp_path, CLUSTER_CONFIG)

@@ -153,7 +153,7 @@ def centre_crop(volume: torch.Tensor, patch_size) -> torch.Tensor:
 
 
 # -- 1 + 2: the real pipelines ---------------------------------------------------------------------
-@pytest.mark.slow
+@pytest.mark.smoke
 @pytest.mark.parametrize("trainer_class", [nnUNetTrainer, nnUNetTrainerDA5], ids=["default", "DA5"])
 def test_softlabels_follow_the_segmentation_through_nnunet_augmentation(demo, trainer_class):
     transforms, initial, patch = training_transforms(trainer_class, demo)
@@ -201,7 +201,7 @@ def test_softlabels_follow_the_segmentation_through_nnunet_augmentation(demo, tr
 
 
 # -- 3: padding ------------------------------------------------------------------------------------
-@pytest.mark.slow
+@pytest.mark.smoke
 def test_padding_outside_the_volume_is_background(demo):
     transforms, initial, patch = training_transforms(nnUNetTrainer, demo)
     seed(2)
@@ -228,7 +228,7 @@ def test_padding_outside_the_volume_is_background(demo):
 
 
 # -- 4: intensity-only transforms ------------------------------------------------------------------
-@pytest.mark.slow
+@pytest.mark.smoke
 def test_intensity_transforms_leave_softlabels_alone(demo):
     intensity = ComposeTransforms([
         GaussianNoiseTransform(noise_variance=(0.1, 0.1), p_per_channel=1, synchronize_channels=True),
@@ -257,7 +257,7 @@ def test_intensity_transforms_leave_softlabels_alone(demo):
 
 
 # -- 5: 2-D patches on 3-D data --------------------------------------------------------------------
-@pytest.mark.slow
+@pytest.mark.smoke
 def test_2d_patches_on_3d_data(demo):
     cm2d = demo.plans.get_configuration("2d")
     transforms, initial, patch = training_transforms(nnUNetTrainer, demo, cm2d)
@@ -298,7 +298,7 @@ class PidLoader(KDDataLoader):
         return batch
 
 
-@pytest.mark.slow
+@pytest.mark.smoke
 def test_loader_in_nnunet_background_workers(demo):
     transforms, initial, patch = training_transforms(nnUNetTrainer, demo)
     dl = loader(demo, transforms, initial, patch, cls=PidLoader)
@@ -320,7 +320,7 @@ def test_loader_in_nnunet_background_workers(demo):
 
 
 # -- 8: a case the cache lacks ---------------------------------------------------------------------
-@pytest.mark.slow
+@pytest.mark.smoke
 def test_case_missing_from_the_cache_names_the_case(demo, tmp_path):
     present, missing = demo.cases[0], demo.cases[1]
     store = write_store(tmp_path / "partial.zarr", demo.folder, [present], demo.cm.patch_size)
@@ -370,7 +370,7 @@ def test_a_batch_carries_each_samples_own_classes_not_their_union(has_rest):
         torch.testing.assert_close(got[b], expected[b].half().float())
 
 
-@pytest.mark.slow
+@pytest.mark.smoke
 @pytest.mark.parametrize("top_k", [None, 3])
 def test_only_present_classes_travel_and_expand_to_what_all_classes_give(demo, tmp_path, top_k):
     n = 20

@@ -60,7 +60,7 @@ def test_the_command_without_tensorrt_fails_clearly_and_leaves_the_output_alone(
     run_env = {**env(), "PYTHONPATH": str(stub_tensorrt)}
     for engine in ("new.engine", "old.engine"):
         run = subprocess.run([str(BIN / "fastkd"), "export", "trt", str(exports / "static.onnx"), "-o",
-                              str(out / engine)], capture_output=True, text=True, env=run_env)
+                              str(out / engine)], capture_output=True, text=True, env=run_env, timeout=600)
         assert run.returncode == 1 and run.stdout == ""
         assert run.stderr.startswith("fastkd export trt: error: TensorRT is not installed") and \
             "pip install tensorrt-cu12" in run.stderr and "NVIDIA GPU" in run.stderr, run.stderr

@@ -43,12 +43,45 @@ def workdir(tmp_path: Path, override: dict | None = None, name: str = "wf") -> P
     return wd
 
 
-def snakemake(wd: Path, *args, check=True) -> subprocess.CompletedProcess:
-    run = subprocess.run([str(BIN / "snakemake"), "--configfile", "test.yaml", *args], cwd=wd, env=env(),
-                         capture_output=True, text=True)
+#: the tier marker of the running test (set by conftest.py): a real Snakemake run needs one
+CURRENT_TIER: str | None = None
+#: a Snakemake run of a test longer than this is a hung run: it fails with its output
+SNAKEMAKE_TIMEOUT_S = 900
+#: options after which Snakemake runs no job
+NO_JOBS = {"-n", "--dry-run", "--dryrun", "--lint", "--unlock", "--report", "--list-rules"}
+
+
+def snakemake(wd: Path, *args, check=True, tier: str | None = None, no_jobs: bool = False,
+              timeout: float = SNAKEMAKE_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """``snakemake --configfile test.yaml ARGS`` in ``wd``; a real run (not a dry run) only from a test that
+    carries a tier marker (or a fixture that names its ``tier``), or one that must stop before any job
+    (``no_jobs``: checked), and never longer than ``timeout``."""
+    if not NO_JOBS & set(args) and not no_jobs and (tier or CURRENT_TIER) is None:
+        raise AssertionError(f"snakemake {' '.join(args)} runs jobs: mark the test smoke, ci or extended "
+                             "(tests/conftest.py)")
+    cmd = [str(BIN / "snakemake"), "--configfile", "test.yaml", *args]
+    try:
+        run = subprocess.run(cmd, cwd=wd, env=env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"snakemake {' '.join(args)} ran over {timeout} s:\n{_text(e.stdout)[-5000:]}\n"
+                             f"{_text(e.stderr)[-5000:]}") from None
+    if no_jobs:
+        assert "Job stats:" not in run.stdout + run.stderr, f"snakemake {' '.join(args)} ran jobs:\n{run.stderr}"
     if check and run.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed ({run.returncode}):\n{run.stdout}\n{run.stderr}")
     return run
+
+
+def _text(output) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
+
+
+def clone(src: Path, parent: Path, name: str = "wf") -> Path:
+    """A copy of the workflow folder ``src`` in ``parent/name`` with its modification times (so that what was
+    up to date stays up to date), for a test that changes it: the session's fixtures stay as they were."""
+    dst = parent / name
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
 
 
 def job_counts(output: str) -> dict[str, int]:
