@@ -67,7 +67,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_report_header(config):
-    return f"fastkd test tier: {config.getoption('--tier')} (tests marked {sorted(map(str, SELECTED[config.getoption('--tier')]))})"
+    tier = config.getoption("--tier")
+    kinds = ["unit" if kind is None else kind for kind in (None, *TIERS) if kind in SELECTED[tier]]
+    return f"fastkd test tier: {tier} ({' + '.join(kinds)} tests)"
 
 
 @pytest.fixture(autouse=True)
