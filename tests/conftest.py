@@ -31,8 +31,8 @@ TIERS = ("smoke", "ci", "extended")
 #: which tier markers each ``--tier`` runs (None: the tests without a tier marker, the unit tests)
 SELECTED = {"default": {None, "smoke"}, "ci": {None, "smoke", "ci"}, "extended": {"extended"},
             "all": {None, *TIERS}}
-#: session fixtures that are real workflow runs, and the fixtures built on them
-WORKFLOW_FIXTURES = {"trained", "students", "exported", "finished", "reruns", "demo", "slurm_cluster",
+#: fixtures that are real workflow runs or built on them (a test also "uses" the fixtures its fixtures use)
+WORKFLOW_FIXTURES = {"trained", "students", "exported", "finished", "wf", "demo", "slurm_cluster",
                      "slurm_softlabels"}
 #: the fixtures no test may change (checked after every test that uses one)
 FROZEN = ("trained", "students", "exported", "finished")

@@ -3,10 +3,11 @@
 Each test changes its own copy of the session's ``finished`` fixture (tests/conftest.py: the demo to the
 end of the workflow, students for fold 1, ONNX exports, evaluation), so their order does not matter: a new
 temperature, forced rules, a second reduction factor, a replaced teacher checkpoint (run killed with
-SIGKILL while it rewrites the soft labels, then resumed), a case deleted from the soft-label store. The dry runs show the whole DAG, evaluation included; the
-real runs stop before the evaluation (:data:`BUILT`), whose predictions are the slowest jobs here, and
-each test ends with nothing to do up to the exports. One fast test
-checks the student settings that decide whether a distilled student is continued or trained again.
+SIGKILL while it rewrites the soft labels, then resumed), a case deleted from the soft-label store. The
+dry runs show the whole DAG, evaluation included; the real runs stop before the evaluation
+(:data:`BUILT`), whose predictions are the slowest jobs here, and each test ends with nothing to do up to
+the exports. Two fast tests check the student settings that decide whether a distilled student is
+continued or trained again.
 """
 
 import json
