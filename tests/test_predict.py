@@ -26,9 +26,11 @@ from test_export import ARCH
 from wf import BIN, REPO, nnunet_env
 
 BRATS = REPO.parent / "shared" / "datasets" / "Dataset005_BraTS2015DeepMedic"
-#: largest |probability difference| to stock nnU-Net per backend: torch runs nnU-Net's own sliding window
-#: (TorchScript-traced network), onnx the exported graph in onnxruntime
-PROBABILITY_TOLERANCE = {"torch": 1e-3, "onnx": 1e-2}
+#: largest |probability difference| to stock nnU-Net per backend. nnU-Net's sliding window accumulates the
+#: tiles' logits in float16 (2^-11 relative), so the same logits summed in another order already differ by
+#: ~1e-3 in probability at logits of a few units: measured 0.0011 (torch and onnx alike) on the demo's KD
+#: student, where 1e-3 was first set and failed one run in three
+PROBABILITY_TOLERANCE = {"torch": 5e-3, "onnx": 1e-2}
 RECORD_KEYS = {"model", "backend", "folds", "device", "mirroring", "step_size", "tile_batch", "jit", "cases",
                "seconds_total",
                "seconds_per_case", "fastkd_version"}
