@@ -8,7 +8,7 @@ Tiers (``--tier``; README, "Tests"):
 - ``ci``: the default tier plus the ``ci`` tests: the whole demo DAG, reruns, the report, SLURM on a local
   cluster, prediction parity with stock nnU-Net.
 - ``extended``: only the ``extended`` tests (minutes each: BraTS and anisotropic parity, a killed SLURM
-  controller, teacher resume, DA5, the reference CLI's training).
+  controller, teacher resume, teachers trained elsewhere, DA5, the reference CLI's training).
 - ``all``: every test.
 
 A test that uses a workflow fixture must carry exactly one tier marker (checked at collection), and a test

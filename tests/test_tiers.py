@@ -28,11 +28,11 @@ def test_each_tier_collects_its_tests():
         assert run.returncode == 0, run.stdout + run.stderr
         ids[tier] = {line.split("::")[1] for line in run.stdout.splitlines() if "::" in line}
     unit, smoke = "test_dry_run_dag_of_the_demo", "test_real_run_writes_nnunet_artifacts_and_manifests"
-    ci, extended = "test_teachers_trained_elsewhere_are_validated_and_reused", \
-        "test_killed_teacher_resumes_from_its_latest_checkpoint"
-    assert {unit, smoke} <= ids["default"] and not {ci, extended} & ids["default"]
-    assert {unit, smoke, ci} <= ids["ci"] and extended not in ids["ci"]
-    assert ids["extended"] == {extended}
+    ci, extended = "test_hippocampus_dag_takes_cases_from_dataset_json", \
+        {"test_killed_teacher_resumes_from_its_latest_checkpoint", "test_teachers_trained_elsewhere_are_validated_and_reused"}
+    assert {unit, smoke} <= ids["default"] and not ({ci} | extended) & ids["default"]
+    assert {unit, smoke, ci} <= ids["ci"] and not extended & ids["ci"]
+    assert ids["extended"] == extended
     assert ids["all"] == ids["ci"] | ids["extended"]
 
 

@@ -179,7 +179,7 @@ def test_trained_teacher_loads_in_nnunet_predictor_and_stock_cli(trained, tmp_pa
     assert (probs.argmax(0) == seg)[clear].mean() == 1.0
 
 
-@pytest.mark.ci
+@pytest.mark.extended
 def test_teachers_trained_elsewhere_are_validated_and_reused(trained, tmp_path):
     ds = "Dataset900_FastkdDemo"
     folder = trained / "nnUNet_results" / ds / "nnUNetTrainer__nnUNetPlans__3d_fullres"
