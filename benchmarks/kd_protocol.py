@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--table-only", action="store_true", help="only make the table from the runs already copied")
     args = ap.parse_args(argv)
 
-    from fastkd.config import load_config
+    from fastkd.checks import load_config
     from fastkd.paths import Paths
 
     config = load_config([Path("config.yaml"), *args.configfile])

@@ -944,7 +944,7 @@ def format_info(report: dict, list_cases: bool = False) -> str:
 def fingerprint(preprocessed_folder: str | Path, case: str) -> str:
     """sha256 of the preprocessed ``<case>.b2nd`` the soft labels were computed from (recorded per case
     as ``preprocessed_sha256``; a re-preprocessed case no longer matches, so its soft labels are redone)."""
-    from fastkd.teachers import sha256
+    from fastkd.io import sha256
 
     return sha256(Path(preprocessed_folder) / f"{case}.b2nd")
 

@@ -92,9 +92,9 @@ def _demo_write(args) -> None:
 def _config_show(args) -> None:
     import yaml
 
-    from fastkd.config import load_config
+    from fastkd.checks import load_config
     from fastkd.paths import Paths
-    from fastkd.student import students
+    from fastkd.sweep import students
     from fastkd.teachers import teacher_sets
 
     config = load_config(args.configfiles)
@@ -246,8 +246,9 @@ def _student_info(args) -> None:
 
 
 def _student_train(args) -> None:
-    from fastkd.config import parse_overrides, validate_config
-    from fastkd.student import student_tag
+    from fastkd.config import parse_overrides
+    from fastkd.checks import validate_config
+    from fastkd.sweep import student_tag
     from fastkd.student.run import student_settings, train_student
 
     set_threads(args.threads, training=True)

@@ -1,7 +1,9 @@
-"""Small file helpers shared by every stage: outputs appear complete or not at all."""
+"""Small file helpers shared by every stage: outputs appear complete or not at all; JSON inputs with clear
+errors; file checksums for provenance."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -44,3 +46,11 @@ def package_version(name: str) -> str:
     from importlib.metadata import version
 
     return version(name)
+
+
+def sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

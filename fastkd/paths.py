@@ -41,7 +41,7 @@ from fastkd import nnunet
 
 
 class Paths:
-    """Artifact paths for one validated config (see :func:`fastkd.config.validate_config`)."""
+    """Artifact paths for one validated config (see :func:`fastkd.checks.validate_config`)."""
 
     def __init__(self, config: dict):
         self.config = config
@@ -171,7 +171,7 @@ class Paths:
     # -- soft-label cache ------------------------------------------------------------------------
     @property
     def softlabel_name(self) -> str:
-        from fastkd.student import one
+        from fastkd.sweep import one
         from fastkd.teachers import teacher_set_id, teacher_sets
 
         s = self.config["softlabels"]
@@ -236,7 +236,7 @@ class Paths:
 
     def student_folder(self, r: int | str, kd: bool = True) -> Path:
         """nnU-Net model folder of the r-student (``kd=False``: the no-KD baseline)."""
-        from fastkd.student import student_tag, trainer_name
+        from fastkd.sweep import student_tag, trainer_name
 
         trainer = trainer_name(kd, self.config["student"]["augmentation"] == "da5", student_tag(self.config, kd))
         return self.model_folder(nnunet.model_folder_name(trainer, self.student_plans_name(r),
@@ -282,14 +282,14 @@ class Paths:
         """The images a case set predicts: a test set's folder (relative: inside the raw dataset where it
         really lives, so they exist before a job links it into nnUNet_raw), or links to the cases of a
         validation set or of the test set ``dataset.holdout`` holds back."""
-        from fastkd.evaluate import holds_out, test_set
+        from fastkd.cases import holds_out, test_set
 
         if case_set == "test" and not holds_out(self.config):
             return self.raw_source / test_set(self.config)[0]
         return self.evaluation(case_set) / "cases" / "images"
 
     def evaluation_labels(self, case_set: str) -> Path:
-        from fastkd.evaluate import holds_out, test_set
+        from fastkd.cases import holds_out, test_set
 
         if case_set == "test" and not holds_out(self.config):
             return self.raw_source / test_set(self.config)[1]

@@ -5,7 +5,7 @@ What it writes besides nnU-Net's own files (plans, fingerprint, ``<data_identifi
 
 - ``nnUNet_raw/<ds>``: the raw dataset as nnU-Net sees it. A symlink to ``dataset.raw``; with
   ``dataset.holdout.n_test`` > 0 a folder fastkd builds, so that nnU-Net plans, preprocesses and splits
-  the training cases only and never sees the held-out test cases (:func:`holdout_split`)::
+  the training cases only and never sees the held-out test cases (:func:`fastkd.cases.holdout_split`)::
 
     dataset.json         the source's, with numTraining = the number of training cases
     imagesTr/<case>_<ch:04d><fe>, labelsTr/<case><fe>   symlinks to the source's files, training cases only
@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 
 from fastkd import nnunet
+from fastkd.cases import case_files, holdout_cases, holdout_split
 from fastkd.errors import FastkdError
 from fastkd.io import atomic_write_text, package_version, read_json
 
@@ -51,26 +51,6 @@ def training_cases(config: dict) -> list[str]:
         return case_ids(config["dataset"]["demo"]["n_cases"])
     held_out = set(holdout_cases(config))
     return [c for c in nnunet.raw_case_ids(config["dataset"]["raw"]) if c not in held_out]
-
-
-def holdout_split(cases: list[str], n_test: int, seed: int) -> list[str]:
-    """The ``n_test`` cases held back as the test set: a seeded pick of the sorted ids, sorted (the same
-    cases, count and seed give the same pick on every machine)."""
-    return sorted(random.Random(seed).sample(sorted(cases), n_test))
-
-
-def holdout_cases(config: dict) -> list[str]:
-    """The test cases ``dataset.holdout`` holds back from a real dataset's labelled cases (none by default)."""
-    holdout = config["dataset"]["holdout"]
-    if config["dataset"]["raw"] == "demo" or not holdout["n_test"]:
-        return []
-    return holdout_split(nnunet.raw_case_ids(config["dataset"]["raw"]), holdout["n_test"], holdout["seed"])
-
-
-def case_files(dataset_json: dict, case: str) -> tuple[list[str], str]:
-    """nnU-Net's file names of a case: its images ``<case>_<ch:04d><fe>`` and its label map ``<case><fe>``."""
-    ending = dataset_json["file_ending"]
-    return [f"{case}_{ch:04d}{ending}" for ch in range(len(dataset_json["channel_names"]))], f"{case}{ending}"
 
 
 def link_raw_dataset(source: Path, raw_dataset: Path, *, n_test: int = 0, seed: int = 0) -> None:

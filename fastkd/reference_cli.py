@@ -36,7 +36,7 @@ from fastkd.config import arg_type, default
 from fastkd.errors import FastkdError
 from fastkd.nnunet import model_folder_trainer
 from fastkd.paths import Paths
-from fastkd.student import one
+from fastkd.sweep import one
 from fastkd.workflow import inside, spell
 
 PROG = "nnUNetv2_distillation_train"
@@ -244,7 +244,8 @@ def resolve(args: argparse.Namespace, environ) -> Plan:
     ``environ``: the nnU-Net folder variables and CUDA_VISIBLE_DEVICES are read from it; relative
     paths are relative to the current directory.
     """
-    from fastkd.config import ConfigError, validate_config
+    from fastkd.checks import validate_config
+    from fastkd.config import ConfigError
     from fastkd.device import device_flag
     from fastkd.nnunet import describe_folds, find_dataset
     from fastkd.teachers import folds_with

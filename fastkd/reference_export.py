@@ -84,7 +84,7 @@ def resolve(args: argparse.Namespace, environ) -> dict:
     """The model folder, output and export options the flags ask for (reads folders, writes nothing)."""
     from fastkd.nnunet import STUDENT_PLANS_NAME, find_dataset, is_resenc, model_folder_name, read_plans
     from fastkd.reference_cli import NNUNET_VARS, STUDENT_PLANS
-    from fastkd.student import trainer_name
+    from fastkd.sweep import trainer_name
 
     missing = [v for v in NNUNET_VARS if not environ.get(v)]
     if missing:

@@ -173,7 +173,7 @@ class TeacherEnsemble:
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
         from fastkd.device import torch_device
-        from fastkd.teachers import sha256
+        from fastkd.io import sha256
 
         self.device = torch_device(device, "softlabels.device")
         self.forwards = 0  # tiles through a teacher network, counted at the network call (_count)
@@ -408,7 +408,7 @@ def fill_cache(store: str | Path, teacher_manifests: list[str | Path], preproces
 
     from fastkd.config import check_values
     from fastkd.io import atomic_write_text
-    from fastkd.teachers import sha256
+    from fastkd.io import sha256
 
     if folds_per_case not in FOLDS_PER_CASE:
         raise FastkdError(f"softlabels.folds_per_case = {folds_per_case!r}: must be one of {', '.join(FOLDS_PER_CASE)}")

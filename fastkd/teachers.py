@@ -24,7 +24,7 @@ from pathlib import Path
 
 from fastkd import nnunet
 from fastkd.errors import FastkdError
-from fastkd.io import atomic_write_text, package_version
+from fastkd.io import atomic_write_text, package_version, sha256
 
 
 class TeacherFolderError(FastkdError):
@@ -89,14 +89,6 @@ def folds_with(folder: str | Path, checkpoint: str) -> list[int]:
     """The folds of a model folder that hold ``checkpoint``."""
     found = nnunet.found_folds(folder)
     return [f for f in range(5) if checkpoint in found.get(f"fold_{f}", [])]
-
-
-def sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_manifest(folder: str | Path, configuration: str, folds: list[int], checkpoint: str, out: str | Path) -> dict:

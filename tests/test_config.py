@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fastkd.config import ConfigError, load_config, validate_config
+from fastkd.checks import load_config, validate_config
+
+from fastkd.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -508,7 +508,8 @@ def test_dataset_labels():
 
 
 def test_config_options_reach_the_command(tmp_path):
-    from fastkd.config import ConfigError, validate_config
+    from fastkd.checks import validate_config
+    from fastkd.config import ConfigError
 
     demo = validate_config({}, base_dir=tmp_path)["dataset"]["demo"]
     assert demo_data.cli_options(demo) == ""  # the default demo's command is unchanged
@@ -685,7 +686,8 @@ def test_label_noise_invalid_by_cli(tmp_path, capsys, bad):
 
 def test_label_noise_config_reaches_the_command(tmp_path):
     from fastkd.cli import build_parser
-    from fastkd.config import ConfigError, validate_config
+    from fastkd.checks import validate_config
+    from fastkd.config import ConfigError
 
     demo = validate_config({"dataset": {"demo": {"label_noise": 0.5}}}, base_dir=tmp_path)["dataset"]["demo"]
     flags = demo_data.cli_options(demo)

@@ -8,7 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fastkd.config import ConfigError, validate_config
+from fastkd.checks import validate_config
+
+from fastkd.config import ConfigError
 from fastkd.errors import FastkdError
 from fastkd.evaluate import evaluate, write_validation_cases
 from wf import BIN, job_counts, snakemake, workdir
@@ -218,7 +220,7 @@ def test_config_checks_the_test_set(tmp_path):
 
 
 def test_a_datasets_own_labelled_test_set_is_found(tmp_path):
-    from fastkd.evaluate import evaluation_sets, test_set
+    from fastkd.cases import evaluation_sets, test_set
 
     raw = _raw_dataset(tmp_path)
     config = validate_config({"dataset": {"raw": str(raw)}, "student": {"folds": [0, 2]}}, base_dir=tmp_path)

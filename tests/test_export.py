@@ -188,7 +188,7 @@ def test_export_command(model, tmp_path):
 def test_teacher_checkpoints_are_checked_before_nnunet_unpickles_them(model, tmp_path, monkeypatch):
     """The soft-label pass hands teacher checkpoints to nnU-Net's predictor (torch.load weights_only=False)."""
     from fastkd.softlabels import TeacherEnsemble
-    from fastkd.teachers import sha256
+    from fastkd.io import sha256
 
     marker = tmp_path / "pwned"
     monkeypatch.setenv("EXPLOIT_MARKER", str(marker))

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from fastkd import evaluate, nnunet
+from fastkd import cases, nnunet
+from fastkd.cases import evaluation_sets, held_out_problems, holdout_cases, holdout_split, holds_out, is_optimistic
 from fastkd.cli import main
-from fastkd.config import ConfigError, validate_config
+from fastkd.checks import validate_config
+from fastkd.config import ConfigError
 from fastkd.errors import FastkdError
-from fastkd.evaluate import evaluation_sets, held_out_problems, holds_out, is_optimistic
 from fastkd.paths import Paths
-from fastkd.preprocess import HOLDOUT_RECORD, holdout_cases, holdout_split, link_raw_dataset, training_cases
+from fastkd.preprocess import HOLDOUT_RECORD, link_raw_dataset, training_cases
 from wf import job_counts, snakemake, workdir
 
 DATASET_JSON = {"channel_names": {"0": "T1", "1": "T2"}, "labels": {"background": 0, "organ": 1},
@@ -146,14 +147,14 @@ def test_the_held_out_cases_are_the_test_set(tmp_path):
     raw = _raw_dataset(tmp_path)
     config = _config(tmp_path, raw, student={"folds": [0, "all"]})  # 'all' is fine: there is a test set
     assert holds_out(config) and evaluation_sets(config) == ["test"] and not is_optimistic("test")
-    assert evaluate.test_set(config) is None  # no test folder on disk: linked cases
+    assert cases.test_set(config) is None  # no test folder on disk: linked cases
     p = Paths(config)
-    cases = tmp_path / "work" / "Dataset123_Fake" / "evaluation" / "test" / "cases"
-    assert (p.evaluation_images("test"), p.evaluation_labels("test")) == (cases / "images", cases / "labels")
+    linked = tmp_path / "work" / "Dataset123_Fake" / "evaluation" / "test" / "cases"
+    assert (p.evaluation_images("test"), p.evaluation_labels("test")) == (linked / "images", linked / "labels")
     test = holdout_cases(config)
-    images, labels = evaluate.test_set_files(config, p)
-    assert images == [cases / "images" / f"{c}_{ch:04d}.nii.gz" for c in test for ch in range(2)]
-    assert labels == [cases / "labels" / f"{c}.nii.gz" for c in test]
+    images, labels = cases.test_set_files(config, p)
+    assert images == [linked / "images" / f"{c}_{ch:04d}.nii.gz" for c in test for ch in range(2)]
+    assert labels == [linked / "labels" / f"{c}.nii.gz" for c in test]
     assert evaluation_sets(_config(tmp_path, raw, n_test=0)) == ["fold_0_validation"]  # optimistic, as before
 
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fastkd.config import validate_config
+from fastkd.checks import validate_config
 from fastkd.nnunet import PLANNERS
 from fastkd.paths import Paths
 from fastkd.preprocess import training_cases

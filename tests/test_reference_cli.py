@@ -10,7 +10,7 @@ import pytest
 
 from fastkd import reference_cli as rc
 from fastkd.cache import FORMAT_VERSION, finalize, write_case
-from fastkd.config import validate_config
+from fastkd.checks import validate_config
 from fastkd.paths import Paths
 from wf import BIN, clone, nnunet_env
 
@@ -392,7 +392,7 @@ def test_trains_a_student_on_the_workflows_cache(trained, tmp_path):
     assert [p.stat().st_mtime_ns for p in manifests] == mtimes  # identical manifests are not rewritten
     plans = json.loads((wd / "nnUNet_preprocessed" / DS / "nnUNetPlans_fastkdR2.json").read_text())
     assert plans["fastkd"]["reduction_factor"] == 2
-    # alpha 0.4 is off its default: it is in the model folder's name (fastkd.student.student_tag)
+    # alpha 0.4 is off its default: it is in the model folder's name (fastkd.sweep.student_tag)
     fold = wd / "nnUNet_results" / DS / "nnUNetTrainerFastKD_a0.4__nnUNetPlans_fastkdR2__3d_fullres" / "fold_0"
     assert (fold / "checkpoint_final.pth").is_file() and (fold / "validation" / "summary.json").is_file()
     settings = json.loads((fold / "fastkd_student.json").read_text())

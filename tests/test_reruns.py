@@ -119,7 +119,7 @@ def nothing_to_do(wd: Path, *targets) -> bool:
 
 def test_a_distilled_student_is_continued_only_on_soft_labels_of_the_same_teachers(tmp_path):
     """A retrained teacher rewrites the cache at the same path: the student's settings name its checkpoints."""
-    from fastkd.config import validate_config
+    from fastkd.checks import validate_config
     from fastkd.student.run import prepare_fold_folder, student_settings
 
     config = validate_config({"dataset": {"raw": "demo"}}, base_dir=tmp_path)

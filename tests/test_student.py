@@ -27,14 +27,14 @@ def _env(wd):
 
 # -- fast -----------------------------------------------------------------------------------------
 def _config(tmp_path, distillation=None, student=None):
-    from fastkd.config import validate_config
+    from fastkd.checks import validate_config
 
     return validate_config({"dataset": {"raw": "demo"}, "distillation": distillation or {}, "student": student or {}},
                            base_dir=tmp_path)
 
 
 def test_trainer_names_match_the_classes():
-    from fastkd.student import trainer_name
+    from fastkd.sweep import trainer_name
     from fastkd.student.trainers import TRAINERS, trainer_class
 
     for kd in (True, False):
@@ -253,7 +253,7 @@ def test_distillation_loss_mixes_hard_and_kd_only_when_soft_labels_ride_along():
 
 
 def test_student_paths_follow_the_config(tmp_path):
-    from fastkd.config import validate_config
+    from fastkd.checks import validate_config
     from fastkd.paths import Paths
 
     config = validate_config({"dataset": {"raw": "demo"}, "distillation": {"reduction_factors": [2, 4]},
@@ -263,7 +263,7 @@ def test_student_paths_follow_the_config(tmp_path):
     assert p.student_plans_name("{r}") == "nnUNetPlans_fastkdR{r}"
     assert str(p.student_checkpoint(4, "all", kd=False)).endswith(
         f"{DS}/nnUNetTrainerFastKDNoKD_DA5__nnUNetPlans_fastkdR4__3d_fullres/fold_all/checkpoint_final.pth")
-    from fastkd.student import student_kinds
+    from fastkd.sweep import student_kinds
 
     assert student_kinds(config) == [True, False]
     assert student_kinds({**config, "student": {**config["student"], "baseline": False}}) == [True]

@@ -9,10 +9,12 @@ import pytest
 import yaml
 from wf import REPO, job_counts, snakemake, workdir
 
-from fastkd.config import ConfigError, default, validate_config
+from fastkd.checks import validate_config
+
+from fastkd.config import ConfigError, default
 from fastkd.errors import FastkdError
 from fastkd.paths import Paths
-from fastkd.student import Student, one, soft_label_settings, student_tag, students, trainer_name
+from fastkd.sweep import Student, one, soft_label_settings, student_tag, students, trainer_name
 from fastkd.student.run import student_fold_folder, student_settings
 
 SWEEP = {"distillation": {"temperature": [1, 3], "alpha": [0.3, 0.7], "reduction_factors": [4]},

@@ -141,7 +141,7 @@ def test_an_engine_is_rebuilt_when_platform_precision_profile_or_onnx_change():
 
 def test_build_keeps_an_up_to_date_engine_and_clears_a_stale_one(exports, tmp_path, monkeypatch):
     """The decision inside build_engine, with the platform faked: TensorRT itself cannot run here."""
-    from fastkd.teachers import sha256
+    from fastkd.io import sha256
 
     monkeypatch.setattr(fastkd_trt, "require_tensorrt", lambda: types.SimpleNamespace(__version__="10.3.0"))
     monkeypatch.setattr(fastkd_trt, "running_platform", lambda: PLATFORM)

@@ -99,7 +99,7 @@ def load_student(model_folder: str | Path, fold, checkpoint: str):
     import fastkd
     from fastkd.nnunet import load_checkpoint
     from fastkd.io import package_version
-    from fastkd.teachers import sha256
+    from fastkd.io import sha256
 
     folder = Path(model_folder)
     plans, dataset_json = nnunet.read_plans(folder / "plans.json"), nnunet.read_dataset_json(folder)

@@ -326,7 +326,7 @@ def build_engine(onnx_path: str | Path, out: str | Path, *, precision: str = "fp
     from fastkd import nnunet
     from fastkd.config import check_values
     from fastkd.io import atomic_write_text
-    from fastkd.teachers import sha256
+    from fastkd.io import sha256
 
     check_values({"export.tensorrt.precision": precision, "export.tensorrt.max_batch": max_batch,
                   "export.tensorrt.workspace_gb": workspace_gb})

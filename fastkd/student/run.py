@@ -7,7 +7,7 @@ with ``plans.json``, ``dataset.json``, ``checkpoint_final.pth`` and ``validation
 loss per epoch). ``<trainer>`` is ``nnUNetTrainerFastKD`` (``_DA5`` with DA5), or
 ``nnUNetTrainerFastKDNoKD`` for the alpha = 0 baseline, so the baseline and the distilled student of
 one plans file live side by side (the classes: :mod:`fastkd.student.trainers`). The students of a sweep
-add a tag of the settings that differ from their defaults (:func:`fastkd.student.student_tag`), e.g.
+add a tag of the settings that differ from their defaults (:func:`fastkd.sweep.student_tag`), e.g.
 ``nnUNetTrainerFastKD_T1_a0.7_oof_s1`` (T = 1, alpha = 0.7, out-of-fold soft labels, seed 1).
 
 Settings (``fastkd_student.json``), made by :func:`student_settings` from the validated workflow
@@ -58,7 +58,8 @@ from pathlib import Path
 from fastkd.cache import root_attrs
 from fastkd.errors import FastkdError
 from fastkd.io import atomic_write_text
-from fastkd.student import CHECKPOINTS, N_SPLITS, RUN_FILES, SETTINGS_FILE, move_aside, one, trainer_name
+from fastkd.student import CHECKPOINTS, N_SPLITS, RUN_FILES, SETTINGS_FILE, move_aside
+from fastkd.sweep import one, trainer_name
 
 #: keys of the config's student block that choose which student trains, where, and what the job does with
 #: an earlier run (``resume``: an argument of :func:`train_student`), not how the student learns

@@ -63,7 +63,8 @@ from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerDA5
 
 from fastkd.errors import FastkdError
 from fastkd.io import atomic_write_text
-from fastkd.student import KD_LOSSES_FILE, N_SPLITS, RUN_FILES, SETTINGS_FILE, move_aside, trainer_name
+from fastkd.student import KD_LOSSES_FILE, N_SPLITS, RUN_FILES, SETTINGS_FILE, move_aside
+from fastkd.sweep import trainer_name
 
 #: what the checkpoint says built the network; the student's architecture is nnU-Net's own
 STOCK_TRAINER = "nnUNetTrainer"
@@ -327,7 +328,7 @@ TRAINERS = {c.__name__: c for c in (nnUNetTrainerFastKD, nnUNetTrainerFastKD_DA5
 
 
 def trainer_class(kd: bool, da5: bool, tag: str = "") -> type:
-    """The trainer class; with a sweep's ``tag`` (:func:`fastkd.student.student_tag`) a subclass named
+    """The trainer class; with a sweep's ``tag`` (:func:`fastkd.sweep.student_tag`) a subclass named
     ``<class><tag>``, because nnU-Net names the model folder after the trainer class."""
     base = TRAINERS[trainer_name(kd, da5)]
     return type(trainer_name(kd, da5, tag), (base,), {"__doc__": base.__doc__}) if tag else base

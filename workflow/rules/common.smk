@@ -5,12 +5,13 @@ import re
 import shlex
 from pathlib import Path
 
-from fastkd.config import overrides, validate_config
+from fastkd.cases import TEST_SET, evaluation_sets, holdout_cases, holds_out, is_optimistic, set_fold, test_set_files
+from fastkd.checks import validate_config
+from fastkd.config import overrides
 from fastkd.demo_data import cli_options as demo_cli_options, held_out_case_ids, resources as demo_resources
-from fastkd.evaluate import TEST_SET, evaluation_sets, holds_out, is_optimistic, set_fold, test_set_files
 from fastkd.paths import Paths
-from fastkd.preprocess import holdout_cases, training_cases
-from fastkd.student import one, students
+from fastkd.preprocess import training_cases
+from fastkd.sweep import one, students
 from fastkd.student.run import KD_KEYS
 from fastkd.teachers import teacher_sets
 
@@ -33,7 +34,7 @@ TEACHER_SETS = {s["name"]: s for s in teacher_sets(config, P.teacher_folder)}  #
 N_SHARDS = config["softlabels"]["shards"]
 STUDENT = config["student"]
 REDUCTION_FACTORS = config["distillation"]["reduction_factors"]
-# Every student of the config, by model folder name: (fastkd.student.Student, Paths of its single-valued
+# Every student of the config, by model folder name: (fastkd.sweep.Student, Paths of its single-valued
 # config). One per combination of the swept settings (r, T, alpha, soft-label fold selection, seed); the
 # no-KD baselines per r and seed. The Snakemake wildcard {student} is one of these names.
 STUDENTS = {}
