@@ -16,7 +16,6 @@ from fastkd.errors import FastkdError
 TEST_SET = "test"
 
 
-
 def test_set(config: dict) -> tuple[str, str] | None:
     """(images, labels) folders of a test set on disk, relative to the raw dataset unless absolute, or None.
 
@@ -37,11 +36,9 @@ def test_set(config: dict) -> tuple[str, str] | None:
     return ("imagesTs", "labelsTs") if has_own else None
 
 
-
 def holds_out(config: dict) -> bool:
     """Whether the test set is the labelled cases ``dataset.holdout`` holds back (linked, like validation cases)."""
     return config["dataset"]["raw"] != "demo" and config["dataset"]["holdout"]["n_test"] > 0
-
 
 
 def evaluation_sets(config: dict) -> list[str]:
@@ -51,16 +48,13 @@ def evaluation_sets(config: dict) -> list[str]:
     return [f"fold_{fold}_validation" for fold in config["student"]["folds"]]
 
 
-
 def set_fold(case_set: str) -> str | None:
     """The student fold a validation set belongs to (``None`` for the test set)."""
     return None if case_set == TEST_SET else case_set.removeprefix("fold_").removesuffix("_validation")
 
 
-
 def is_optimistic(case_set: str) -> bool:
     return case_set != TEST_SET
-
 
 
 def held_out_cases(images: str | Path, dataset_json: dict) -> list[str]:
@@ -71,7 +65,6 @@ def held_out_cases(images: str | Path, dataset_json: dict) -> list[str]:
         raise FastkdError(f"evaluation.test_images: {images} is not a folder")
     groups = create_lists_from_splitted_dataset_folder(str(images), dataset_json["file_ending"])
     return sorted(Path(g[0]).name[: -len(dataset_json["file_ending"]) - 5] for g in groups)
-
 
 
 def held_out_problems(images: Path, labels: Path, dataset_json: dict, training: list[str]) -> list[str]:
@@ -96,7 +89,6 @@ def held_out_problems(images: Path, labels: Path, dataset_json: dict, training: 
     return problems
 
 
-
 def test_set_files(config: dict, paths) -> tuple[list[Path], list[Path]]:
     """(images, labels) of the test set, known at parse time: the demo's from its config (its demo_data
     job writes them), the held-out cases' links from ``dataset.holdout``, a real test set's from its folder."""
@@ -119,14 +111,12 @@ def holdout_split(cases: list[str], n_test: int, seed: int) -> list[str]:
     return sorted(random.Random(seed).sample(sorted(cases), n_test))
 
 
-
 def holdout_cases(config: dict) -> list[str]:
     """The test cases ``dataset.holdout`` holds back from a real dataset's labelled cases (none by default)."""
     holdout = config["dataset"]["holdout"]
     if config["dataset"]["raw"] == "demo" or not holdout["n_test"]:
         return []
     return holdout_split(nnunet.raw_case_ids(config["dataset"]["raw"]), holdout["n_test"], holdout["seed"])
-
 
 
 def case_files(dataset_json: dict, case: str) -> tuple[list[str], str]:

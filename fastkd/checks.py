@@ -11,34 +11,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-from jsonschema import Draft7Validator
-
-from fastkd.config import ConfigError, _describe, _floats, fill_defaults, load_schema
+from fastkd.config import complete, read_config_files
 from fastkd.errors import FastkdError
 
 
 def validate_config(config: dict, base_dir: str | Path | None = None, check_files: bool = True) -> dict:
-    """Fill defaults into ``config`` (in place) and validate it; return it.
+    """Fill defaults into ``config`` (in place) and validate it: the schema, then the checks here; return it.
 
     ``base_dir`` resolves relative paths (default: the current directory, Snakemake's workdir).
     ``check_files`` also checks the dataset folder and an external teacher folder on disk.
-    Raises :class:`ConfigError` listing every problem.
+    Raises :class:`fastkd.config.ConfigError` listing every problem.
     """
-    if not isinstance(config, dict):
-        raise ConfigError(f"the config must be a mapping of keys to values, got {type(config).__name__}")
-    schema = load_schema()
-    fill_defaults(config, schema)
-    errors = sorted(Draft7Validator(schema).iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
-    problems = [_describe(e) for e in errors]
-    if not problems:
-        base_dir = Path(base_dir or ".")
-        problems = _holdout_problems(config, base_dir, check_files) or _semantic_problems(config, base_dir, check_files)
-    if problems:
-        raise ConfigError("invalid fastkd config:\n  - " + "\n  - ".join(problems))
-    _floats(config, schema, schema)
-    return config
-
+    base_dir = Path(base_dir or ".")
+    return complete(config, lambda c: _holdout_problems(c, base_dir, check_files)
+                    or _semantic_problems(c, base_dir, check_files))
 
 
 def _semantic_problems(config: dict, base_dir: Path, check_files: bool) -> list[str]:
@@ -88,7 +74,6 @@ def _semantic_problems(config: dict, base_dir: Path, check_files: bool) -> list[
     return problems
 
 
-
 def _distillation_problems(config: dict) -> list[str]:
     """The convex loss form (1 - alpha) * nnU-Net's loss + alpha * KD needs alpha <= 1 (the schema allows any
     alpha >= 0: the additive form's weight of the KD term)."""
@@ -100,7 +85,6 @@ def _distillation_problems(config: dict) -> list[str]:
         return [f"distillation.alpha = {above[0]} with distillation.loss 'convex': (1 - alpha) * nnU-Net's loss + "
                 "alpha * KD needs 0 <= alpha <= 1; use loss 'additive' (nnU-Net's loss + alpha * KD) for a larger weight"]
     return []
-
 
 
 def _holdout_problems(config: dict, base_dir: Path, check_files: bool) -> list[str]:
@@ -137,7 +121,6 @@ def _holdout_problems(config: dict, base_dir: Path, check_files: bool) -> list[s
         return [f"{key}: {dataset['raw']} has {n_cases} labelled cases, which leaves {n_cases - n_test} to train on; "
                 f"nnU-Net's 5-fold split needs at least 5: use {valid}"]
     return []
-
 
 
 def _evaluation_problems(config: dict, base_dir: Path, check_files: bool) -> list[str]:
@@ -179,7 +162,6 @@ def _evaluation_problems(config: dict, base_dir: Path, check_files: bool) -> lis
     return held_out_problems(raw / found[0], raw / found[1], dataset_json, training)
 
 
-
 def _preprocessed_problems(config: dict, base_dir: Path) -> list[str]:
     """``plans.preprocess: false``: nnU-Net must have preprocessed the dataset with the teachers' plans."""
     from fastkd.nnunet import PLANNERS
@@ -197,7 +179,6 @@ def _preprocessed_problems(config: dict, base_dir: Path) -> list[str]:
                     f"{paths.dataset_id} -c {configuration}{pl}` first, or let fastkd preprocess (plans.preprocess: "
                     "true, the workflow's `snakemake preprocessed`)"]
     return []
-
 
 
 def _softlabel_problems(config: dict, base_dir: Path, check_files: bool) -> list[str]:
@@ -265,7 +246,6 @@ def _softlabel_problems(config: dict, base_dir: Path, check_files: bool) -> list
     return problems + _top_k_problems(config, resolve(raw) if raw != "demo" else None)
 
 
-
 def _top_k_problems(config: dict, raw: Path | None) -> list[str]:
     """softlabels.top_k: uint8 values, a softmax dataset, and k below its number of classes (checked here
     for raw datasets; the soft-label job checks it again against the teachers' heads)."""
@@ -290,24 +270,6 @@ def _top_k_problems(config: dict, raw: Path | None) -> list[str]:
     return []
 
 
-
-def _merge(base: dict, override: dict) -> dict:
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
-
 def load_config(files: list[str | Path], base_dir: str | Path | None = None) -> dict:
     """Read YAML config files (later ones override earlier ones, key by key) and validate."""
-    config: dict = {}
-    for file in files:
-        with open(file) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{file}: the config must be a mapping of keys to values")
-        _merge(config, data)
-    return validate_config(config, base_dir=base_dir)
+    return validate_config(read_config_files(files), base_dir=base_dir)

@@ -11,7 +11,7 @@ import copy
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 from jsonschema import Draft7Validator
@@ -281,3 +281,44 @@ def _form(schema: dict) -> str:
     return f"a {schema.get('type', 'value')}" + (f" {' and '.join(bounds)}" if bounds else "")
 
 
+def complete(config: dict, check: Callable[[dict], list[str]] | None = None) -> dict:
+    """Fill every default into ``config`` (in place) and check it against the schema; return it.
+
+    ``check``: the problems the schema cannot express (:func:`fastkd.checks.validate_config`), asked for when
+    the schema finds none, before numbers become floats (so a message shows a value as it was written).
+    Raises :class:`ConfigError` listing every problem, each naming the key, the offending value and what
+    would be valid.
+    """
+    if not isinstance(config, dict):
+        raise ConfigError(f"the config must be a mapping of keys to values, got {type(config).__name__}")
+    schema = load_schema()
+    fill_defaults(config, schema)
+    errors = sorted(Draft7Validator(schema).iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+    problems = [_describe(e) for e in errors]
+    if not problems and check is not None:
+        problems = check(config)
+    if problems:
+        raise ConfigError("invalid fastkd config:\n  - " + "\n  - ".join(problems))
+    _floats(config, schema, schema)
+    return config
+
+
+def _merge(base: dict, override: dict) -> dict:
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def read_config_files(files: list[str | Path]) -> dict:
+    """YAML config files merged key by key (later ones override earlier ones), not yet completed."""
+    config: dict = {}
+    for file in files:
+        with open(file) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{file}: the config must be a mapping of keys to values")
+        _merge(config, data)
+    return config

@@ -24,7 +24,6 @@ def trainer_name(kd: bool, da5: bool = False, tag: str = "") -> str:
     return "nnUNetTrainerFastKD" + ("" if kd else "NoKD") + ("_DA5" if da5 else "") + tag
 
 
-
 def student_kinds(config: dict) -> list[bool]:
     """Which kinds of student a validated config asks for: True = distilled (some alpha > 0), False = the
     no-KD baseline (``student.baseline``, or alpha = 0 in the list)."""
@@ -33,12 +32,10 @@ def student_kinds(config: dict) -> list[bool]:
     return [True] * kd + [False] * baseline
 
 
-
 # -- sweeps -----------------------------------------------------------------------------------------
 #: the settings that may be lists (a sweep): every combination is its own student
 SWEPT = ("distillation.temperature", "distillation.alpha", "distillation.loss", "distillation.scales",
          "distillation.class_balanced", "softlabels.folds_per_case", "student.seeds")
-
 
 
 #: a student's settings that tell the students of a sweep apart, in tag order: (name in the student's
@@ -49,21 +46,17 @@ TAGGED = (("temperature", "distillation.temperature"), ("alpha", "distillation.a
           ("seed", "student.seeds"))
 
 
-
 #: the KD settings that only KD students have (the baseline's are None)
 KD_TAGGED = tuple(name for name, _ in TAGGED if name != "seed")
-
 
 
 def as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-
 def _get(config: dict, key: str):
     block, name = key.split(".")
     return config[block][name]
-
 
 
 def one(config: dict, key: str):
@@ -73,7 +66,6 @@ def one(config: dict, key: str):
         raise FastkdError(f"{key} = {values}: one value is needed here, this config sweeps over {len(values)} "
                           "(fastkd.sweep.students() expands a sweep into one config per student)")
     return values[0]
-
 
 
 @dataclass(frozen=True)
@@ -119,7 +111,6 @@ class Student:
         return " ".join([f"{'KD' if self.kd else 'no-KD'} r{self.r}", *filter(None, self.tag.split("_"))])
 
 
-
 def students(config: dict) -> list[Student]:
     """Every student of a validated config: each reduction factor x temperature x alpha (> 0) x loss form x
     KD scales x class balancing x soft-label fold selection x seed (KD), and each reduction factor x seed
@@ -141,11 +132,9 @@ def students(config: dict) -> list[Student]:
     return out
 
 
-
 def soft_label_settings(config: dict) -> list[tuple[float, str]]:
     """(temperature, folds_per_case) of every soft-label cache the KD students of a config read."""
     return list(dict.fromkeys((s.temperature, s.folds_per_case) for s in students(config) if s.kd))
-
 
 
 def student_tag(config: dict, kd: bool) -> str:
@@ -155,7 +144,6 @@ def student_tag(config: dict, kd: bool) -> str:
     keeps the plain names, and a student's name depends on its own settings only."""
     values = {name: one(config, key) if kd or name == "seed" else None for name, key in TAGGED}
     return settings_tag(kd, values)
-
 
 
 def _tag_part(name: str, value) -> str:
@@ -172,7 +160,6 @@ def _tag_part(name: str, value) -> str:
     if name == "seed":
         return f"s{value}"
     return str(value)
-
 
 
 def settings_tag(kd: bool, values: dict) -> str:
