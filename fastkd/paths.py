@@ -38,6 +38,21 @@ from functools import cached_property
 from pathlib import Path
 
 from fastkd import nnunet
+from fastkd.sweep import Student, students
+
+
+#: nnU-Net's final validation of a fold, inside its fold folder (the last file its training writes)
+VALIDATION_SUMMARY = Path("validation") / "summary.json"
+
+
+def fold_folder(model_folder: str | Path, fold: int | str) -> Path:
+    """``<model folder>/fold_<fold>``: nnU-Net's folder of one trained fold."""
+    return Path(model_folder) / f"fold_{fold}"
+
+
+def validation_summary(model_folder: str | Path, fold: int | str) -> Path:
+    """nnU-Net's ``validation/summary.json`` of fold ``fold`` of a model folder."""
+    return fold_folder(model_folder, fold) / VALIDATION_SUMMARY
 
 
 class Paths:
@@ -156,10 +171,10 @@ class Paths:
         return self.nnunet_results / self.dataset_name / self.teacher_folder_name
 
     def teacher_checkpoint(self, fold: int | str) -> Path:
-        return self.teacher_folder / f"fold_{fold}" / self.config["teachers"]["checkpoint"]
+        return fold_folder(self.teacher_folder, fold) / self.config["teachers"]["checkpoint"]
 
     def teacher_validation_summary(self, fold: int | str) -> Path:
-        return self.teacher_folder / f"fold_{fold}" / "validation" / "summary.json"
+        return validation_summary(self.teacher_folder, fold)
 
     @property
     def teacher_manifest(self) -> Path:
@@ -243,10 +258,10 @@ class Paths:
                                                           self.config["teachers"]["configuration"]))
 
     def student_checkpoint(self, r: int | str, fold: int | str, kd: bool = True) -> Path:
-        return self.student_folder(r, kd) / f"fold_{fold}" / "checkpoint_final.pth"
+        return fold_folder(self.student_folder(r, kd), fold) / "checkpoint_final.pth"
 
     def student_validation_summary(self, r: int | str, fold: int | str, kd: bool = True) -> Path:
-        return self.student_folder(r, kd) / f"fold_{fold}" / "validation" / "summary.json"
+        return validation_summary(self.student_folder(r, kd), fold)
 
     def student_info(self, r: int | str) -> Path:
         """Parameters and FLOPs per patch, teacher vs student (text)."""
@@ -338,3 +353,22 @@ class Paths:
 
     def export_nnunet_env(self) -> None:
         os.environ.update(self.nnunet_env())
+
+
+# -- every student ---------------------------------------------------------------------------------
+def students_by_folder(config: dict) -> dict[str, tuple[Student, Paths]]:
+    """Every student of a validated config by its model folder's name, with the :class:`Paths` of its
+    single-valued config (:meth:`fastkd.sweep.Student.config`): one per combination of the swept settings,
+    the no-KD baselines per r and seed. The workflow's wildcard ``{student}`` is one of these names."""
+    by_folder = {}
+    for student in students(config):
+        paths = Paths(student.config(config))
+        by_folder[paths.student_folder(student.r, student.kd).name] = (student, paths)
+    return by_folder
+
+
+def student_folds(config: dict) -> list[tuple[Student, Paths, int | str]]:
+    """Every fold a config trains of every student: (student, its Paths, fold), in the order of
+    :func:`students_by_folder`, then of ``student.folds``."""
+    return [(student, paths, fold) for student, paths in students_by_folder(config).values()
+            for fold in config["student"]["folds"]]

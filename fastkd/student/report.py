@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 from fastkd.errors import FastkdError
+from fastkd.paths import VALIDATION_SUMMARY
 from fastkd.student import KD_LOSSES_FILE
 
 
@@ -36,7 +37,7 @@ def load_model(label: str, fold_folder: Path) -> dict:
     """Curves and Dice of one trained fold (the checkpoint loaded safely); errors name the missing file."""
     from fastkd.nnunet import load_checkpoint
 
-    summary = fold_folder / "validation" / "summary.json"
+    summary = fold_folder / VALIDATION_SUMMARY
     if not summary.is_file():
         raise FastkdError(f"{label}: {summary} is missing (the fold's final validation has not run)")
     s = json.loads(summary.read_text())

@@ -63,6 +63,7 @@ from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerDA5
 
 from fastkd.errors import FastkdError
 from fastkd.io import atomic_write_text
+from fastkd.paths import VALIDATION_SUMMARY
 from fastkd.student import KD_LOSSES_FILE, N_SPLITS, RUN_FILES, SETTINGS_FILE, move_aside
 from fastkd.sweep import trainer_name
 
@@ -185,7 +186,7 @@ class nnUNetTrainerFastKDBase(nnUNetTrainer):
         finally:
             self.inference_allowed_mirroring_axes = axes
         if self.local_rank == 0:
-            mark_validation(Path(self.output_folder) / "validation" / "summary.json", self.fold,
+            mark_validation(Path(self.output_folder) / VALIDATION_SUMMARY, self.fold,
                             [self.split_for_epoch(epoch) for epoch in range(self.num_epochs)])
 
     # -- checkpoints -----------------------------------------------------------------------------

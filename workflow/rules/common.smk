@@ -9,9 +9,9 @@ from fastkd.cases import TEST_SET, evaluation_sets, holdout_cases, holds_out, is
 from fastkd.checks import validate_config
 from fastkd.config import overrides
 from fastkd.demo_data import cli_options as demo_cli_options, held_out_case_ids, resources as demo_resources
-from fastkd.paths import Paths
+from fastkd.paths import Paths, student_folds, students_by_folder, validation_summary
 from fastkd.preprocess import training_cases
-from fastkd.sweep import one, students
+from fastkd.sweep import one
 from fastkd.student.run import KD_KEYS
 from fastkd.teachers import teacher_sets
 
@@ -35,12 +35,9 @@ N_SHARDS = config["softlabels"]["shards"]
 STUDENT = config["student"]
 REDUCTION_FACTORS = config["distillation"]["reduction_factors"]
 # Every student of the config, by model folder name: (fastkd.sweep.Student, Paths of its single-valued
-# config). One per combination of the swept settings (r, T, alpha, soft-label fold selection, seed); the
-# no-KD baselines per r and seed. The Snakemake wildcard {student} is one of these names.
-STUDENTS = {}
-for _s in students(config):
-    _p = Paths(_s.config(config))
-    STUDENTS[_p.student_folder(_s.r, _s.kd).name] = (_s, _p)
+# config); the Snakemake wildcard {student} is one of these names. Every fold of each: (student, Paths, fold).
+STUDENTS = students_by_folder(config)
+STUDENT_FOLDS = student_folds(config)
 # Every soft-label cache the KD students read, by name (one per temperature and fold selection): the Paths
 # of a config with those values. The Snakemake wildcard {cache} is one of these names.
 CACHES = {sp.softlabel_name: sp for s, sp in STUDENTS.values() if s.kd}
@@ -178,16 +175,16 @@ def softlabel_targets():
 def student_targets():
     """Every student (each r, fold and kind: its final validation, written after checkpoint_final.pth),
     their size and reports."""
-    return [sp.student_validation_summary(s.r, fold, s.kd) for s, sp in STUDENTS.values() for fold in STUDENT["folds"]] + [
+    return [sp.student_validation_summary(s.r, fold, s.kd) for s, sp, fold in STUDENT_FOLDS] + [
         path for r in REDUCTION_FACTORS for path in (P.student_info(r), P.student_report(r))]
 
 
 def export_targets():
     """The verified ONNX export of every student fold (export.onnx), and its TensorRT engine
     (export.tensorrt.enabled; the engine's job asks for the ONNX export either way)."""
-    students = [(sp, s.r, fold, s.kd) for s, sp in STUDENTS.values() for fold in STUDENT["folds"]]
-    onnx = [sp.student_onnx(*s) for sp, *s in students] if config["export"]["onnx"] else []
-    engines = [sp.student_engine(*s) for sp, *s in students] if config["export"]["tensorrt"]["enabled"] else []
+    onnx = [sp.student_onnx(s.r, fold, s.kd) for s, sp, fold in STUDENT_FOLDS] if config["export"]["onnx"] else []
+    engines = ([sp.student_engine(s.r, fold, s.kd) for s, sp, fold in STUDENT_FOLDS]
+               if config["export"]["tensorrt"]["enabled"] else [])
     return onnx + engines
 
 

@@ -70,7 +70,7 @@ rule predict_teachers:
 rule predict_student:
     input:
         images=lambda w: evaluation_inputs(w.case_set)[0],
-        validation=lambda w: P.model_folder(w.model) / f"fold_{w.fold}" / "validation" / "summary.json",
+        validation=lambda w: validation_summary(P.model_folder(w.model), w.fold),
     output:
         predictions=directory(P.predictions("{case_set}", "{model}__fold_{fold}")),
     params:

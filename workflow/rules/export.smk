@@ -6,7 +6,7 @@
 
 rule export_onnx:
     input:
-        validation=lambda w: P.model_folder(w.model) / f"fold_{w.fold}" / "validation" / "summary.json",
+        validation=lambda w: validation_summary(P.model_folder(w.model), w.fold),
     output:
         onnx=P.onnx_export("{model}", "{fold}"),
         verification=f"{P.onnx_export('{model}', '{fold}')}.json",

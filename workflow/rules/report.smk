@@ -6,15 +6,14 @@
 # then each student and baseline. Students declare only their final validation (written after the checkpoint).
 REPORT_MODELS = [("teachers" if name == MAIN_TEACHERS else name, c) for name in TEACHER_SETS
                  for c in teacher_checkpoints(name)] + [
-    (s.label, sp.student_checkpoint(s.r, fold, s.kd)) for s, sp in STUDENTS.values() for fold in STUDENT["folds"]]
-REPORT_ONNX = [(s.label, sp.student_onnx(s.r, fold, s.kd)) for s, sp in STUDENTS.values() for fold in STUDENT["folds"]
-               ] if config["export"]["onnx"] else []
+    (s.label, sp.student_checkpoint(s.r, fold, s.kd)) for s, sp, fold in STUDENT_FOLDS]
+REPORT_ONNX = [(s.label, sp.student_onnx(s.r, fold, s.kd)) for s, sp, fold in STUDENT_FOLDS] if config["export"]["onnx"] else []
 
 
 rule report_summary:
     input:
         teachers=[c for name in TEACHER_SETS for c in teacher_checkpoints(name)],
-        students=[sp.student_validation_summary(s.r, fold, s.kd) for s, sp in STUDENTS.values() for fold in STUDENT["folds"]],
+        students=[sp.student_validation_summary(s.r, fold, s.kd) for s, sp, fold in STUDENT_FOLDS],
         onnx=[path for _, path in REPORT_ONNX],
         evaluation=[P.evaluation_table(s, "json") for s in EVALUATION_SETS],
         caches=[P.softlabel_cache_root(name) for name in CACHES],

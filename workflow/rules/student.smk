@@ -58,7 +58,7 @@ rule train_student:
     # Snakemake deletes a job's outputs before it reruns it, and a student's checkpoints are only ever
     # continued or moved aside by the trainer (fastkd/student/run.py).
     output:
-        validation=P.model_folder("{student}") / "fold_{fold}" / "validation" / "summary.json",
+        validation=validation_summary(P.model_folder("{student}"), "{fold}"),
     params:
         dataset_id=P.dataset_id,
         plans=lambda w, input: Path(input.plans).stem,
