@@ -1,4 +1,8 @@
-"""Encoding and decoding of the stored probabilities: dtype, top-k, largest-remainder rounding."""
+"""Probabilities to stored values and back: the dtypes, top-k, the largest-remainder rounding.
+
+What the stored values mean is described in :mod:`fastkd.cache.layout` ("Arrays"). Encoding goes block
+by block (:func:`blocks`, :data:`BLOCK_VALUES`), so its memory is bounded whatever the case's size.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +19,11 @@ BLOCK_VALUES = 2**23
 
 
 def encode(probs: np.ndarray, dtype: str, softmax: bool = True) -> np.ndarray:
-    """Probabilities (C, ...) float32 -> stored values (see the module docstring).
+    """Probabilities (C, ...) float32 -> stored values (see :mod:`fastkd.cache.layout`).
 
     Works on the whole array at once (temporaries of ~29 bytes per value): callers with large cases
-    encode block by block (:func:`write_case` does). The softmax rounding runs on the job's threads
-    (:func:`_threads`), each on a slab of the voxels.
+    encode block by block (:func:`fastkd.cache.writer.write_case` does). The softmax rounding runs on
+    the job's threads (:func:`_threads`), each on a slab of the voxels.
     """
     if dtype == "float16":
         return probs.astype(np.float16)
@@ -122,7 +126,7 @@ def top_k_dtype(n_classes: int) -> str:
 
 def encode_top_k(probs: np.ndarray, k: int) -> np.ndarray:
     """Softmax probabilities (C, ...) -> ``(2, k, ...)``: [0] the k largest as multiples of 1/255 in
-    descending order, [1] their class indices (module docstring, "Top-k").
+    descending order, [1] their class indices (:mod:`fastkd.cache.layout`, "Top-k").
 
     The k values are quantised by largest remainder to ``rint(255 x their sum)`` (each within 1/255 of
     the teacher's); the rest of the voxel's mass is not stored, :func:`decode` spreads it evenly over

@@ -1,4 +1,7 @@
-"""``fastkd cache info`` / ``verify`` / ``show``: what a store holds, whether every chunk reads back, one slice as a PNG."""
+"""``fastkd cache info`` / ``verify`` / ``show``: what a store holds, whether every chunk of it reads back
+as valid probabilities, one slice as a PNG; and :func:`fingerprint`, the ``preprocessed_sha256`` each
+case records. Format: :mod:`fastkd.cache.layout`.
+"""
 
 from __future__ import annotations
 
@@ -119,7 +122,7 @@ def verify(store: str | Path, preprocessed_folder: str | Path | None = None, tol
     [0, 1]; softmax voxels sum to one (uint8: exactly 255; float16: within ``tolerance``, default
     1e-2); shape and fingerprint (sha256) equal the preprocessed ``<case>.b2nd`` in
     ``preprocessed_folder`` (default: the folder recorded in the root attributes). Cases are read
-    block by block (:func:`blocks`), so memory stays bounded.
+    block by block (:func:`fastkd.cache.codec.blocks`), so memory stays bounded.
     """
     import blosc2
 

@@ -1,8 +1,13 @@
-"""The soft-label cache on disk: layout, writer, reader, verification and inspection.
+"""The soft-label cache's format on disk: layout, arrays, chunks, codecs, integrity, attributes, provenance.
 
-One Zarr v3 store holds the teacher ensemble's soft labels for every training case of one
+This is the one description of the format; the code that writes it (``fastkd.cache.writer``), encodes
+and decodes its values (``fastkd.cache.codec``), reads it (``fastkd.cache.reader``) and inspects it
+(``fastkd.cache.inspection``) follows it, and the constants of ``fastkd.cache.layout`` (``ATTR``,
+``FORMAT_VERSION``, ``DTYPES``, ``CHUNK_BYTES``) and its ``chunk_shape`` define it.
+
+**Layout.** One Zarr v3 store holds the teacher ensemble's soft labels for every training case of one
 (dataset, configuration, teacher set, temperature, mirroring, step, dtype, top-k); its path encodes
-all of them (:meth:`fastkd.paths.Paths.softlabel_cache`). Layout::
+all of them (``fastkd.paths.Paths.softlabel_cache``):
 
     <name>.zarr/                 Zarr v3 group; its zarr.json is written LAST (by `fastkd cache
         zarr.json                finalize`, once every case is in), so the store opens only when complete
@@ -13,8 +18,9 @@ all of them (:meth:`fastkd.paths.Paths.softlabel_cache`). Layout::
     <name>.zarr.partial/         cases being written, one folder per writer:
         <case>.w<pid>@<host>.<hex8>   a case appears under <name>.zarr/ only by a rename
 
-Arrays. ``C`` is nnU-Net's number of segmentation heads in its own order: one channel per label
-(background first) for softmax datasets, one per region for region-based (sigmoid) datasets.
+**Arrays.** ``C`` is nnU-Net's number of segmentation heads in its own order: one channel per label
+(background first) for softmax datasets, one per region for region-based (sigmoid) datasets. The
+stored dtype is ``softlabels.dtype`` (``DTYPES``: dtype -> ``scale``, stored value x scale = probability):
 
 - ``uint8``: value q means probability q / 255 (``scale`` = 1/255 in the attributes). Softmax channels
   are quantised by largest remainder, so every voxel's C values sum to exactly 255 (probabilities to 1)
@@ -24,30 +30,33 @@ Arrays. ``C`` is nnU-Net's number of segmentation heads in its own order: one ch
   ``(2, k, x, y, z)`` uint8 (uint16 above 256 classes). ``[0, i]`` is the i-th largest probability x 255
   (descending; the k quantised by largest remainder to ``rint(255 x their sum)``), ``[1, i]`` its class
   index. The voxel's remaining mass ``1 - sum / 255`` is spread evenly over the other C - k classes
-  when read (:func:`decode`), as FKD / ReLabel store ImageNet soft labels; each case records its mean
-  and max (``top_k_dropped``), which ``fastkd cache info`` reports and ``verify`` checks.
+  when read (``fastkd.cache.codec.decode``), as FKD / ReLabel store ImageNet soft labels; each case
+  records its mean and max (``top_k_dropped``), which ``fastkd cache info`` reports and ``verify`` checks.
 
-Chunks hold every class of a block of voxels (the KD loss needs all of them) and at most
-:data:`CHUNK_BYTES` (4 MiB) uncompressed, whatever C and the patch size: spatially the chunk is the
+**Chunks** hold every class of a block of voxels (the KD loss needs all of them) and at most
+``CHUNK_BYTES`` (4 MiB) uncompressed, whatever C and the patch size: spatially the chunk is the
 plans' patch (for 2d configurations ``1 x`` the patch), shrunk by one factor on every axis until it fits,
-and cut to the volume. With few classes it is the patch itself (Hippocampus: 3 x 40 x 56 x 40 =
-270 kB): a random training read of nnU-Net's initial patch (about 1.2-1.6 x the patch per axis)
-touches at most 3 chunks per axis. With many it is smaller (118 classes, patch 128^3: 118 x 32^3 =
-3.9 MB) so a read decompresses little beyond the crop; a 128^3-voxel chunk would be 247 MB. Codecs
-(all in the Zarr v3 spec, so zarr-python and tensorstore read them):
-bytes -> blosc (zstd, level 5; no shuffle for uint8, byte shuffle for float16) -> crc32c, so a
-corrupted chunk raises a checksum error instead of decoding to wrong numbers. The training loader's
-crop reads decode these chunk files directly (same codecs, checksum checked; :meth:`SoftLabelCache._chunk_parts`),
+and cut to the volume. With few classes it is the patch itself (Hippocampus:
+3 x 40 x 56 x 40 = 270 kB): a random training read of nnU-Net's initial patch (about 1.2-1.6 x the
+patch per axis) touches at most 3 chunks per axis. With many it is smaller (118 classes, patch 128^3:
+118 x 32^3 = 3.9 MB) so a read decompresses little beyond the crop; a 128^3-voxel chunk would be 247 MB.
+
+**Codecs** (all in the Zarr v3 spec, so zarr-python and tensorstore read them): bytes -> blosc (zstd,
+level 5; no shuffle for uint8, byte shuffle for float16) -> crc32c, so a corrupted chunk raises a
+checksum error instead of decoding to wrong numbers. The training loader's crop reads decode these
+chunk files directly (same codecs, checksum checked; ``fastkd.cache.reader.SoftLabelCache._chunk_parts``),
 keeping only the classes present in each chunk; any other layout is read through zarr.
 
-Integrity. A case is accepted (renamed into the store, finalized, opened by the reader, verified) only
-with all its chunk files present (:func:`missing_chunks`); zarr would read a missing chunk as zeros.
-Writers remove only their own ``.partial`` folders and those of dead writers of their host
-(:func:`write_case`). ``finalize`` and the soft-label fill never remove the root before their checks
-pass, so a failing run leaves a complete store complete. Each case records the sha256 of the
-preprocessed case it came from (``preprocessed_sha256``, :func:`fingerprint`).
+**Integrity.** A case is accepted (renamed into the store, finalized, opened by the reader, verified)
+only with all its chunk files present (``fastkd.cache.reader.missing_chunks``); zarr would read a
+missing chunk as zeros. Writers remove only their own ``.partial`` folders and those of dead writers
+of their host (``fastkd.cache.writer.write_case``). ``finalize`` and the soft-label fill never remove
+the root before their checks pass, so a failing run leaves a complete store complete. Each case
+records the sha256 of the preprocessed case it came from (``preprocessed_sha256``,
+``fastkd.cache.inspection.fingerprint``).
 
-Attributes live under the key ``fastkd_softlabels``. On each case array::
+**Attributes** live under the key ``fastkd_softlabels`` (``ATTR``) of each node's ``zarr.json``. On
+each case array:
 
     {"complete": true,              # rewritten last, just before the array is renamed into place
      "case", "shape": [C, x, y, z], "tiles": int, "teacher_forwards": int, "seconds": float,
@@ -57,21 +66,21 @@ Attributes live under the key ``fastkd_softlabels``. On each case array::
      "top_k_dropped": {"mean", "max"},      # top-k only: 1 - stored mass per voxel
      "created": ISO time, "versions": {...}, "provenance": {...}}
 
-On the root group::
+On the root group:
 
     {"complete": true, "cases": {"<case>": [C, x, y, z], ...}, "teacher_forwards": int,
      "preprocessed_folder": path of the <case>.b2nd files, "created", "versions", "provenance": {...}}
 
-``provenance`` is identical for every case of a store: ``format_version``, ``temperature``,
-``activation`` (softmax | sigmoid), ``ensemble`` (how folds were combined), ``folds_per_case``
-(``all``: every fold for every case; ``out_of_fold``: per case the folds that held it out, see
-:mod:`fastkd.softlabels`), ``splits_sha256`` (sha256 of nnU-Net's splits_final.json that chose them
-for ``out_of_fold``, else null), ``channels`` (names),
-``labels`` and ``regions`` (dataset.json), ``teachers`` (per folder: ``name``, ``model_folder``,
-``trainer``, ``plans_name``, ``configuration``, ``folds``, ``checkpoint``, ``sha256`` per fold,
-``weight``), ``dataset_name``, ``plans_name``, ``configuration``, ``data_identifier``, ``spacing``,
-``transpose_forward``, ``patch_size``, ``dtype``, ``scale``, ``step_size``, ``mirroring``,
-``mirror_axes``, ``gaussian``, and ``top_k`` in top-k stores only.
+**Provenance** is identical for every case of a store: ``format_version`` (``FORMAT_VERSION``),
+``temperature``, ``activation`` (softmax or sigmoid), ``ensemble`` (how folds were combined),
+``folds_per_case`` (``all``: every fold for every case; ``out_of_fold``: per case the folds that held
+it out, see ``fastkd.softlabels``), ``splits_sha256`` (sha256 of nnU-Net's splits_final.json that
+chose them for ``out_of_fold``, else null), ``channels`` (names), ``labels`` and ``regions``
+(dataset.json), ``teachers`` (per folder: ``name``, ``model_folder``, ``trainer``, ``plans_name``,
+``configuration``, ``folds``, ``checkpoint``, ``sha256`` per fold, ``weight``), ``dataset_name``,
+``plans_name``, ``configuration``, ``data_identifier``, ``spacing``, ``transpose_forward``,
+``patch_size``, ``dtype``, ``scale``, ``step_size``, ``mirroring``, ``mirror_axes``, ``gaussian``, and
+``top_k`` in top-k stores only.
 """
 
 from __future__ import annotations
@@ -82,7 +91,9 @@ import numpy as np
 
 from fastkd.errors import FastkdError
 
+#: the key of fastkd's attributes in every node's zarr.json
 ATTR = "fastkd_softlabels"
+#: ``format_version`` in the provenance
 FORMAT_VERSION = 1
 DTYPES = {"uint8": 1.0 / 255.0, "float16": 1.0}  # dtype -> scale (stored value * scale = probability)
 
@@ -102,7 +113,7 @@ CHUNK_BYTES = 4 * 2**20
 
 def chunk_shape(shape: tuple[int, ...], patch_size: list[int], itemsize: int = 1,
                 max_bytes: int = CHUNK_BYTES) -> tuple[int, ...]:
-    """Chunks for a (C, x, y, z) case read in patches of ``patch_size`` (see the module docstring).
+    """Chunks for a (C, x, y, z) case read in patches of ``patch_size`` (the module docstring, "Chunks").
 
     All C classes of a voxel share a chunk (the KD loss reads all of them); spatially the chunk is the
     patch (for 2d configurations ``1 x`` the patch), shrunk by one factor on every axis until the

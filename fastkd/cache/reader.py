@@ -1,4 +1,7 @@
-"""Reading the store: the attributes, the chunk checks and :class:`SoftLabelCache`, the student's reader."""
+"""Reading the store: its attributes (:func:`case_attrs`, :func:`root_attrs`), the check that every chunk
+file is there (:func:`missing_chunks`), and :class:`SoftLabelCache`, the student's reader (format:
+:mod:`fastkd.cache.layout`).
+"""
 
 from __future__ import annotations
 
@@ -137,7 +140,8 @@ class SoftLabelCache:
     def check(self, *, temperature: float | None = None, labels: dict | None = None,
               data_identifier: str | None = None, configuration: str | None = None,
               shapes: dict[str, list[int]] | None = None) -> None:
-        """Raise :class:`CacheError` listing every way the cache differs from what the caller expects.
+        """Raise :class:`fastkd.cache.CacheError` listing every way the cache differs from what the caller
+        expects.
 
         ``shapes``: case -> spatial (or full C, x, y, z) shape of the preprocessed case; every case
         must be in the cache with that spatial shape.
@@ -235,10 +239,11 @@ class SoftLabelCache:
         ``where`` its slices in the box.
 
         The training loader's hot path: the chunk files are read and decoded here, one at a time, with
-        the codecs the writer uses (bytes -> blosc -> crc32c, :func:`_compressors`, checksum checked),
-        instead of through zarr's asynchronous pipeline (on a 119-class crop of 96 x 116 x 116 zarr's
-        read alone took ~0.7 s, about three times the blosc decoding it does), and a caller can keep
-        only the classes present in each chunk. An array with any other layout is read through zarr."""
+        the codecs the writer uses (bytes -> blosc -> crc32c, :func:`fastkd.cache.layout._compressors`,
+        checksum checked), instead of through zarr's asynchronous pipeline (on a 119-class crop of
+        96 x 116 x 116 zarr's read alone took ~0.7 s, about three times the blosc decoding it does), and a
+        caller can keep only the classes present in each chunk. An array with any other layout is read
+        through zarr."""
         array = self.array(case)
         layout = _direct_layout(array)
         if layout is None:

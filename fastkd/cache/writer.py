@@ -1,4 +1,6 @@
-"""Writing the store: each case atomically (:func:`write_case`), the root last (:func:`finalize`)."""
+"""Writing the store: each case atomically (:func:`write_case`), the root last (:func:`finalize`), and
+what a rerun may skip (:func:`is_current`). Format: :mod:`fastkd.cache.layout`.
+"""
 
 from __future__ import annotations
 
@@ -34,8 +36,8 @@ def versions() -> dict:
 def is_current(store: str | Path, case: str, provenance: dict, shape: tuple[int, ...],
                preprocessed_sha256: str | None = None) -> bool:
     """A complete case with this provenance and shape, made from the preprocessed case with this
-    fingerprint (:func:`fingerprint`, when given) and with all its chunks, is already in the store
-    (a rerun skips it)."""
+    fingerprint (:func:`fastkd.cache.inspection.fingerprint`, when given) and with all its chunks, is
+    already in the store (a rerun skips it)."""
     import zarr
 
     attrs = case_attrs(store, case)
@@ -102,10 +104,11 @@ def _remove_dead_partials(tmp_root: Path, case: str | None = None) -> list[str]:
 def write_case(store: str | Path, case: str, probs: np.ndarray, provenance: dict, extra: dict | None = None) -> Path:
     """Write one case atomically: to ``<store>.partial/``, check, mark complete, rename into the store.
 
-    ``probs``: float32 probabilities (C, x, y, z); they are encoded block by block (:func:`blocks`), so
-    the extra memory is bounded whatever the case's size; zarr compresses and writes one block in a
-    thread while the next one is encoded (one more encoded block in memory). Every chunk is written,
-    also those equal to the fill value, and the rename happens only when every chunk file is there.
+    ``probs``: float32 probabilities (C, x, y, z); they are encoded block by block
+    (:func:`fastkd.cache.codec.blocks`), so the extra memory is bounded whatever the case's size; zarr
+    compresses and writes one block in a thread while the next one is encoded (one more encoded block in
+    memory). Every chunk is written, also those equal to the fill value, and the rename happens only when
+    every chunk file is there.
 
     The folder being written is ``<store>.partial/<case>.w<pid>@<host>.<hex8>``. A writer removes only
     its own folders and those of dead writers of its host (a killed job), never those of a live one (a
@@ -192,8 +195,8 @@ def finalize(store: str | Path, expected: dict[str, list[int]], preprocessed_fol
 
     ``expected``: case -> spatial shape ``[x, y, z]`` (or the full ``[C, x, y, z]`` of the
     preprocessed image, whose C is ignored). Every case must have all its chunks. Raises
-    :class:`CacheError` naming every bad case; the store is left as it was then (a complete store
-    stays complete). Returns the root attributes.
+    :class:`fastkd.cache.CacheError` naming every bad case; the store is left as it was then (a complete
+    store stays complete). Returns the root attributes.
     """
     store = Path(store)
     problems, cases, provenance, forwards = [], {}, None, 0
