@@ -17,7 +17,7 @@ Layout (defaults; ``<ds>`` = ``DatasetXXX_Name``)::
     fastkd_work/<ds>/preprocess/<plans>__<cfg>.json   preprocessing manifest (cases, shapes, spacing)
     fastkd_work/<ds>/teachers/<folder name>.json   teacher manifest per teacher folder (folds, sha256)
     fastkd_work/<ds>/softlabels/<cfg>__T<T>__<mirror|nomirror>__step<s>__<dtype>__teachers-<id>.zarr
-                                         the soft-label cache (layout: fastkd.cache); <id> hashes the
+                                         the soft-label cache (layout: fastkd.cache.layout); <id> hashes the
                                          teacher set (folders, folds, checkpoint names, weights)
         ... .shards/shard-<i>-of-<n>.json   what each soft-label job wrote; ... .preview.png
     nnUNet_preprocessed/<ds>/<plans>_fastkdR<r>[strategy].json   student plans (never preprocess with them)

@@ -32,10 +32,10 @@ each case atomically (:func:`fastkd.cache.write_case`), with the folds it used (
 the forwards they cost among the case's attributes. The provenance records ``folds_per_case`` and, for
 ``out_of_fold``, ``splits_sha256`` (the split file's sha256); a case already in the store with the same
 provenance (settings, mode, split and checkpoint sha256) is skipped, so a rerun after a kill only
-computes what is missing, and a changed mode or split recomputes every case. The store layout is
-described in :mod:`fastkd.cache`. The case attributes also record ``preprocessed_sha256``, the sha256
-of the preprocessed ``<case>.b2nd`` (:func:`fastkd.cache.fingerprint`): a re-preprocessed case no
-longer matches and is recomputed. The store's root is removed just before the first case is written,
+computes what is missing, and a changed mode or split recomputes every case. The store's format:
+:mod:`fastkd.cache.layout`. The case attributes also record ``preprocessed_sha256``, the sha256 of the
+preprocessed ``<case>.b2nd`` (:func:`fastkd.cache.fingerprint`): a re-preprocessed case no longer
+matches and is recomputed. The store's root is removed just before the first case is written,
 not before (a run that fails in its checks, or finds every case current, leaves a complete store
 complete). Non-finite teacher logits are an error naming the case and the fold.
 

@@ -5,6 +5,7 @@ Real teachers filling a cache through Snakemake are in test_softlabels.py.
 
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def test_uint8_quantisation_at_many_classes_is_largest_remainder(classes, mass, 
     """119 and 300 classes (the bisected path, counts in uint8 and uint16), most absent (probability
     exactly 0) in most voxels as confident teachers give them, sums off by a float error or two, exact ties: the same as sorting every voxel,
     on one thread and on three (each a slab of the voxels)."""
-    monkeypatch.setattr(cache, "_threads", lambda: threads)
+    monkeypatch.setattr("fastkd.cache.codec._threads", lambda: threads)
     rng = np.random.default_rng(7)
     p = softmax(rng.normal(scale=4, size=(classes, 12, 10, 8)))
     p[1:][rng.random(p[1:].shape) < 0.8] = 0
@@ -175,7 +176,7 @@ def test_read_crop_classes_is_read_crop_at_the_present_classes(tmp_path, dtype, 
     assert len(counts) > 2  # crops with few and with many of the 7 classes
     # the direct chunk reader and zarr's own pipeline agree exactly (the latter reads any other layout)
     direct = [(reader.read_crop("case_a", b), *reader.read_crop_classes("case_a", b)[:2]) for b in CROPS]
-    monkeypatch.setattr(cache, "_direct_layout", lambda array: None)
+    monkeypatch.setattr("fastkd.cache.reader._direct_layout", lambda array: None)
     through_zarr = SoftLabelCache(store)
     for box, (crop, values, classes) in zip(CROPS, direct):
         np.testing.assert_array_equal(through_zarr.read_crop("case_a", box), crop)
@@ -263,7 +264,7 @@ def test_rewriting_a_case_replaces_it_atomically(tmp_path):
     new = softmax(np.random.default_rng(5).normal(size=(3, 10, 12, 9)))
     dead = subprocess.Popen(["true"])
     dead.wait(timeout=60)  # a finished process: its pid is not alive (a killed writer's)
-    host = cache.socket.gethostname().replace(".", "_")
+    host = socket.gethostname().replace(".", "_")
     (cache.partial_dir(store) / f"case_a.w{dead.pid}@{host}.0123abcd").mkdir(parents=True)
     cache.write_case(store, "case_a", new, provenance())
     assert list(cache.partial_dir(store).iterdir()) == []

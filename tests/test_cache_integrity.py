@@ -5,6 +5,7 @@ mean of probabilities (not logits). Synthetic data; real teachers are in test_so
 
 import json
 import multiprocessing
+import socket
 import subprocess
 import sys
 import textwrap
@@ -72,7 +73,7 @@ def test_a_failing_finalize_leaves_a_complete_store_complete(tmp_path):
 
 def test_a_live_writers_partial_folder_is_never_removed(tmp_path):
     store, _ = make_store(tmp_path)
-    host = cache.socket.gethostname().replace(".", "_")
+    host = socket.gethostname().replace(".", "_")
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         theirs = cache.partial_dir(store) / f"case_a.w{live.pid}@{host}.0123abcd"  # a duplicate job, still writing
@@ -119,26 +120,27 @@ KILLER = textwrap.dedent("""
     import numpy as np
     sys.path.insert(0, {tests!r})
     from fastkd import cache
+    from fastkd.cache import codec, writer
     from test_cache import provenance, softmax
 
     store, where = sys.argv[1], sys.argv[2]
-    cache.BLOCK_VALUES = 3 * 8 * 8 * 8  # one chunk per block: several blocks
+    codec.BLOCK_VALUES = 3 * 8 * 8 * 8  # one chunk per block: several blocks
     calls = {{"n": 0}}
     if where == "encode":  # killed half-way through the chunks
-        encode = cache.encode
+        encode = writer.encode
         def dying_encode(*args, **kwargs):
             calls["n"] += 1
             if calls["n"] == 3:
                 os.kill(os.getpid(), signal.SIGKILL)
             return encode(*args, **kwargs)
-        cache.encode = dying_encode
+        writer.encode = dying_encode
     else:  # killed between moving the old version aside and renaming the new one in
         rename = os.rename
         def dying_rename(src, dst):
             rename(src, dst)
             if str(src).endswith("/case_a") and ".partial" in str(dst):
                 os.kill(os.getpid(), signal.SIGKILL)
-        cache.os.rename = dying_rename
+        os.rename = dying_rename
     cache.invalidate(store)
     p = softmax(np.random.default_rng(9).normal(size=(3, 10, 12, 9)))
     cache.write_case(store, "case_a", p, provenance(temperature=2.0), {{"writer": "killed"}})
@@ -219,7 +221,7 @@ def test_blocks_tile_the_array_chunk_aligned_and_bounded():
 def test_encoding_memory_is_bounded_whatever_the_case_size(tmp_path, monkeypatch):
     """100 classes: encoding the whole case at once takes ~29 bytes per value (argsort in int64)."""
     probs = softmax(np.random.default_rng(0).normal(size=(100, 40, 48, 48)))  # 37 MB of float32
-    monkeypatch.setattr(cache, "BLOCK_VALUES", 4 * 100 * 8 * 8 * 16)  # 4 chunks, 0.4 M values per block
+    monkeypatch.setattr("fastkd.cache.codec.BLOCK_VALUES", 4 * 100 * 8 * 8 * 16)  # 4 chunks, 0.4 M values per block
     labels = {f"c{i}": i for i in range(100)}
     prov = {**provenance(channels=list(labels), patch=(8, 8, 16)), "labels": labels}
     tracemalloc.start()

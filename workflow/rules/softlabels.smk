@@ -2,7 +2,7 @@
 # fold-averaged probabilities go to one Zarr store. Cases are split into shards, one job each (each
 # loads the teachers once); each case is written atomically, and the store's root is written last by
 # softlabels_finalize, once every case is in. One cache per temperature and soft-label fold selection (a
-# sweep has several; the wildcard {cache} is its name, CACHES in common.smk). Layout: fastkd/cache.py.
+# sweep has several; the wildcard {cache} is its name, CACHES in common.smk). Layout: fastkd/cache/layout.py.
 
 
 rule softlabels_shard:
