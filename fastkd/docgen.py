@@ -18,6 +18,7 @@ To change a generated page, change its source (for the configuration reference: 
 from __future__ import annotations
 
 import argparse
+import inspect
 import re
 import sys
 from pathlib import Path
@@ -240,9 +241,23 @@ def _parent_required(key: str, root: dict) -> list[str]:
     return _resolve(node, root).get("items", {}).get("required", [])
 
 
+# --- the soft-label cache's format ----------------------------------------------------------------------
+
+def render_cache_format() -> str:
+    """``docs/cache-format.md``: the one description of the cache's format, the docstring of
+    :mod:`fastkd.cache.layout` (written to read as Markdown)."""
+    from fastkd.cache import layout
+
+    title, _, body = inspect.cleandoc(layout.__doc__).partition("\n")
+    out = [generated_note("the docstring of `fastkd/cache/layout.py`"), "", "# Soft-label cache format", "",
+           title.strip(), body.rstrip()]
+    return "\n".join(out) + "\n"
+
+
 #: every generated page: path relative to the repository root -> the function that renders it
 PAGES: dict[str, Callable[[], str]] = {
     "docs/configuration.md": render_configuration,
+    "docs/cache-format.md": render_cache_format,
 }
 
 
