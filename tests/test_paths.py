@@ -98,3 +98,23 @@ def test_real_dataset_cases_come_from_dataset_json(tmp_path):
     assert p.dataset_name == "Dataset123_Elsewhere" and p.dataset_id == 123 and not p.is_demo
     assert p.raw_source == raw and p.raw_dataset == Path("nnUNet_raw") / "Dataset123_Elsewhere"
     assert training_cases(p.config) == ["demo_000", "demo_001", "demo_002", "demo_003"]
+
+
+def test_every_student_fold_comes_from_one_function(tmp_path):
+    """The rules and the report loop over ``student_folds``: every student of a sweep (by model folder) times
+    every fold, students first, each with the Paths of its own single-valued config."""
+    from fastkd.paths import student_folds, students_by_folder
+    from fastkd.sweep import students
+
+    config = validate_config({"distillation": {"temperature": [1, 3], "reduction_factors": [2, 4]},
+                              "student": {"folds": [0, 3], "seeds": [0]}}, base_dir=tmp_path)
+    by_folder = students_by_folder(config)
+    assert [s for s, _ in by_folder.values()] == students(config)  # 2 r x (2 T + the baseline)
+    assert len(by_folder) == 6 and all(p.student_folder(s.r, s.kd).name == name for name, (s, p) in by_folder.items())
+    assert {p.softlabel_name for s, p in by_folder.values() if s.kd} == {Paths(validate_config(
+        {"distillation": {"temperature": t}}, base_dir=tmp_path)).softlabel_name for t in (1, 3)}
+    folds = student_folds(config)
+    assert [(s, fold) for s, _, fold in folds] == [(s, f) for s in students(config) for f in (0, 3)]
+    s, p, fold = folds[-1]
+    assert p.student_validation_summary(s.r, fold, s.kd) == (
+        p.student_folder(s.r, s.kd) / "fold_3" / "validation" / "summary.json")
