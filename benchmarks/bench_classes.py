@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-# fastkd's commands run torch on transparent huge pages (fastkd.cli.huge_pages); every process timed
+# fastkd's commands run torch on transparent huge pages (fastkd.cli.common.huge_pages); every process timed
 # here, stock nnU-Net included, runs with the same setting (before torch loads), so ratios compare like
 # with like; THP_MEM_ALLOC_ENABLE=0 in the environment turns it off for all of them
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")

@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastkd.cli import fold_arg, huge_pages, positive_int
+from fastkd.cli.common import fold_arg, huge_pages, positive_int
 from fastkd.config import arg_type, default
 from fastkd.errors import FastkdError
 from fastkd.nnunet import model_folder_trainer

@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from fastkd.cli import fold_arg, huge_pages, positive_int
+from fastkd.cli.common import fold_arg, huge_pages, positive_int
 from fastkd.errors import FastkdError
 
 PROG = "nnUNetv2_distillation_export_onnx"

@@ -202,14 +202,14 @@ def test_load_config_merges_files_in_order(tmp_path):
 def test_cli_config_exits_nonzero_with_the_message(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**copy.deepcopy(demo_config()), "distillation": {"temperature": -2}}))
-    run = subprocess.run([sys.executable, "-m", "fastkd.cli", "config", "show", str(bad)], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    run = subprocess.run([sys.executable, "-m", "fastkd", "config", "show", str(bad)], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert run.returncode == 1
     assert "distillation.temperature = -2 (int): must be > 0" in run.stderr
     assert "Traceback" not in run.stderr
 
 
 def test_cli_config_prints_complete_config_and_paths(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "fastkd.cli", "config", "show", str(REPO / "config.yaml"), "--paths"],
+    run = subprocess.run([sys.executable, "-m", "fastkd", "config", "show", str(REPO / "config.yaml"), "--paths"],
                          capture_output=True, text=True, cwd=tmp_path, check=True, timeout=600)
     printed = yaml.safe_load(run.stdout)
     assert printed["teachers"]["checkpoint"] == "checkpoint_final.pth"
@@ -298,7 +298,7 @@ def test_overrides_round_trip_through_the_schema(tmp_path):
 
 
 def test_one_thread_training_jobs_keep_an_augmentation_worker(monkeypatch):
-    from fastkd.cli import set_threads
+    from fastkd.cli.common import set_threads
 
     for key in ("nnUNet_n_proc_DA", "nnUNet_def_n_proc"):
         monkeypatch.delenv(key, raising=False)
