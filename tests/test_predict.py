@@ -329,7 +329,7 @@ def test_errors_name_the_value(model, tmp_path):
 
 
 def test_trt_backend_loads_engines_lazily(model, tmp_path, monkeypatch):
-    """``.engine``/``.plan`` pick the trt backend; fastkd.export.tensorrt is imported only then."""
+    """``.engine``/``.plan`` pick the trt backend; fastkd.predict.backends.tensorrt is imported only then."""
     from fastkd import predict as fp
 
     assert [fp.default_backend(p) for p in ("a.onnx", "a.engine", "a.plan", model)] == ["onnx", "trt", "trt", "torch"]
@@ -343,7 +343,7 @@ def test_trt_backend_loads_engines_lazily(model, tmp_path, monkeypatch):
             seen["args"] = (path, device)
             return {"network": "engine network"}
 
-    monkeypatch.setitem(sys.modules, "fastkd.export.tensorrt", Engine("fastkd.export.tensorrt"))
+    monkeypatch.setitem(sys.modules, "fastkd.predict.backends.tensorrt", Engine("fastkd.predict.backends.tensorrt"))
     assert fp.load_model(engine, "trt", (0,), "", torch.device("cpu")) == {"network": "engine network"}
     assert seen["args"] == (engine, torch.device("cpu"))
 
