@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 
-def _real_patches(preprocessed: Path | None, patch: list[int], n: int = 2) -> list[np.ndarray]:
+def real_patches(preprocessed: Path | None, patch: list[int], n: int = 2) -> list[np.ndarray]:
     """Up to ``n`` patches of preprocessed cases (the centre of each, zero-padded to the patch size)."""
     if preprocessed is None or not Path(preprocessed).is_dir():
         return []
@@ -25,7 +25,8 @@ def _real_patches(preprocessed: Path | None, patch: list[int], n: int = 2) -> li
     return patches
 
 
-def _agreement(a: np.ndarray, b: np.ndarray, regions: bool) -> float:
+def segmentation_agreement(a: np.ndarray, b: np.ndarray, regions: bool) -> float:
+    """The fraction of voxels whose argmax (softmax) or thresholded logit (regions) agrees between two outputs."""
     if regions:
         return float(((a > 0) == (b > 0)).mean())
     return float((a.argmax(1) == b.argmax(1)).mean())

@@ -52,7 +52,7 @@ import torch
 
 from fastkd import nnunet
 from fastkd.errors import FastkdError
-from fastkd.export.common import _agreement, _real_patches
+from fastkd.export.common import real_patches, segmentation_agreement
 from fastkd.predict.backends.onnx import INPUT, OUTPUT
 from fastkd.predict.backends.torch import load_student
 
@@ -208,7 +208,7 @@ def verify(network, onnx_file: Path, meta: dict, preprocessed, atol: float, min_
     if not ({2, 3, 4} & dynamic) and shape[2:] != meta["patch_size"]:
         real = []  # real patches have nnU-Net's patch size; a custom static shape is checked on random data
     else:
-        real = _real_patches(preprocessed, meta["patch_size"])
+        real = real_patches(preprocessed, meta["patch_size"])
     inputs += [(f"preprocessed case {i}", np.repeat(p, shape[0], 0) if 0 not in dynamic else p)
                for i, p in enumerate(real)]
     checks = []
@@ -217,7 +217,7 @@ def verify(network, onnx_file: Path, meta: dict, preprocessed, atol: float, min_
             expected = network(torch.from_numpy(x)).numpy()
         got = session.run([OUTPUT], {INPUT: x})[0]
         diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else math.inf
-        agreement = _agreement(got, expected, meta["regions"]) if got.shape == expected.shape else 0.0
+        agreement = segmentation_agreement(got, expected, meta["regions"]) if got.shape == expected.shape else 0.0
         checks.append({"input": name, "shape": list(x.shape), "max_abs_diff": diff, "agreement": agreement})
     passed = all(c["max_abs_diff"] <= atol and c["agreement"] >= min_agreement for c in checks)
     return {"checker": "onnx.checker.check_model(full_check=True) passed", "runtime": f"onnxruntime {ort.__version__}",

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from fastkd.errors import FastkdError
-from fastkd.export.common import _agreement, _real_patches
+from fastkd.export.common import real_patches, segmentation_agreement
 from fastkd.predict.backends.onnx import INPUT, OUTPUT
 from fastkd.predict.backends.tensorrt import (METADATA_KEYS, SUFFIXES, TrtNetwork, differences, metadata_path,
                                              require_tensorrt, running_platform)
@@ -140,7 +140,7 @@ def calibration_batches(folder: str | Path, shape: list[int], limit: int = CALIB
     if not cases:
         raise FastkdError(f"calibration folder {folder}: no preprocessed <case>.b2nd in it (nnU-Net's "
                           "$nnUNet_preprocessed/<dataset>/<data identifier>)")
-    patches = _real_patches(folder, list(shape[2:]), n=limit)
+    patches = real_patches(folder, list(shape[2:]), n=limit)
     if patches[0].shape[1] != shape[1]:
         raise FastkdError(f"calibration folder {folder}: cases have {patches[0].shape[1]} channels, the network "
                           f"takes {shape[1]}")
@@ -269,7 +269,7 @@ def _parity(engine: Path, onnx_path: Path, meta: dict, profile: dict, real: list
         with torch.no_grad():
             got = network(torch.from_numpy(x)).numpy()
         checks.append({"input": name, "shape": list(x.shape), "max_abs_diff": float(np.abs(got - expected).max()),
-                       "agreement": _agreement(got, expected, meta["regions"]), "gating": gating})
+                       "agreement": segmentation_agreement(got, expected, meta["regions"]), "gating": gating})
     return {"runtime": f"onnxruntime {ort.__version__} (CPUExecutionProvider)", "min_agreement": min_agreement,
             "checks": checks, "real_patches": len(real),
             "passed": all(c["agreement"] >= min_agreement for c in checks if c["gating"])}
@@ -332,7 +332,7 @@ def build_engine(onnx_path: str | Path, out: str | Path, *, precision: str = "fp
         engine, pinned, cache_note = _build(trt, onnx_path, precision, shapes, batches, normalization_nodes,
                                             timing_cache, workspace_gb)
         tmp.write_bytes(engine)
-        parity = _parity(tmp, onnx_path, meta, shapes, _real_patches(preprocessed, meta["patch_size"]), precision,
+        parity = _parity(tmp, onnx_path, meta, shapes, real_patches(preprocessed, meta["patch_size"]), precision,
                          min_agreement)
         if not parity["passed"]:
             worst = min((c for c in parity["checks"] if c["gating"]), key=lambda c: c["agreement"])
