@@ -66,7 +66,7 @@ from nnunetv2.utilities.helpers import empty_cache
 from tqdm import tqdm
 
 from fastkd.errors import FastkdError
-from fastkd.predict.backends import BACKENDS, default_backend, load_model
+from fastkd.predict.backends import backend_module, default_backend, load_model
 from fastkd.predict.backends.torch import FrozenNetwork
 
 RECORD = "fastkd_predict.json"
@@ -209,8 +209,7 @@ def build_predictor(model: str | Path, *, backend: str | None = None, folds=(0,)
     from fastkd.device import torch_device
 
     backend = backend or default_backend(model)
-    if backend not in BACKENDS:
-        raise FastkdError(f"--backend {backend!r}: must be one of {', '.join(BACKENDS)}")
+    backend_module(backend)  # an unknown name is refused before the other arguments are checked
     check_values({"softlabels.step_size": step_size})
     on = torch_device(device, "--device")
     m = load_model(model, backend, folds, checkpoint, on)

@@ -17,6 +17,7 @@ from fastkd.errors import FastkdError
 from fastkd.predict.backends.onnx import INPUT, OUTPUT
 
 SUFFIXES = (".engine", ".plan")
+ENSEMBLE = False
 METADATA_KEYS = ("fastkd", "nnunet_plans", "nnunet_dataset_json")
 # what an engine was built from and for: any difference makes it stale
 BUILD_KEYS = ("tensorrt_version", "gpu", "precision", "profile", "onnx_sha256")
@@ -102,6 +103,13 @@ class TrtNetwork(torch.nn.Module):
         """The weights are in the engine; nnU-Net's predictor hands each fold's (empty) parameters here."""
         if state_dict:
             raise FastkdError("a TensorRT engine carries its own weights; it takes no parameters")
+
+
+def load(model: Path, folds: tuple, checkpoint: str, device: torch.device) -> dict:
+    """A TensorRT engine (``checkpoint``: unused); TensorRT is imported only once the file is one."""
+    if model.suffix not in SUFFIXES or not model.is_file():
+        raise FastkdError(f"-m {model}: the trt backend takes a TensorRT engine file ({' or '.join(SUFFIXES)})")
+    return load_engine_model(model, device)
 
 
 def load_engine_model(path: str | Path, device: torch.device) -> dict:

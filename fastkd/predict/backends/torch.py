@@ -20,6 +20,8 @@ from fastkd.errors import FastkdError
 
 #: the version of the metadata :func:`load_student` returns (the ONNX export writes it into the file)
 FORMAT_VERSION = 1
+SUFFIXES = ()  # a model folder
+ENSEMBLE = True
 
 
 class FrozenNetwork(torch.nn.Module):
@@ -57,6 +59,31 @@ class FrozenNetwork(torch.nn.Module):
             module = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(network, x)))
         self._frozen.append((self._loaded, module))  # the dict is held here: no other dict can take its place
         return module(x)
+
+
+def load(model: Path, folds: tuple, checkpoint: str, device: torch.device) -> dict:
+    """Folds of a model folder, several as nnU-Net's ensemble (``device``: unused, nnU-Net's predictor moves
+    the network there)."""
+    if not model.is_dir():
+        raise FastkdError(f"-m {model}: the torch backend takes a model folder (Trainer__Plans__configuration)")
+    missing = [f for f in folds if not (model / f"fold_{f}" / checkpoint).is_file()]
+    if missing:
+        raise FastkdError(f"-f {' '.join(map(str, folds))}: "
+                          f"{', '.join(f'fold_{f}/{checkpoint}' for f in missing)} does not exist in {model} "
+                          f"(found {nnunet.describe_folds(model)})")
+    loaded = [load_student(model, fold, checkpoint) for fold in folds]
+    network, meta, files = loaded[0]
+    configurations = {m["configuration"] for _, m, _ in loaded}
+    if len(configurations) > 1:
+        raise FastkdError(f"-f {' '.join(map(str, folds))}: the folds' checkpoints were trained with different "
+                          f"configurations ({', '.join(sorted(configurations))}); an ensemble needs one")
+    # nnU-Net loads each fold's parameters into the first fold's network in turn: that network's own
+    # state dict must be a copy, not its live tensors, or the second fold overwrites the first
+    parameters = [{k: v.clone() for k, v in network.state_dict().items()}]
+    parameters += [net.state_dict() for net, _, _ in loaded[1:]]
+    return {"network": network, "parameters": parameters, **files,
+            "configuration": meta["configuration"], "mirror_axes": meta["inference_allowed_mirroring_axes"],
+            "folds": list(folds)}
 
 
 def load_student(model_folder: str | Path, fold, checkpoint: str):
