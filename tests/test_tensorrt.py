@@ -1,7 +1,8 @@
-"""TensorRT engines (fastkd.export.tensorrt) without TensorRT: what runs on any machine. The arguments are
-checked before TensorRT is asked for, a missing TensorRT or GPU is one clear error that leaves the output
-alone, the up-to-date decision, the calibration data, the FP32 normalization rule, the engine loader's
-checks, and the workflow's export_trt jobs. Building and running an engine needs TensorRT and a GPU."""
+"""TensorRT engines (fastkd.export.tensorrt, run by fastkd.predict.backends.tensorrt) without TensorRT: what
+runs on any machine. The arguments are checked before TensorRT is asked for, a missing TensorRT or GPU is
+one clear error that leaves the output alone, the up-to-date decision, the calibration data, the FP32
+normalization rule, the engine loader's checks, and the workflow's export_trt jobs. Building and running an
+engine needs TensorRT and a GPU."""
 
 import json
 import re
