@@ -14,7 +14,8 @@ import torch
 
 from fastkd.errors import FastkdError
 from fastkd.nnunet import load_checkpoint
-from fastkd.export.onnx import export_onnx, load_student
+from fastkd.export.onnx import export_onnx
+from fastkd.predict.backends.torch import load_student
 from fastkd.nnunet import build_network
 from wf import BIN
 

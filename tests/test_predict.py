@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import time
-import types
 
 import numpy as np
 import pytest
@@ -329,23 +328,43 @@ def test_errors_name_the_value(model, tmp_path):
 
 
 def test_trt_backend_loads_engines_lazily(model, tmp_path, monkeypatch):
-    """``.engine``/``.plan`` pick the trt backend; fastkd.export.tensorrt is imported only then."""
-    from fastkd import predict as fp
+    """``.engine``/``.plan`` pick the trt backend, which hands the engine to load_engine_model without
+    importing TensorRT itself (load_engine_model imports it only to run the engine)."""
+    from fastkd.predict import backends
+    from fastkd.predict.backends import tensorrt as trt_backend
 
-    assert [fp.default_backend(p) for p in ("a.onnx", "a.engine", "a.plan", model)] == ["onnx", "trt", "trt", "torch"]
+    assert [backends.default_backend(p) for p in ("a.onnx", "a.engine", "a.plan", model)] == \
+        ["onnx", "trt", "trt", "torch"]
     engine = tmp_path / "s.engine"
     engine.write_bytes(b"")
     seen = {}
 
-    class Engine(types.ModuleType):
-        @staticmethod
-        def load_engine_model(path, device):
-            seen["args"] = (path, device)
-            return {"network": "engine network"}
+    def load_engine_model(path, device):
+        seen["args"] = (path, device)
+        return {"network": "engine network"}
 
-    monkeypatch.setitem(sys.modules, "fastkd.export.tensorrt", Engine("fastkd.export.tensorrt"))
-    assert fp.load_model(engine, "trt", (0,), "", torch.device("cpu")) == {"network": "engine network"}
+    monkeypatch.setattr(trt_backend, "load_engine_model", load_engine_model)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
+    assert backends.load_model(engine, "trt", (0,), "", torch.device("cpu")) == {"network": "engine network"}
     assert seen["args"] == (engine, torch.device("cpu"))
+
+
+def test_the_backend_table_is_what_the_cli_offers(model):
+    """fastkd predict --backend offers exactly the backends of the table, each a module with the backend
+    interface; an unknown name is refused with the valid ones listed."""
+    import importlib
+
+    from fastkd.cli import build_parser
+    from fastkd.predict.backends import BACKENDS, load_model
+
+    predict = build_parser()._subparsers._group_actions[0].choices["predict"]
+    backend, = [a for a in predict._actions if "--backend" in a.option_strings]
+    assert list(backend.choices) == list(BACKENDS) == ["torch", "onnx", "trt"]
+    for name, module in BACKENDS.items():
+        module = importlib.import_module(module)
+        assert callable(module.load) and isinstance(module.SUFFIXES, tuple) and isinstance(module.ENSEMBLE, bool), name
+    with pytest.raises(FastkdError, match="^--backend 'tflite': must be one of torch, onnx, trt$"):
+        load_model(model, "tflite", (0,), "checkpoint_final.pth", torch.device("cpu"))
 
 
 def test_cli_flags_reach_predict(monkeypatch, tmp_path, capsys):

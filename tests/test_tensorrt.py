@@ -1,7 +1,8 @@
-"""TensorRT engines (fastkd.export.tensorrt) without TensorRT: what runs on any machine. The arguments are
-checked before TensorRT is asked for, a missing TensorRT or GPU is one clear error that leaves the output
-alone, the up-to-date decision, the calibration data, the FP32 normalization rule, the engine loader's
-checks, and the workflow's export_trt jobs. Building and running an engine needs TensorRT and a GPU."""
+"""TensorRT engines (fastkd.export.tensorrt, run by fastkd.predict.backends.tensorrt) without TensorRT: what
+runs on any machine. The arguments are checked before TensorRT is asked for, a missing TensorRT or GPU is
+one clear error that leaves the output alone, the up-to-date decision, the calibration data, the FP32
+normalization rule, the engine loader's checks, and the workflow's export_trt jobs. Building and running an
+engine needs TensorRT and a GPU."""
 
 import json
 import re
@@ -17,8 +18,9 @@ import torch
 from fastkd.errors import FastkdError
 from fastkd.export import tensorrt as fastkd_trt
 from fastkd.export.onnx import export_onnx
-from fastkd.export.tensorrt import (build_engine, calibration_batches, differences, keep_fp32, load_engine_model,
-                                    metadata_path, read_onnx, require_tensorrt, resolve_profile)
+from fastkd.export.tensorrt import build_engine, calibration_batches, keep_fp32, read_onnx, resolve_profile
+from fastkd.predict.backends import tensorrt as trt_backend
+from fastkd.predict.backends.tensorrt import differences, load_engine_model, metadata_path, require_tensorrt
 from test_export import DATASET_JSON, PLANS, write_model
 from wf import BIN, env, job_counts, snakemake, workdir
 
@@ -239,7 +241,7 @@ def test_the_engine_loader_refuses_engines_it_cannot_trust(exports, tmp_path, mo
     metadata_path(engine).write_text(json.dumps({**PLATFORM, "metadata": metadata, "onnx": "student.onnx",
                                                  "profile": {"min": patch, "opt": patch, "max": patch}}))
     other = {**PLATFORM, "gpu": {"name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}}
-    monkeypatch.setattr(fastkd_trt, "running_platform", lambda: other)
+    monkeypatch.setattr(trt_backend, "running_platform", lambda: other)
     with pytest.raises(FastkdError, match=r"built for another platform \(gpu .*H100.* -> .*A100.*rebuild it with "
                                           r"`fastkd export trt student.onnx -o"):
         load_engine_model(engine, torch.device("cuda"))

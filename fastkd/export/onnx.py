@@ -52,10 +52,11 @@ import torch
 
 from fastkd import nnunet
 from fastkd.errors import FastkdError
+from fastkd.export.common import real_patches, segmentation_agreement
+from fastkd.predict.backends.onnx import INPUT, OUTPUT
+from fastkd.predict.backends.torch import load_student
 
-FORMAT_VERSION = 1
 OPSET = 17
-INPUT, OUTPUT = "image", "logits"
 
 
 class StableInstanceNorm(torch.nn.Module):
@@ -94,53 +95,6 @@ def stable_norms(network: torch.nn.Module) -> torch.nn.Module:
     return network
 
 
-def load_student(model_folder: str | Path, fold, checkpoint: str):
-    """``(network in eval mode, metadata)`` of one fold of an nnU-Net model folder (see the module docstring)."""
-    import fastkd
-    from fastkd.nnunet import load_checkpoint
-    from fastkd.io import package_version
-    from fastkd.io import sha256
-
-    folder = Path(model_folder)
-    plans, dataset_json = nnunet.read_plans(folder / "plans.json"), nnunet.read_dataset_json(folder)
-    path = folder / f"fold_{fold}" / checkpoint
-    ckpt = load_checkpoint(path)
-    configuration = (ckpt.get("init_args") or {}).get("configuration")
-    if configuration is None or "network_weights" not in ckpt:
-        raise FastkdError(f"{path} is not an nnU-Net training checkpoint (no init_args.configuration / network_weights)")
-    network, n_in, n_out = nnunet.build_network(plans, configuration, dataset_json, allow_init=False)
-    try:
-        network.load_state_dict(ckpt["network_weights"], strict=True)
-    except RuntimeError as e:  # missing, unexpected or mis-shaped weights, all listed by torch
-        raise FastkdError(f"{path} does not fit the network of {folder / 'plans.json'} ({configuration}): "
-                          + " ".join(str(e).split())[:800]) from None
-    cfg = nnunet.configuration(plans, configuration)
-    label_manager = _label_manager(plans, dataset_json)
-    strides = np.array(cfg["architecture"]["arch_kwargs"]["strides"])  # (stages, axes)
-    meta = {
-        "format_version": FORMAT_VERSION, "fastkd_version": fastkd.__version__,
-        "nnunetv2_version": package_version("nnunetv2"), "dataset_name": plans["dataset_name"],
-        "plans_name": plans["plans_name"], "configuration": configuration, "fold": fold,
-        "trainer": (ckpt.get("fastkd") or {}).get("trainer", ckpt.get("trainer_name")), "checkpoint": checkpoint,
-        "checkpoint_sha256": sha256(path), "patch_size": list(cfg["patch_size"]), "spacing": list(cfg["spacing"]),
-        "transpose_forward": plans["transpose_forward"], "transpose_backward": plans["transpose_backward"],
-        "normalization_schemes": cfg["normalization_schemes"], "use_mask_for_norm": cfg["use_mask_for_norm"],
-        "foreground_intensity_properties_per_channel": plans.get("foreground_intensity_properties_per_channel"),
-        "channel_names": dataset_json.get("channel_names", dataset_json.get("modality")),
-        "labels": dataset_json["labels"], "regions": label_manager.has_regions,
-        "regions_class_order": dataset_json.get("regions_class_order"), "file_ending": dataset_json.get("file_ending"),
-        "num_input_channels": n_in, "num_outputs": n_out,
-        "divisible_by": [int(v) for v in np.prod(strides, axis=0)],
-        "inference_allowed_mirroring_axes": ckpt.get("inference_allowed_mirroring_axes"),
-    }
-    return network.eval(), meta, {"plans": plans, "dataset_json": dataset_json}
-
-
-def _label_manager(plans: dict, dataset_json: dict):
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    return PlansManager(plans).get_label_manager(dataset_json)
-
 
 def _input_shape(meta: dict, input_shape, batch: int) -> list[int]:
     patch, n_in, divisible = meta["patch_size"], meta["num_input_channels"], meta["divisible_by"]
@@ -156,28 +110,6 @@ def _input_shape(meta: dict, input_shape, batch: int) -> list[int]:
         raise FastkdError(f"input shape {shape}: {problems[0]}; nnU-Net's patch is {[1, n_in, *patch]}")
     return shape
 
-
-def _real_patches(preprocessed: Path | None, patch: list[int], n: int = 2) -> list[np.ndarray]:
-    """Up to ``n`` patches of preprocessed cases (the centre of each, zero-padded to the patch size)."""
-    if preprocessed is None or not Path(preprocessed).is_dir():
-        return []
-    import blosc2
-
-    patches = []
-    for b2nd in sorted(p for p in Path(preprocessed).glob("*.b2nd") if not p.name.endswith("_seg.b2nd"))[:n]:
-        data = blosc2.open(str(b2nd), mode="r")
-        box = [slice(max((s - p) // 2, 0), max((s - p) // 2, 0) + p) for s, p in zip(data.shape[1:], patch)]
-        crop = np.asarray(data[(slice(None), *box)], dtype=np.float32)
-        out = np.zeros((crop.shape[0], *patch), np.float32)
-        out[(slice(None), *[slice(0, c) for c in crop.shape[1:]])] = crop
-        patches.append(out[None])
-    return patches
-
-
-def _agreement(a: np.ndarray, b: np.ndarray, regions: bool) -> float:
-    if regions:
-        return float(((a > 0) == (b > 0)).mean())
-    return float((a.argmax(1) == b.argmax(1)).mean())
 
 
 def export_onnx(model_folder: str | Path, fold, out: str | Path, *, checkpoint: str = "checkpoint_final.pth",
@@ -276,7 +208,7 @@ def verify(network, onnx_file: Path, meta: dict, preprocessed, atol: float, min_
     if not ({2, 3, 4} & dynamic) and shape[2:] != meta["patch_size"]:
         real = []  # real patches have nnU-Net's patch size; a custom static shape is checked on random data
     else:
-        real = _real_patches(preprocessed, meta["patch_size"])
+        real = real_patches(preprocessed, meta["patch_size"])
     inputs += [(f"preprocessed case {i}", np.repeat(p, shape[0], 0) if 0 not in dynamic else p)
                for i, p in enumerate(real)]
     checks = []
@@ -285,7 +217,7 @@ def verify(network, onnx_file: Path, meta: dict, preprocessed, atol: float, min_
             expected = network(torch.from_numpy(x)).numpy()
         got = session.run([OUTPUT], {INPUT: x})[0]
         diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else math.inf
-        agreement = _agreement(got, expected, meta["regions"]) if got.shape == expected.shape else 0.0
+        agreement = segmentation_agreement(got, expected, meta["regions"]) if got.shape == expected.shape else 0.0
         checks.append({"input": name, "shape": list(x.shape), "max_abs_diff": diff, "agreement": agreement})
     passed = all(c["max_abs_diff"] <= atol and c["agreement"] >= min_agreement for c in checks)
     return {"checker": "onnx.checker.check_model(full_check=True) passed", "runtime": f"onnxruntime {ort.__version__}",

@@ -55,50 +55,14 @@ import numpy as np
 import torch
 
 from fastkd.errors import FastkdError
-from fastkd.export.onnx import INPUT, OUTPUT, _agreement, _real_patches
+from fastkd.export.common import real_patches, segmentation_agreement
+from fastkd.predict.backends.onnx import INPUT, OUTPUT
+from fastkd.predict.backends.tensorrt import (METADATA_KEYS, SUFFIXES, TrtNetwork, differences, metadata_path,
+                                             require_tensorrt, running_platform)
 
 FORMAT_VERSION = 1
-SUFFIXES = (".engine", ".plan")
-METADATA_KEYS = ("fastkd", "nnunet_plans", "nnunet_dataset_json")
-# what an engine was built from and for: any difference makes it stale
-BUILD_KEYS = ("tensorrt_version", "gpu", "precision", "profile", "onnx_sha256")
-# what an engine can run on
-PLATFORM_KEYS = ("tensorrt_version", "gpu")
 NORMALIZATION_OPS = {"InstanceNormalization", "GroupNormalization", "LayerNormalization", "BatchNormalization"}
 CALIBRATION_PATCHES = 64  # one centre patch per case, at most this many cases
-
-
-def metadata_path(engine: str | Path) -> Path:
-    engine = Path(engine)
-    return engine.with_name(engine.name + ".json")
-
-
-def require_tensorrt():
-    """The ``tensorrt`` module, or a FastkdError saying what is missing (TensorRT, or a GPU)."""
-    try:
-        import tensorrt as trt
-    except (ImportError, OSError) as e:  # OSError: a wheel whose CUDA libraries are missing
-        raise FastkdError(f"TensorRT is not installed ({e}): install NVIDIA's wheels, e.g. pip install tensorrt-cu12 "
-                          "(CUDA 12; tensorrt-cu13 for CUDA 13), on a machine with an NVIDIA GPU") from None
-    if not torch.cuda.is_available():
-        raise FastkdError("TensorRT needs an NVIDIA GPU; torch sees none (check nvidia-smi and CUDA_VISIBLE_DEVICES)")
-    return trt
-
-
-def running_platform() -> dict:
-    """The TensorRT version and GPU of this process: what an engine is built for."""
-    trt = require_tensorrt()
-    major, minor = torch.cuda.get_device_capability()
-    return {"tensorrt_version": trt.__version__,
-            "gpu": {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}}
-
-
-def differences(recorded: dict | None, current: dict, keys=BUILD_KEYS) -> list[str]:
-    """What differs between an engine's recorded metadata and ``current`` (empty: up to date)."""
-    if not isinstance(recorded, dict):
-        return ["no engine metadata"]
-    return [f"{key} {json.dumps(recorded.get(key))} -> {json.dumps(current[key])}"
-            for key in keys if recorded.get(key) != current[key]]
 
 
 def read_onnx(onnx_path: str | Path) -> tuple[dict, set[str]]:
@@ -176,7 +140,7 @@ def calibration_batches(folder: str | Path, shape: list[int], limit: int = CALIB
     if not cases:
         raise FastkdError(f"calibration folder {folder}: no preprocessed <case>.b2nd in it (nnU-Net's "
                           "$nnUNet_preprocessed/<dataset>/<data identifier>)")
-    patches = _real_patches(folder, list(shape[2:]), n=limit)
+    patches = real_patches(folder, list(shape[2:]), n=limit)
     if patches[0].shape[1] != shape[1]:
         raise FastkdError(f"calibration folder {folder}: cases have {patches[0].shape[1]} channels, the network "
                           f"takes {shape[1]}")
@@ -305,7 +269,7 @@ def _parity(engine: Path, onnx_path: Path, meta: dict, profile: dict, real: list
         with torch.no_grad():
             got = network(torch.from_numpy(x)).numpy()
         checks.append({"input": name, "shape": list(x.shape), "max_abs_diff": float(np.abs(got - expected).max()),
-                       "agreement": _agreement(got, expected, meta["regions"]), "gating": gating})
+                       "agreement": segmentation_agreement(got, expected, meta["regions"]), "gating": gating})
     return {"runtime": f"onnxruntime {ort.__version__} (CPUExecutionProvider)", "min_agreement": min_agreement,
             "checks": checks, "real_patches": len(real),
             "passed": all(c["agreement"] >= min_agreement for c in checks if c["gating"])}
@@ -368,7 +332,7 @@ def build_engine(onnx_path: str | Path, out: str | Path, *, precision: str = "fp
         engine, pinned, cache_note = _build(trt, onnx_path, precision, shapes, batches, normalization_nodes,
                                             timing_cache, workspace_gb)
         tmp.write_bytes(engine)
-        parity = _parity(tmp, onnx_path, meta, shapes, _real_patches(preprocessed, meta["patch_size"]), precision,
+        parity = _parity(tmp, onnx_path, meta, shapes, real_patches(preprocessed, meta["patch_size"]), precision,
                          min_agreement)
         if not parity["passed"]:
             worst = min((c for c in parity["checks"] if c["gating"]), key=lambda c: c["agreement"])
@@ -389,81 +353,3 @@ def build_engine(onnx_path: str | Path, out: str | Path, *, precision: str = "fp
     finally:
         tmp.unlink(missing_ok=True)
     return {**record, "built": True}
-
-
-class TrtNetwork(torch.nn.Module):
-    """A TensorRT engine as nnU-Net's predictor calls its network: ``logits = network(x)`` (as OnnxNetwork).
-
-    Runs on torch CUDA tensors: TensorRT reads the input and writes the output in place, on torch's
-    current stream; a CPU input is copied over and its logits copied back.
-    """
-
-    def __init__(self, path: str | Path, device: torch.device):
-        trt = require_tensorrt()
-        super().__init__()
-        if device.type != "cuda":
-            raise FastkdError(f"device {device}: a TensorRT engine runs on an NVIDIA GPU (cuda)")
-        self.path, self.device = Path(path), device
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)  # must outlive its engine
-        with torch.cuda.device(device):
-            self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
-        if self.engine is None:
-            raise FastkdError(f"{path}: TensorRT {trt.__version__} cannot load this engine (built by another "
-                              "TensorRT version, or for another GPU?); rebuild it with `fastkd export trt`")
-        self.context = self.engine.create_execution_context()
-        self.profile = [list(s) for s in self.engine.get_tensor_profile_shape(INPUT, 0)]  # min, opt, max
-        self.max_batch = self.profile[2][0]  # fastkd predict batches its tiles up to this
-        self.output_dtype = torch.float16 if self.engine.get_tensor_dtype(OUTPUT) == trt.float16 else torch.float32
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.cuda.device(self.device):
-            image = x.detach().to(self.device, torch.float32).contiguous()
-            if not self.context.set_input_shape(INPUT, tuple(image.shape)):
-                raise FastkdError(f"input {list(image.shape)} is outside the engine's profile min/opt/max "
-                                  f"{self.profile} ({self.path})")
-            logits = torch.empty(tuple(self.context.get_tensor_shape(OUTPUT)), dtype=self.output_dtype,
-                                 device=self.device)
-            self.context.set_tensor_address(INPUT, image.data_ptr())
-            self.context.set_tensor_address(OUTPUT, logits.data_ptr())
-            stream = torch.cuda.current_stream(self.device)
-            # torch's allocator reuses the input's memory only for work queued after this, on this stream
-            if not self.context.execute_async_v3(stream.cuda_stream):
-                raise FastkdError(f"TensorRT failed to run {self.path} (its log above says why)")
-        return logits.float().to(x.device)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """The weights are in the engine; nnU-Net's predictor hands each fold's (empty) parameters here."""
-        if state_dict:
-            raise FastkdError("a TensorRT engine carries its own weights; it takes no parameters")
-
-
-def load_engine_model(path: str | Path, device: torch.device) -> dict:
-    """What nnU-Net's predictor needs, from an engine and its metadata JSON (as ``fastkd.predict.load_model``
-    gives for an ONNX file): network, parameters, plans, dataset.json, configuration, mirroring axes."""
-    from fastkd.io import read_json
-
-    path = Path(path)
-    if path.suffix not in SUFFIXES or not path.is_file():
-        raise FastkdError(f"-m {path}: the trt backend takes an {' or '.join(SUFFIXES)} file written by "
-                          "`fastkd export trt`")
-    record = read_json(metadata_path(path), "engine metadata",
-                       "written beside the engine by `fastkd export trt`; rebuild the engine with it")
-    missing = [k for k in (*PLATFORM_KEYS, "profile", "metadata") if k not in record]
-    missing += [f"metadata.{k}" for k in METADATA_KEYS if k not in record.get("metadata", {})]
-    if missing:
-        raise FastkdError(f"{metadata_path(path)} lacks {', '.join(missing)}: not written by `fastkd export trt`; "
-                          "rebuild the engine")
-    meta = record["metadata"]["fastkd"]
-    tile, profile = [1, meta["num_input_channels"], *meta["patch_size"]], record["profile"]
-    if not all(lo <= t <= hi for lo, t, hi in zip(profile["min"], tile, profile["max"])):
-        raise FastkdError(f"{path} takes inputs from {profile['min']} to {profile['max']}, but nnU-Net's sliding "
-                          f"window feeds {tile}: rebuild it with the default profile")
-    stale = differences(record, running_platform(), PLATFORM_KEYS)
-    if stale:
-        raise FastkdError(f"{path} was built for another platform ({'; '.join(stale)}): an engine runs only with "
-                          f"the TensorRT version and GPU it was built for; rebuild it with `fastkd export trt "
-                          f"{record.get('onnx', 'STUDENT.onnx')} -o {path}`")
-    return {"network": TrtNetwork(path, device), "parameters": [{}],
-            "plans": record["metadata"]["nnunet_plans"], "dataset_json": record["metadata"]["nnunet_dataset_json"],
-            "configuration": meta["configuration"], "mirror_axes": meta["inference_allowed_mirroring_axes"]}

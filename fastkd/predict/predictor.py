@@ -18,16 +18,8 @@ case is on disk, ``fastkd_predict.json``::
 
 A folder without it holds a prediction that did not finish (an old record is deleted first).
 
-**Models.** ``torch``: folds of a model folder (a student's or the teachers'), each checkpoint loaded
-safely (``weights_only=True``) into the network nnU-Net builds from the plans; several folds are
-nnU-Net's ensemble (their logits averaged), exactly what ``nnUNetv2_predict -f 0 1 2 3 4`` does.
-``onnx``: an ``.onnx`` written by ``fastkd export onnx``, run by onnxruntime; plans and dataset.json
-come from the file's metadata, so no model folder is needed. ``trt``: an ``.engine`` / ``.plan`` read by
-``fastkd.export.tensorrt.load_engine_model`` (imported only when asked for).
-
-**TorchScript on the CPU** (:class:`FrozenNetwork`, ``jit``; default on for torch on the CPU, off with
-``--no-jit``): each fold's network is traced, frozen and optimised for inference once per run, which
-made the r = 2 student's forward 2.7x faster here; outputs differ from eager by float rounding (1e-5).
+The models, and TorchScript freezing of a torch network on the CPU (``jit``), are in
+:mod:`fastkd.predict.backends`.
 
 **Tiles batched per forward** (:class:`FastkdPredictor`). ``tile_batch`` is the number of network inputs
 per forward: tiles and their mirrored copies alike, the copies of a tile first, so a forward never
@@ -74,151 +66,12 @@ from nnunetv2.utilities.helpers import empty_cache
 from tqdm import tqdm
 
 from fastkd.errors import FastkdError
+from fastkd.predict.backends import backend_module, default_backend, load_model
+from fastkd.predict.backends.torch import FrozenNetwork
 
-BACKENDS = ("torch", "onnx", "trt")
-ENGINE_SUFFIXES = (".engine", ".plan")
 RECORD = "fastkd_predict.json"
 #: network inputs per forward when ``tile_batch`` is not given (see the module docstring)
 DEFAULT_TILE_BATCH = {"cpu": 1, "cuda": 8}
-
-
-class OnnxNetwork(torch.nn.Module):
-    """An exported student as nnU-Net's predictor calls its network: ``logits = network(x)``."""
-
-    def __init__(self, path: Path, device: torch.device, max_batch: int | None = None):
-        import onnxruntime as ort
-
-        super().__init__()
-        providers = ["CPUExecutionProvider"]
-        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        options = ort.SessionOptions()
-        # onnxruntime's pool would spin between forwards, fighting torch's own threads (which accumulate
-        # the tiles) and nnU-Net's preprocessing workers for the cores: on a 2-core CPU the network phase of
-        # a Hippocampus case took 0.098 s spinning and 0.063 s not (the forward alone: 0.054 s)
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.intra_op_num_threads = torch.get_num_threads()
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
-        self.max_batch = max_batch  # None: a dynamic batch axis
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.session.run(["logits"], {"image": x.detach().float().cpu().numpy()})[0]
-        return torch.from_numpy(logits).to(x.device)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """The weights are in the ONNX graph; nnU-Net's predictor hands each fold's (empty) parameters here."""
-        if state_dict:
-            raise FastkdError("an ONNX model carries its own weights; it takes no parameters")
-
-
-class FrozenNetwork(torch.nn.Module):
-    """A torch network as TorchScript runs it fastest on a CPU: traced on its first input, frozen (weights
-    become constants) and optimised for inference (oneDNN convolutions with pre-packed weights, fused
-    element-wise ops), once per set of parameters nnU-Net loads into it (one per fold of an ensemble).
-
-    Why: PyTorch's eager CPU convolutions are slow at a student's few channels: one forward of the r = 2
-    Hippocampus student took 0.090 s eager and 0.033 s frozen (r = 4: 0.124 s and 0.017 s; the teacher:
-    0.136 s and 0.116 s), outputs within 1e-5. Tracing costs about 1 s per fold, once per run. nnU-Net's
-    sliding window always feeds the patch size; the trace also takes other batch sizes and shapes."""
-
-    def __init__(self, network: torch.nn.Module):
-        super().__init__()
-        self.network = network.eval()
-        self._frozen: list[tuple[dict | None, torch.jit.ScriptModule]] = []  # (state dict loaded, its module)
-        self._loaded: dict | None = None
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self._loaded = state_dict
-        if not any(sd is state_dict for sd, _ in self._frozen):
-            return self.network.load_state_dict(state_dict, strict=strict, assign=assign)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for sd, module in self._frozen:
-            if sd is self._loaded:
-                return module(x)
-        import copy
-        import warnings
-
-        # a copy: freezing may keep the live tensors as constants, which the next fold's load would overwrite
-        network = copy.deepcopy(self.network).eval()
-        with warnings.catch_warnings():  # the tracer's notes on Python values it records as constants
-            warnings.simplefilter("ignore")
-            module = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(network, x)))
-        self._frozen.append((self._loaded, module))  # the dict is held here: no other dict can take its place
-        return module(x)
-
-
-def default_backend(model: str | Path) -> str:
-    suffix = Path(model).suffix
-    return "onnx" if suffix == ".onnx" else "trt" if suffix in ENGINE_SUFFIXES else "torch"
-
-
-def _check_folds(folds) -> tuple:
-    folds = (folds,) if isinstance(folds, (int, str)) else tuple(folds)
-    bad = [f for f in folds if f != "all" and (isinstance(f, bool) or f not in range(5))]
-    if not folds or bad or len(set(folds)) != len(folds):
-        raise FastkdError(f"-f {' '.join(map(str, folds)) or '(none)'}: folds are distinct values of 0-4 or 'all'")
-    return folds
-
-
-def load_model(model: str | Path, backend: str, folds, checkpoint: str, device: torch.device) -> dict:
-    """What nnU-Net's predictor needs: ``{"network", "parameters" (one state dict per fold; [{}] for a model
-    that holds its weights), "plans", "dataset_json", "configuration", "mirror_axes"}`` (+ ``"folds"``)."""
-    from fastkd import nnunet
-
-    model, folds = Path(model), _check_folds(folds)
-    if backend == "torch":
-        from fastkd.export.onnx import load_student
-
-        if not model.is_dir():
-            raise FastkdError(f"-m {model}: the torch backend takes a model folder (Trainer__Plans__configuration)")
-        missing = [f for f in folds if not (model / f"fold_{f}" / checkpoint).is_file()]
-        if missing:
-            raise FastkdError(f"-f {' '.join(map(str, folds))}: "
-                              f"{', '.join(f'fold_{f}/{checkpoint}' for f in missing)} does not exist in {model} "
-                              f"(found {nnunet.describe_folds(model)})")
-        loaded = [load_student(model, fold, checkpoint) for fold in folds]
-        network, meta, files = loaded[0]
-        configurations = {m["configuration"] for _, m, _ in loaded}
-        if len(configurations) > 1:
-            raise FastkdError(f"-f {' '.join(map(str, folds))}: the folds' checkpoints were trained with different "
-                              f"configurations ({', '.join(sorted(configurations))}); an ensemble needs one")
-        # nnU-Net loads each fold's parameters into the first fold's network in turn: that network's own
-        # state dict must be a copy, not its live tensors, or the second fold overwrites the first
-        parameters = [{k: v.clone() for k, v in network.state_dict().items()}]
-        parameters += [net.state_dict() for net, _, _ in loaded[1:]]
-        return {"network": network, "parameters": parameters, **files,
-                "configuration": meta["configuration"], "mirror_axes": meta["inference_allowed_mirroring_axes"],
-                "folds": list(folds)}
-    if len(folds) > 1:
-        raise FastkdError(f"-f {' '.join(map(str, folds))}: an {backend} model holds one fold; an ensemble of "
-                          "folds needs the model folder (--backend torch)")
-    if backend == "trt":
-        if model.suffix not in ENGINE_SUFFIXES or not model.is_file():
-            raise FastkdError(f"-m {model}: the trt backend takes a TensorRT engine file "
-                              f"({' or '.join(ENGINE_SUFFIXES)})")
-        from fastkd.export.tensorrt import load_engine_model  # imports tensorrt only when an engine is loaded
-
-        return load_engine_model(model, device)
-    import onnx
-
-    if model.suffix != ".onnx" or not model.is_file():
-        raise FastkdError(f"-m {model}: the onnx backend takes a .onnx file written by `fastkd export onnx`")
-    props = {p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
-    missing = [k for k in ("fastkd", "nnunet_plans", "nnunet_dataset_json") if k not in props]
-    if missing:
-        raise FastkdError(f"{model} lacks the metadata {', '.join(missing)}: export it with `fastkd export onnx`")
-    meta = json.loads(props["fastkd"])
-    shape, dynamic = meta["input"]["shape"], {int(a) for a in meta["input"]["dynamic_axes"]}
-    tile = [1, meta["num_input_channels"], *meta["patch_size"]]
-    fixed = [i for i in range(len(tile)) if i not in dynamic and shape[i] != tile[i]]
-    if fixed:
-        raise FastkdError(f"{model} takes input {shape} (dynamic axes {sorted(dynamic) or 'none'}), but nnU-Net's "
-                          f"sliding window feeds {tile}: export it with the default shape, --batch 0 or --dynamic")
-    return {"network": OnnxNetwork(model, device, None if 0 in dynamic else shape[0]), "parameters": [{}],
-            "plans": json.loads(props["nnunet_plans"]), "dataset_json": json.loads(props["nnunet_dataset_json"]),
-            "configuration": meta["configuration"], "mirror_axes": meta["inference_allowed_mirroring_axes"],
-            "folds": [meta["fold"]]}
 
 
 class FastkdPredictor(nnUNetPredictor):
@@ -356,8 +209,7 @@ def build_predictor(model: str | Path, *, backend: str | None = None, folds=(0,)
     from fastkd.device import torch_device
 
     backend = backend or default_backend(model)
-    if backend not in BACKENDS:
-        raise FastkdError(f"--backend {backend!r}: must be one of {', '.join(BACKENDS)}")
+    backend_module(backend)  # an unknown name is refused before the other arguments are checked
     check_values({"softlabels.step_size": step_size})
     on = torch_device(device, "--device")
     m = load_model(model, backend, folds, checkpoint, on)
