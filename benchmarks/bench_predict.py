@@ -306,7 +306,7 @@ def make_predictor(args, d: dict, config: dict, tile_batch: int | None = None, m
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from fastkd.predict import build_predictor
+    from fastkd.predict.predictor import build_predictor
 
     if "stock" in config:
         folds, mirror = config["stock"]

@@ -113,7 +113,9 @@ def test_batched_tiles_give_nnunets_sliding_window_logits(model, mirroring):
     batches differ only by the float rounding of batched convolutions (in nnU-Net's fp16 accumulators)."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from fastkd.predict import FastkdPredictor, load_model
+    from fastkd.predict.backends import load_model
+
+    from fastkd.predict.predictor import FastkdPredictor
 
     m = load_model(model, "torch", (0,), "checkpoint_final.pth", torch.device("cpu"))
     data = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 20, 30, 18)).astype(np.float32))
@@ -138,7 +140,8 @@ def test_tile_batch_defaults_and_fixed_batch_models(model, tmp_path, capsys):
     """1 on the CPU, 8 on CUDA; a static-batch ONNX caps it at 1 (with a note when asked for more), a
     dynamic-batch ONNX takes any; an ONNX network with batched tiles gives the torch network's logits."""
     from fastkd.export.onnx import export_onnx
-    from fastkd.predict import FastkdPredictor, load_model, resolve_tile_batch
+    from fastkd.predict.backends import load_model
+    from fastkd.predict.predictor import FastkdPredictor, resolve_tile_batch
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     torch_model = load_model(model, "torch", (0,), "checkpoint_final.pth", cpu)
@@ -169,7 +172,9 @@ def test_fold_ensemble_equals_nnunets_predictor_with_the_same_folds(model):
     """-f 0 1: the folds' logits averaged, as nnU-Net's predictor loads and averages them itself."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from fastkd.predict import FastkdPredictor, load_model
+    from fastkd.predict.backends import load_model
+
+    from fastkd.predict.predictor import FastkdPredictor
 
     data = torch.from_numpy(np.random.default_rng(2).standard_normal((1, 20, 30, 18)).astype(np.float32))
     stock = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
@@ -189,7 +194,9 @@ def test_torchscript_network_gives_each_folds_logits(model):
     """--jit (the CPU default for torch): each fold's network traced and frozen once, then reused; the
     ensemble's logits equal eager nnU-Net's up to float rounding, case after case, and each fold's frozen
     network keeps that fold's weights (loading the next fold must not change it)."""
-    from fastkd.predict import FrozenNetwork, build_predictor, load_model, resolve_jit
+    from fastkd.predict.backends import load_model
+    from fastkd.predict.backends.torch import FrozenNetwork
+    from fastkd.predict.predictor import build_predictor, resolve_jit
 
     cpu = torch.device("cpu")
     assert resolve_jit(None, cpu, "torch") and not resolve_jit(None, torch.device("cuda"), "torch")
@@ -226,7 +233,7 @@ def test_resampling_on_the_device_matches_nnunets_export(tmp_path):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from fastkd.demo_data import make_demo_dataset
-    from fastkd.predict import resample_logits
+    from fastkd.predict.predictor import resample_logits
 
     raw = tmp_path / "Dataset901_Aniso"
     make_demo_dataset(raw, n_cases=5, n_test=0, anisotropic=True)
@@ -257,7 +264,7 @@ def test_predict_writes_stock_output_and_its_record_last(model, tmp_path):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     from fastkd.demo_data import make_demo_dataset
-    from fastkd.predict import RECORD, predict
+    from fastkd.predict.predictor import RECORD, predict
 
     raw = tmp_path / "Dataset900_FastkdDemo"
     make_demo_dataset(raw, n_cases=5, n_test=0)
@@ -291,7 +298,7 @@ def test_predict_writes_stock_output_and_its_record_last(model, tmp_path):
 # -- fast: errors -----------------------------------------------------------------------------------
 def test_errors_name_the_value(model, tmp_path):
     from fastkd.export.onnx import export_onnx
-    from fastkd.predict import predict
+    from fastkd.predict.predictor import predict
 
     images = tmp_path / "images"
     images.mkdir()
@@ -370,7 +377,7 @@ def test_the_backend_table_is_what_the_cli_offers(model):
 def test_cli_flags_reach_predict(monkeypatch, tmp_path, capsys):
     """The flags the evaluation rule passes: -f 0 1 2 3 4 --disable-mirroring --step-size --device --threads,
     and --tile-batch, --backend trt."""
-    import fastkd.predict
+    import fastkd.predict.predictor
     from fastkd.cli import main
 
     calls = []
@@ -380,7 +387,7 @@ def test_cli_flags_reach_predict(monkeypatch, tmp_path, capsys):
         return {"cases": 3, "backend": kwargs["backend"] or "torch", "folds": kwargs["folds"], "seconds_per_case": 0.5,
                 "tile_batch": kwargs["tile_batch"] or 1}
 
-    monkeypatch.setattr(fastkd.predict, "predict", fake_predict)
+    monkeypatch.setattr(fastkd.predict.predictor, "predict", fake_predict)
     monkeypatch.delenv("nnUNet_def_n_proc", raising=False)
     assert main(["predict", "-i", "IN", "-o", str(tmp_path), "-m", "M", "-f", "0", "1", "2", "3", "4",
                  "--disable-mirroring", "--step-size", "0.7", "--device", "cpu", "--threads", "3"]) == 0
@@ -444,7 +451,7 @@ def _equals_stock(folder, fold, images, out, env, *, mirroring=True, threads=1, 
     {backend: {case: agreement}} and the fraction of foreground voxels per case in stock's output."""
     import SimpleITK as sitk
 
-    from fastkd.predict import RECORD
+    from fastkd.predict.predictor import RECORD
 
     onnx_file = out / "student.onnx"
     _run([BIN / "fastkd", "export", "onnx", folder, "-f", fold, "-o", onnx_file], env)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from fastkd.cli.common import config_flag, fold_arg, positive_int, set_threads
+from fastkd.predict.backends import BACKENDS
 
 
 def add_parser(sub) -> None:
@@ -17,7 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("-m", "--model", type=Path, required=True,
                    help="a model folder (Trainer__Plans__configuration), an .onnx from `fastkd export onnx`, "
                         "or a TensorRT .engine/.plan")
-    p.add_argument("--backend", choices=("torch", "onnx", "trt"), default=None,
+    p.add_argument("--backend", choices=tuple(BACKENDS), default=None,
                    help="torch (model folder), onnx (.onnx) or trt (.engine/.plan); default: from --model")
     p.add_argument("-f", "--folds", type=fold_arg, nargs="+", default=[0],
                    help="folds of the model folder (torch; default 0); several = nnU-Net's ensemble, "
@@ -40,7 +41,7 @@ def add_parser(sub) -> None:
 
 def _predict(args) -> None:
     set_threads(args.threads)  # before nnU-Net is imported: it reads its pool sizes once
-    from fastkd.predict import RECORD, predict
+    from fastkd.predict.predictor import RECORD, predict
 
     record = predict(args.input, args.output, args.model, backend=args.backend, folds=args.folds,
                      checkpoint=args.checkpoint, device=args.device, mirroring=not args.disable_mirroring,

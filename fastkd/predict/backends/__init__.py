@@ -10,7 +10,7 @@ Every backend module has the same interface:
 - ``ENSEMBLE``: whether several folds load as nnU-Net's ensemble (else a model holds one fold).
 
 A new backend is a module with these three and its entry in :data:`BACKENDS` (``fastkd predict --backend``
-offers the same names: tests/test_predict.py checks).
+offers the names of this table).
 
 **Models.** ``torch``: folds of a model folder (a student's or the teachers'), each checkpoint loaded
 safely (``weights_only=True``) into the network nnU-Net builds from the plans; several folds are
