@@ -78,7 +78,7 @@ def config_flag(parser, flags: list[str], key: str, help: str, **kwargs) -> None
 
 # -- actions ----------------------------------------------------------------------------------------
 def _demo_write(args) -> None:
-    from fastkd.demo_data import make_demo_dataset
+    from fastkd.demo import make_demo_dataset
 
     try:
         cases = make_demo_dataset(args.output, n_cases=args.n_cases, n_test=args.n_test, anisotropic=args.anisotropic, seed=args.seed,

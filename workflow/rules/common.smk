@@ -6,7 +6,7 @@ import shlex
 from pathlib import Path
 
 from fastkd.config import overrides, validate_config
-from fastkd.demo_data import cli_options as demo_cli_options, held_out_case_ids, resources as demo_resources
+from fastkd.demo import cli_options as demo_cli_options, held_out_case_ids, resources as demo_resources
 from fastkd.evaluate import TEST_SET, evaluation_sets, holds_out, is_optimistic, set_fold, test_set_files
 from fastkd.paths import Paths
 from fastkd.preprocess import holdout_cases, training_cases
