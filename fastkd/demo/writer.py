@@ -213,7 +213,8 @@ def make_demo_dataset(
     (foreground labels; 2 = organ + lesion), ``n_channels`` (images per case; ``channel_name`` is one
     name, suffixed ``_0``, ``_1``... for several channels, or a list of one name per channel) and
     ``regions`` (region-based dataset.json) and ``label_noise`` (0-1: annotation noise in the training
-    labels only) are described in the module docstring; the defaults give the default demo, byte for byte.
+    labels only) are described in :mod:`fastkd.demo.options`, which points to the module of each; the
+    defaults give the default demo, byte for byte.
 
     The dataset is built in a hidden sibling temporary folder and renamed to ``out_dir`` at the
     end, replacing any existing ``out_dir``; on failure the temporary folder is removed.
