@@ -76,7 +76,7 @@ def dataset_name(n_classes: int) -> tuple[int, str]:
 
 def setup_dataset(args, n_classes: int, env: dict) -> Path:
     """Raw demo data and nnU-Net's preprocessing (made once); returns the preprocessed dataset folder."""
-    from fastkd.demo_data import make_demo_dataset
+    from fastkd.demo import make_demo_dataset
 
     ds_id, name = dataset_name(n_classes)
     raw = Path(env["nnUNet_raw"]) / name

@@ -62,7 +62,7 @@ def parse_args(argv=None):
 def synthetic(args) -> tuple[np.ndarray, str]:
     from scipy import ndimage
 
-    from fastkd.demo_data import make_demo_dataset
+    from fastkd.demo import make_demo_dataset
     import nibabel as nib
 
     with tempfile.TemporaryDirectory() as tmp:

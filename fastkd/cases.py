@@ -94,7 +94,7 @@ def test_set_files(config: dict, paths) -> tuple[list[Path], list[Path]]:
     job writes them), the held-out cases' links from ``dataset.holdout``, a real test set's from its folder."""
     images, labels = paths.evaluation_images(TEST_SET), paths.evaluation_labels(TEST_SET)
     if config["dataset"]["raw"] == "demo":
-        from fastkd.demo_data import held_out_case_ids
+        from fastkd.demo import held_out_case_ids
 
         cases = held_out_case_ids(config["dataset"]["demo"]["n_test"])
         dataset_json = {"file_ending": ".nii.gz", "channel_names": {"0": "image"}}

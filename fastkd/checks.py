@@ -49,7 +49,7 @@ def _semantic_problems(config: dict, base_dir: Path, check_files: bool) -> list[
                 + (f"(found: {', '.join(found) or 'nothing'})" if found is not None else "(the folder does not exist)")
                 + "; give an nnU-Net raw dataset folder or 'demo'")
     else:
-        from fastkd.demo_data import check_options
+        from fastkd.demo import check_options
 
         try:
             check_options(config["dataset"]["demo"])

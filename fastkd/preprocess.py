@@ -46,7 +46,7 @@ def training_cases(config: dict) -> list[str]:
     dataset's from its dataset.json (never from a checkpoint rule, so Snakemake tracks every case), less
     the cases ``dataset.holdout`` holds back."""
     if config["dataset"]["raw"] == "demo":
-        from fastkd.demo_data import case_ids
+        from fastkd.demo import case_ids
 
         return case_ids(config["dataset"]["demo"]["n_cases"])
     held_out = set(holdout_cases(config))

@@ -1,4 +1,4 @@
-"""Tests for fastkd.demo_data: the synthetic nnU-Net v2 demo dataset."""
+"""Tests for fastkd.demo: the synthetic nnU-Net v2 demo dataset."""
 
 import json
 import re
@@ -9,16 +9,22 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from fastkd import demo_data
-from fastkd.demo_data import (
+from fastkd.demo import (
     DEFAULT_N_CASES,
     DEFAULT_N_TEST,
     DEFAULT_SHAPE,
     LABELS,
     case_ids,
+    check_options,
+    cli_options,
+    dataset_labels,
     demo_geometry,
+    held_out_case_ids,
+    label_names,
     make_demo_dataset,
+    resources,
 )
+from fastkd.demo import label_noise, organ_lesion, writer
 
 
 @pytest.fixture(scope="module")
@@ -203,11 +209,11 @@ def test_case_independent_of_n_cases(tmp_path):
     assert not (six / "imagesTr" / "demo_006_0000.nii.gz").exists()
     assert (eight / "imagesTr" / "demo_007_0000.nii.gz").exists()
     # the held-out test cases do not depend on n_cases either, and are none of the training cases
-    for case in demo_data.held_out_case_ids(DEFAULT_N_TEST):
+    for case in held_out_case_ids(DEFAULT_N_TEST):
         for name in (f"imagesTs/{case}_0000.nii.gz", f"labelsTs/{case}.nii.gz"):
             assert (six / name).read_bytes() == (eight / name).read_bytes(), name
     train = {(six / f"imagesTr/{c}_0000.nii.gz").read_bytes() for c in case_ids(6)}
-    assert not train & {(six / f"imagesTs/{c}_0000.nii.gz").read_bytes() for c in demo_data.held_out_case_ids(4)}
+    assert not train & {(six / f"imagesTs/{c}_0000.nii.gz").read_bytes() for c in held_out_case_ids(4)}
 
 
 def test_no_test_cases_writes_no_test_folders(tmp_path):
@@ -248,7 +254,7 @@ def test_case_ids_invalid(bad):
 
 
 def test_failure_leaves_nothing_behind(tmp_path, monkeypatch):
-    real_write = demo_data._write_case
+    real_write = writer._write_case
     calls = []
 
     def failing_write(*args, **kwargs):
@@ -257,7 +263,7 @@ def test_failure_leaves_nothing_behind(tmp_path, monkeypatch):
             raise OSError("disk full (simulated)")
         real_write(*args, **kwargs)
 
-    monkeypatch.setattr(demo_data, "_write_case", failing_write)
+    monkeypatch.setattr(writer, "_write_case", failing_write)
     parent = tmp_path / "raw"
     with pytest.raises(OSError, match="simulated"):
         make_demo_dataset(parent / "Dataset996_Demo", n_cases=5)
@@ -500,11 +506,11 @@ def test_invalid_new_arguments(tmp_path, kwargs, name, bad):
 
 
 def test_dataset_labels():
-    assert demo_data.dataset_labels() == (LABELS, None)
-    labels, order = demo_data.dataset_labels(3, regions=True)  # BraTS: whole tumour, tumour core, enhancing
+    assert dataset_labels() == (LABELS, None)
+    labels, order = dataset_labels(3, regions=True)  # BraTS: whole tumour, tumour core, enhancing
     assert labels == {"background": 0, "labels_001_to_003": [1, 2, 3], "labels_002_to_003": [2, 3], "organ_003": 3}
     assert order == [1, 2, 3]
-    assert demo_data.label_names(3) == ["organ_001", "organ_002", "organ_003"]
+    assert label_names(3) == ["organ_001", "organ_002", "organ_003"]
 
 
 def test_config_options_reach_the_command(tmp_path):
@@ -512,11 +518,11 @@ def test_config_options_reach_the_command(tmp_path):
     from fastkd.config import ConfigError
 
     demo = validate_config({}, base_dir=tmp_path)["dataset"]["demo"]
-    assert demo_data.cli_options(demo) == ""  # the default demo's command is unchanged
-    assert demo_data.resources(demo) == {"mem_mb": 2000, "runtime": 10}
+    assert cli_options(demo) == ""  # the default demo's command is unchanged
+    assert resources(demo) == {"mem_mb": 2000, "runtime": 10}
     demo = validate_config({"dataset": {"demo": {"shape": [256, 256, 160], "spacing": [0.8, 0.8, 2.5], "n_structures": 40,
                                                  "n_channels": 2, "regions": True}}}, base_dir=tmp_path)["dataset"]["demo"]
-    flags = demo_data.cli_options(demo)
+    flags = cli_options(demo)
     assert flags == "--shape 256 256 160 --spacing 0.8 0.8 2.5 --n-structures 40 --n-channels 2 --regions"
     from fastkd.cli import build_parser
 
@@ -558,7 +564,7 @@ def _dice(a, b):
 
 def _documented_dice():
     """{label_noise: (organ, lesion)} of the isotropic demo, from the module docstring's table."""
-    rows = re.findall(r"^(\d\.\d+) +(\d\.\d+) / \d\.\d+ +(\d\.\d+) / \d\.\d+ ", demo_data.__doc__, re.M)
+    rows = re.findall(r"^(\d\.\d+) +(\d\.\d+) / \d\.\d+ +(\d\.\d+) / \d\.\d+ ", label_noise.__doc__, re.M)
     return {float(s): (float(organ), float(lesion)) for s, organ, lesion in rows}
 
 
@@ -610,12 +616,12 @@ def test_label_noise_dice_against_clean_labels(noisy_dir, iso_dir):
 
 def test_label_noise_dice_as_documented():
     shape, spacing = demo_geometry(False)
-    clean = [demo_data._synthesize_case(0, i, shape, spacing)[1] for i in range(40)]
+    clean = [organ_lesion._synthesize_case(0, i, shape, spacing)[1] for i in range(40)]
     documented = _documented_dice()
     assert sorted(documented) == [0.25, 0.5, 1.0]
     organs = []
     for strength, (organ_doc, lesion_doc) in sorted(documented.items()):
-        noisy = [demo_data._noisy_label(c, 0, i, 2, strength, spacing) for i, c in enumerate(clean)]
+        noisy = [label_noise._noisy_label(c, 0, i, 2, strength, spacing) for i, c in enumerate(clean)]
         organ = np.mean([_dice(n == 1, c == 1) for n, c in zip(noisy, clean)])
         lesion = np.mean([_dice(n == 2, c == 2) for n, c in zip(noisy, clean)])
         # the docstring's means are over 100 cases; these 40 are their first 40
@@ -669,7 +675,7 @@ def test_label_noise_invalid(tmp_path, bad):
     assert repr(bad) in str(info.value)
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match=re.escape(repr(bad))):
-        demo_data.check_options({"label_noise": bad})
+        check_options({"label_noise": bad})
 
 
 @pytest.mark.parametrize("bad", ["1.5", "-1", "abc"])
@@ -690,7 +696,7 @@ def test_label_noise_config_reaches_the_command(tmp_path):
     from fastkd.config import ConfigError
 
     demo = validate_config({"dataset": {"demo": {"label_noise": 0.5}}}, base_dir=tmp_path)["dataset"]["demo"]
-    flags = demo_data.cli_options(demo)
+    flags = cli_options(demo)
     assert flags == "--label-noise 0.5"
     assert build_parser().parse_args(["demo", "write", "out", *flags.split()]).label_noise == 0.5
     assert build_parser().parse_args(["demo", "write", "out"]).label_noise == 0

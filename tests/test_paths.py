@@ -89,7 +89,7 @@ def test_external_teachers_provide_folder_and_plans(tmp_path):
 
 
 def test_real_dataset_cases_come_from_dataset_json(tmp_path):
-    from fastkd.demo_data import make_demo_dataset
+    from fastkd.demo import make_demo_dataset
 
     raw = tmp_path / "Dataset123_Elsewhere"
     make_demo_dataset(raw, n_cases=5)

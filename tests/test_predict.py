@@ -232,7 +232,7 @@ def test_resampling_on_the_device_matches_nnunets_export(tmp_path):
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from fastkd.demo_data import make_demo_dataset
+    from fastkd.demo import make_demo_dataset
     from fastkd.predict.predictor import resample_logits
 
     raw = tmp_path / "Dataset901_Aniso"
@@ -263,7 +263,7 @@ def test_predict_writes_stock_output_and_its_record_last(model, tmp_path):
     import SimpleITK as sitk
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from fastkd.demo_data import make_demo_dataset
+    from fastkd.demo import make_demo_dataset
     from fastkd.predict.predictor import RECORD, predict
 
     raw = tmp_path / "Dataset900_FastkdDemo"
@@ -544,7 +544,7 @@ def test_equal_to_stock_on_the_anisotropic_demo(tmp_path):
     isotropic test has it): 8x fewer forwards."""
     import SimpleITK as sitk
 
-    from fastkd.demo_data import make_demo_dataset
+    from fastkd.demo import make_demo_dataset
 
     raw = tmp_path / "source" / "Dataset901_FastkdAniso"
     make_demo_dataset(raw, n_cases=5, n_test=0, anisotropic=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastkd.cli import main
-from fastkd.demo_data import make_demo_dataset
+from fastkd.demo import make_demo_dataset
 from fastkd.errors import FastkdError
 from fastkd.nnunet import is_resenc
 from fastkd.student.plans import (

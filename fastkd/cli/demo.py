@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
 
 
 def _demo_write(args) -> None:
-    from fastkd.demo_data import make_demo_dataset
+    from fastkd.demo import make_demo_dataset
 
     try:
         cases = make_demo_dataset(args.output, n_cases=args.n_cases, n_test=args.n_test, anisotropic=args.anisotropic, seed=args.seed,
