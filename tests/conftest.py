@@ -12,11 +12,11 @@ Tiers (``--tier``; README, "Tests"):
 - ``all``: every test.
 
 A test that uses a workflow fixture must carry exactly one tier marker (checked at collection), and a test
-that runs Snakemake for real (not a dry run) must carry one too (checked when ``wf.snakemake`` runs).
+that runs Snakemake for real (not a dry run) must carry one too (checked when ``workflow_runs.snakemake`` runs).
 
 The workflow fixtures are built once per session and never changed by a test: each is a copy of the one
 before it, and every test that uses one fails if it changed a file in it (tests that change things work on
-a ``wf.clone`` of it). So the order of the tests does not matter.
+a ``workflow_runs.clone`` of it). So the order of the tests does not matter.
 """
 
 import os
@@ -24,8 +24,8 @@ import os
 import pytest
 import yaml
 
-import wf
-from wf import TINY, clone, snakemake, workdir
+import workflow_runs
+from workflow_runs import TINY, clone, snakemake, workdir
 
 TIERS = ("smoke", "ci", "extended")
 #: which tier markers each ``--tier`` runs (None: the tests without a tier marker, the unit tests)
@@ -74,19 +74,19 @@ def pytest_report_header(config):
 
 @pytest.fixture(autouse=True)
 def _tier_and_frozen_fixtures(request):
-    """Tells ``wf.snakemake`` the running test's tier; fails a test that changed a frozen fixture."""
-    wf.CURRENT_TIER = tier_of(request.node)
+    """Tells ``workflow_runs.snakemake`` the running test's tier; fails a test that changed a frozen fixture."""
+    workflow_runs.CURRENT_TIER = tier_of(request.node)
     frozen = {name: request.getfixturevalue(name) for name in FROZEN if name in request.fixturenames}
     before = {name: snapshot(path) for name, path in frozen.items()}
     yield
-    wf.CURRENT_TIER = None
+    workflow_runs.CURRENT_TIER = None
     for name, path in frozen.items():
         after = snapshot(path)
         if after != before[name]:
             changed = sorted({*before[name].items() ^ after.items()})
             names = sorted({p for p, _ in changed})
             pytest.fail(f"the test changed the session fixture {name!r} ({path}): {names[:10]}; work on a "
-                        f"wf.clone(...) of it instead")
+                        f"workflow_runs.clone(...) of it instead")
 
 
 def snapshot(root) -> dict[str, tuple[int, int]]:

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-import wf
-from wf import REPO, snakemake, workdir
+import workflow_runs
+from workflow_runs import REPO, snakemake, workdir
 
 TESTS = REPO / "tests"
 #: subprocess functions that wait for their process: each call needs a timeout
@@ -24,7 +24,7 @@ def collected(*args, cwd=REPO) -> subprocess.CompletedProcess:
 def test_each_tier_collects_its_tests():
     ids = {}
     for tier in ("default", "ci", "extended", "all"):
-        run = collected("tests/test_workflow.py", "--tier", tier)
+        run = collected("tests/workflow/test_workflow.py", "--tier", tier)
         assert run.returncode == 0, run.stdout + run.stderr
         ids[tier] = {line.split("::")[1] for line in run.stdout.splitlines() if "::" in line}
     unit, smoke = "test_dry_run_dag_of_the_demo", "test_real_run_writes_nnunet_artifacts_and_manifests"
@@ -37,7 +37,7 @@ def test_each_tier_collects_its_tests():
 
 
 def test_a_test_using_a_workflow_fixture_without_a_tier_is_refused(tmp_path):
-    for name in ("conftest.py", "wf.py"):
+    for name in ("conftest.py", "workflow_runs.py"):
         shutil.copy(TESTS / name, tmp_path / name)
     (tmp_path / "test_unmarked.py").write_text("def test_reads_the_cache(trained):\n    pass\n")
     run = collected("--rootdir", str(tmp_path), str(tmp_path / "test_unmarked.py"), cwd=tmp_path)
@@ -47,7 +47,7 @@ def test_a_test_using_a_workflow_fixture_without_a_tier_is_refused(tmp_path):
 
 
 def test_an_unmarked_test_cannot_run_snakemake_for_real(tmp_path):
-    assert wf.CURRENT_TIER is None  # this test has no tier marker
+    assert workflow_runs.CURRENT_TIER is None  # this test has no tier marker
     wd = workdir(tmp_path)
     with pytest.raises(AssertionError, match="runs jobs: mark the test smoke, ci or extended"):
         snakemake(wd, "--cores", "1", "preprocessed")
@@ -95,7 +95,7 @@ def test_the_timeout_check_finds_a_missing_timeout():
         "line 3: subprocess.Popen without a deadline or a wait(timeout=)"]
 
 
-@pytest.mark.parametrize("path", sorted(TESTS.glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(TESTS.rglob("*.py")), ids=lambda p: str(p.relative_to(TESTS)))
 def test_every_subprocess_of_the_tests_has_a_time_limit(path):
     """A hung Snakemake, nnU-Net or SLURM daemon fails its test with its output instead of eating CI's limit."""
     assert subprocess_calls_without_timeout(path.read_text()) == []

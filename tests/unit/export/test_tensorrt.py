@@ -21,8 +21,8 @@ from fastkd.export.onnx import export_onnx
 from fastkd.export.tensorrt import build_engine, calibration_batches, keep_fp32, read_onnx, resolve_profile
 from fastkd.predict.backends import tensorrt as trt_backend
 from fastkd.predict.backends.tensorrt import differences, load_engine_model, metadata_path, require_tensorrt
-from test_export import DATASET_JSON, PLANS, write_model
-from wf import BIN, env, job_counts, snakemake, workdir
+from fake_models import DATASET_JSON, PLANS, write_model
+from workflow_runs import BIN, env, job_counts, snakemake, workdir
 
 PLATFORM = {"tensorrt_version": "10.3.0", "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}}
 

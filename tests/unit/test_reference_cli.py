@@ -12,7 +12,7 @@ from fastkd import reference_cli as rc
 from fastkd.cache import FORMAT_VERSION, finalize, write_case
 from fastkd.checks import validate_config
 from fastkd.paths import Paths
-from wf import BIN, clone, nnunet_env
+from workflow_runs import BIN, clone, nnunet_env
 
 DS = "Dataset900_FastkdDemo"
 CASES = [f"demo_{i:03d}" for i in range(5)]

@@ -21,7 +21,7 @@ from fastkd import cache
 from fastkd.cache import CacheError, SoftLabelCache
 from fastkd.errors import FastkdError
 from fastkd.softlabels import TeacherEnsemble
-from test_cache import make_store, provenance, softmax
+from fake_stores import make_store, provenance, softmax
 
 
 def delete_a_chunk(store: Path, case: str) -> Path:
@@ -121,7 +121,7 @@ KILLER = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from fastkd import cache
     from fastkd.cache import codec, writer
-    from test_cache import provenance, softmax
+    from fake_stores import provenance, softmax
 
     store, where = sys.argv[1], sys.argv[2]
     codec.BLOCK_VALUES = 3 * 8 * 8 * 8  # one chunk per block: several blocks
@@ -151,7 +151,7 @@ KILLER = textwrap.dedent("""
 def test_sigkill_inside_write_case_is_recomputed_and_never_read(tmp_path, where):
     store, probs = make_store(tmp_path)
     script = tmp_path / "killer.py"
-    script.write_text(KILLER.format(tests=str(Path(__file__).parent)))
+    script.write_text(KILLER.format(tests=str(Path(__file__).parents[2])))
     run = subprocess.run([sys.executable, str(script), str(store), where], capture_output=True, text=True, timeout=600)
     assert run.returncode == -9, run.stderr
     # the dead writer's folder (and, killed while renaming, the old version it had moved aside)

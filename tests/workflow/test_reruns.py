@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wf import BIN, clone, env, nnunet_env, sha256, snakemake
+from workflow_runs import BIN, clone, env, nnunet_env, sha256, snakemake
 
 DS = "Dataset900_FastkdDemo"
 TEACHERS = "nnUNetTrainer__nnUNetPlans__3d_fullres"

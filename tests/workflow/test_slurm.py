@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wf import BIN, TINY, env, job_counts, workdir
+from workflow_runs import BIN, TINY, env, job_counts, workdir
 
 #: The workflow's jobs get a little of the machine: mem_mb and runtime (minutes) differ per rule, so
 #: each job's SLURM record shows its own rule's resources block.

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import yaml
-from wf import REPO, job_counts, snakemake, workdir
+from workflow_runs import REPO, job_counts, snakemake, workdir
 
 from fastkd.checks import validate_config
 

@@ -18,7 +18,7 @@ from fastkd.config import ConfigError
 from fastkd.errors import FastkdError
 from fastkd.paths import Paths
 from fastkd.preprocess import HOLDOUT_RECORD, link_raw_dataset, training_cases
-from wf import job_counts, snakemake, workdir
+from workflow_runs import job_counts, snakemake, workdir
 
 DATASET_JSON = {"channel_names": {"0": "T1", "1": "T2"}, "labels": {"background": 0, "organ": 1},
                 "file_ending": ".nii.gz", "name": "Fake"}

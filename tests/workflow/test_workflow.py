@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from wf import BIN, HIPPOCAMPUS, clone, job_counts, nnunet_env, sha256, snakemake, workdir
+from workflow_runs import BIN, HIPPOCAMPUS, clone, job_counts, nnunet_env, sha256, snakemake, workdir
 
 
 def test_dry_run_dag_of_the_demo(tmp_path):

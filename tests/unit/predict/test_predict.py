@@ -21,8 +21,8 @@ import torch
 
 from fastkd.errors import FastkdError
 from fastkd.nnunet import build_network
-from test_export import ARCH
-from wf import BIN, REPO, nnunet_env
+from fake_models import ARCH
+from workflow_runs import BIN, REPO, nnunet_env
 
 BRATS = REPO.parent / "shared" / "datasets" / "Dataset005_BraTS2015DeepMedic"
 #: largest |probability difference| to stock nnU-Net per backend. nnU-Net's sliding window accumulates the

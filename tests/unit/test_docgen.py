@@ -10,7 +10,7 @@ import pytest
 
 from fastkd import docgen
 from fastkd.config import _resolve, load_schema
-from wf import REPO
+from workflow_runs import REPO
 
 DOCS = REPO / "docs"
 #: a Markdown link or image: [text](target) and ![alt](target)

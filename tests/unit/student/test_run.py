@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from wf import BIN, clone, nnunet_env, snakemake
+from workflow_runs import BIN, clone, nnunet_env, snakemake
 
 DS = "Dataset900_FastkdDemo"
 

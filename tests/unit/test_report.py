@@ -20,8 +20,8 @@ from fastkd import report
 from fastkd.cli import main
 from fastkd.errors import FastkdError
 from fastkd.paths import Paths
-from test_cache import flip_a_byte, make_store
-from wf import clone, job_counts, snakemake, workdir
+from fake_stores import flip_a_byte, make_store
+from workflow_runs import clone, job_counts, snakemake, workdir
 
 DATASET_JSON = {"channel_names": {"0": "x"}, "labels": {"background": 0, "organ": 1, "lesion": 2},
                 "file_ending": ".nii.gz", "numTraining": 5}

@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,34 +14,8 @@ import pytest
 from fastkd import cache
 from fastkd.cache import CacheError, SoftLabelCache
 from fastkd.softlabels import shard_cases
-from wf import BIN
-
-
-def softmax(logits, axis=0):
-    e = np.exp(logits - logits.max(axis=axis, keepdims=True))
-    return (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)
-
-
-def provenance(dtype="uint8", activation="softmax", channels=("background", "a", "b"), temperature=3.0,
-               patch=(8, 8, 8)):
-    return {"format_version": 1, "temperature": temperature, "activation": activation, "ensemble": "test",
-            "channels": list(channels), "labels": {"background": 0, "a": 1, "b": 2}, "regions": activation == "sigmoid",
-            "teachers": [], "dataset_name": "Dataset999_T", "plans_name": "nnUNetPlans", "configuration": "3d_fullres",
-            "data_identifier": "nnUNetPlans_3d_fullres", "spacing": [1, 1, 1], "transpose_forward": [0, 1, 2],
-            "patch_size": list(patch), "dtype": dtype, "scale": cache.DTYPES[dtype], "step_size": 0.5,
-            "mirroring": True, "mirror_axes": [0, 1, 2], "gaussian": True}
-
-
-def make_store(tmp_path, shapes=None, dtype="uint8", seed=0, name="c.zarr"):
-    """A finalized store with random soft labels; returns (store, {case: float32 probabilities})."""
-    rng = np.random.default_rng(seed)
-    shapes = shapes or {"case_a": (10, 12, 9), "case_b": (7, 5, 11)}
-    store, probs = tmp_path / name, {}
-    for case, shape in shapes.items():
-        probs[case] = softmax(rng.normal(scale=3, size=(3, *shape)))
-        cache.write_case(store, case, probs[case], provenance(dtype), {"teacher_forwards": 8})
-    cache.finalize(store, {c: [1, *s] for c, s in shapes.items()})
-    return store, probs
+from fake_stores import flip_a_byte, make_store, provenance, softmax
+from workflow_runs import BIN
 
 
 @pytest.mark.parametrize("channels", [2, 3, 5, 14])
@@ -271,14 +244,6 @@ def test_rewriting_a_case_replaces_it_atomically(tmp_path):
     cache.finalize(store, {"case_a": [1, 10, 12, 9], "case_b": [1, 7, 5, 11]})
     assert not cache.partial_dir(store).exists()
     assert np.abs(SoftLabelCache(store).read("case_a") - new).max() < 1 / 255
-
-
-def flip_a_byte(store: Path, case: str) -> Path:
-    chunk = sorted(p for p in (store / case / "c").rglob("*") if p.is_file())[0]
-    data = bytearray(chunk.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    chunk.write_bytes(bytes(data))
-    return chunk
 
 
 def test_a_flipped_byte_fails_verify_and_the_reader_naming_the_case(tmp_path):

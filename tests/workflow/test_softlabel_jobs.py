@@ -8,11 +8,8 @@ checkpoint changed, and resumed: test_reruns.py.
 """
 
 import json
-import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,10 +17,10 @@ import numpy as np
 import pytest
 
 from fastkd import cache
-from fastkd.cache import CacheError, SoftLabelCache
+from fastkd.cache import SoftLabelCache
 from fastkd.errors import FastkdError
 from fastkd.softlabels import check_teachers, fill_cache, grid_differences, out_of_fold, provenance, read_splits
-from wf import BIN, job_counts, nnunet_env, sha256, snakemake
+from workflow_runs import BIN, job_counts, nnunet_env, sha256, snakemake
 
 DS = "Dataset900_FastkdDemo"
 TEACHERS = "nnUNetTrainer__nnUNetPlans__3d_fullres"

@@ -13,7 +13,7 @@ from fastkd.checks import validate_config
 from fastkd.config import ConfigError
 from fastkd.errors import FastkdError
 from fastkd.evaluate import evaluate, write_validation_cases
-from wf import BIN, job_counts, snakemake, workdir
+from workflow_runs import BIN, job_counts, snakemake, workdir
 
 DATASET_JSON = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "organ": 1, "lesion": 2},
                 "numTraining": 3, "file_ending": ".nii.gz"}

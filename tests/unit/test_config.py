@@ -15,7 +15,7 @@ from fastkd.checks import load_config, validate_config
 
 from fastkd.config import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def demo_config():
