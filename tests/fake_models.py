@@ -48,3 +48,8 @@ def save_checkpoint(path, weights, **extra):
                 "trainer_name": "nnUNetTrainer", "logging": {"mean_fg_dice": [np.float64(0.5)]},
                 "_best_ema": np.float64(0.5), "current_epoch": 3, "inference_allowed_mirroring_axes": (0, 1, 2),
                 "fastkd": {"trainer": "nnUNetTrainerFastKD"}, **extra}, path)
+
+
+RECORD_KEYS = {"model", "backend", "folds", "device", "mirroring", "step_size", "tile_batch", "jit", "cases",
+               "seconds_total",
+               "seconds_per_case", "fastkd_version"}

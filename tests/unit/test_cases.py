@@ -1,41 +1,32 @@
 """dataset.holdout: a real dataset's labelled cases held back as the test set. The seeded pick, the raw
-folder nnU-Net sees (training cases only), the config checks, the evaluation's test set, and the DAG.
+folder nnU-Net sees (training cases only), the config checks, the evaluation's test set (the DAG:
+tests/workflow/test_dry_runs.py).
 
 The datasets here are empty files in nnU-Net naming: nothing reads an image, so every test takes seconds.
 """
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 
 from fastkd import cases, nnunet
-from fastkd.cases import evaluation_sets, held_out_problems, holdout_cases, holdout_split, holds_out, is_optimistic
-from fastkd.cli import main
+from fastkd.cases import (
+    evaluation_sets,
+    held_out_problems,
+    holdout_cases,
+    holdout_split,
+    holds_out,
+    is_optimistic,
+)
 from fastkd.checks import validate_config
+from fastkd.cli import main
 from fastkd.config import ConfigError
 from fastkd.errors import FastkdError
 from fastkd.paths import Paths
 from fastkd.preprocess import HOLDOUT_RECORD, link_raw_dataset, training_cases
-from workflow_runs import job_counts, snakemake, workdir
 
-DATASET_JSON = {"channel_names": {"0": "T1", "1": "T2"}, "labels": {"background": 0, "organ": 1},
-                "file_ending": ".nii.gz", "name": "Fake"}
-CASES = [f"case_{i:02d}" for i in range(10)]
-
-
-def _raw_dataset(folder: Path, cases=CASES) -> Path:
-    """A real-looking raw dataset: dataset.json, two channels per case, label maps."""
-    raw = folder / "Dataset123_Fake"
-    for sub in ("imagesTr", "labelsTr"):
-        (raw / sub).mkdir(parents=True)
-    (raw / "dataset.json").write_text(json.dumps({**DATASET_JSON, "numTraining": len(cases)}))
-    for case in cases:
-        for ch in range(2):
-            (raw / "imagesTr" / f"{case}_{ch:04d}.nii.gz").touch()
-        (raw / "labelsTr" / f"{case}.nii.gz").touch()
-    return raw
+from fake_datasets import CASES, DATASET_JSON, _raw_dataset
 
 
 def _config(tmp_path, raw, n_test=3, seed=0, **more):
@@ -180,18 +171,3 @@ def test_cli_links_the_held_out_cases_from_the_source(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text(json.dumps({"dataset": {"raw": str(raw), "holdout": {"n_test": 3}}}))
     assert main(["config", "show", str(tmp_path / "c.yaml"), "--paths"]) == 0
     assert "# held-out test cases (3, linked): fastkd_work/Dataset123_Fake/evaluation/test/cases" in capsys.readouterr().out
-
-
-def test_dry_run_preprocesses_the_training_cases_and_evaluates_the_held_out_ones(tmp_path):
-    raw = _raw_dataset(tmp_path / "data")
-    wd = workdir(tmp_path, {"dataset": {"raw": str(raw), "holdout": {"n_test": 3, "seed": 7}}})
-    run = snakemake(wd, "-n", "-p", "--cores", "1", "evaluation")
-    counts = job_counts(run.stdout)
-    assert counts["plan_preprocess"] == 1 and counts["evaluation_cases"] == 1 and counts["evaluate"] == 1
-    test = holdout_split(CASES, 3, 7)
-    assert "--holdout 3 --holdout-seed 7" in run.stdout
-    assert f"fastkd evaluate cases --cases {' '.join(test)} --raw {raw}" in run.stdout
-    assert "evaluation/test/cases/images" in run.stdout and "evaluation/test/dice.tsv" in run.stdout
-    assert "fold_0_validation" not in run.stdout and "--optimistic" not in run.stdout
-    for case in CASES:  # nnU-Net preprocesses every training case, and no held-out one
-        assert (f"nnUNetPlans_3d_fullres/{case}.b2nd" in run.stdout) == (case not in test)

@@ -1,4 +1,4 @@
-"""Evaluation (fastkd.evaluate, `fastkd evaluate`, the evaluation rules): case sets, nnU-Net's Dice on real
+"""Evaluation (fastkd.evaluate, `fastkd evaluate`; the rules' dry run: tests/workflow/test_dry_runs.py): case sets, nnU-Net's Dice on real
 NIfTI label maps, the table's rows and its guards against incomplete or mismatched predictions."""
 
 import json
@@ -13,7 +13,7 @@ from fastkd.checks import validate_config
 from fastkd.config import ConfigError
 from fastkd.errors import FastkdError
 from fastkd.evaluate import evaluate, write_validation_cases
-from workflow_runs import BIN, job_counts, snakemake, workdir
+from workflow_runs import BIN
 
 DATASET_JSON = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "organ": 1, "lesion": 2},
                 "numTraining": 3, "file_ending": ".nii.gz"}
@@ -237,27 +237,6 @@ def test_a_datasets_own_labelled_test_set_is_found(tmp_path):
     contaminated = _raw_dataset(tmp_path / "c", test=("a",), labels=("a",))
     with pytest.raises(ConfigError, match=r"1 test cases are training cases \(a\)"):
         validate_config({"dataset": {"raw": str(contaminated)}}, base_dir=tmp_path)
-
-
-def test_dry_run_evaluates_test_set_or_each_folds_validation_cases(tmp_path):
-    run = snakemake(workdir(tmp_path, {"distillation": {"reduction_factors": [2, 4]}, "student": {"folds": [0, 1]}}),
-                    "-n", "--cores", "1", "evaluation")
-    counts = job_counts(run.stdout)
-    # the test set: one teacher ensemble prediction, every student fold and baseline (3 seeds each), one table
-    assert (counts["predict_teachers"], counts["predict_student"], counts["evaluate"]) == (1, 24, 1)
-    assert "evaluation_cases" not in counts and "evaluation/test/dice.tsv" in run.stdout
-    wd = workdir(tmp_path, {"dataset": {"demo": {"n_test": 0}}, "student": {"folds": [0, 1]}}, name="validation")
-    run = snakemake(wd, "-n", "--cores", "1", "evaluation")
-    counts = job_counts(run.stdout)
-    # no test set: each fold's students on that fold's validation cases, the teachers there too
-    assert (counts["evaluation_cases"], counts["predict_teachers"], counts["predict_student"], counts["evaluate"]) \
-        == (2, 2, 12, 2)
-    assert "evaluation/fold_1_validation/dice.tsv" in run.stdout
-    assert "evaluation/fold_1_validation/predictions/nnUNetTrainerFastKDNoKD__nnUNetPlans_fastkdR2__3d_fullres" \
-           "__fold_1" in run.stdout
-    off = job_counts(snakemake(workdir(tmp_path, {"evaluation": {"enabled": False}}, name="off"), "-n", "--cores",
-                               "1").stdout)
-    assert "evaluate" not in off and "predict_teachers" not in off
 
 
 def test_teachers_below_the_baseline_on_a_class_are_named_in_words(tmp_path):

@@ -1,25 +1,28 @@
 """Sweeps: list-valued temperature, alpha, soft-label fold selection and seeds expand into one student per
 combination (one cache per temperature and fold selection), each with its own model folder, settings,
-workflow jobs and evaluation row. Fast: unit tests and Snakemake dry runs."""
+workflow jobs and evaluation row (the dry runs: tests/workflow/test_dry_runs.py)."""
 
 import copy
-import re
 
 import pytest
 import yaml
-from workflow_runs import REPO, job_counts, snakemake, workdir
 
 from fastkd.checks import validate_config
-
 from fastkd.config import ConfigError, default
 from fastkd.errors import FastkdError
 from fastkd.paths import Paths
-from fastkd.sweep import Student, one, soft_label_settings, student_tag, students, trainer_name
 from fastkd.student.run import student_fold_folder, student_settings
+from fastkd.sweep import (
+    Student,
+    one,
+    soft_label_settings,
+    student_tag,
+    students,
+    trainer_name,
+)
 
-SWEEP = {"distillation": {"temperature": [1, 3], "alpha": [0.3, 0.7], "reduction_factors": [4]},
-         "softlabels": {"folds_per_case": ["all", "out_of_fold"]}, "student": {"seeds": [0, 1]},
-         "export": {"onnx": False}}
+from sweep_configs import FORMS, SWEEP
+from workflow_runs import REPO
 
 
 def config(override=None):
@@ -113,32 +116,6 @@ def test_alpha_zero_in_the_list_is_the_baseline():
     assert [(s.kd, s.alpha) for s in students(c)] == [(True, 0.5), (False, 0.0)]
 
 
-def test_dry_run_of_a_sweep_has_a_job_per_student_and_cache_and_evaluates_every_student(tmp_path):
-    run = snakemake(workdir(tmp_path, SWEEP), "-n", "-p", "--cores", "2")
-    counts = job_counts(run.stdout)
-    assert counts["train_student"] == 16 and counts["train_baseline"] == 2
-    assert counts["softlabels_finalize"] == 4 and counts["softlabels_shard"] == 8 and counts["softlabels_preview"] == 4
-    assert counts["predict_student"] == 18 and counts["evaluate"] == 1 and counts["predict_teachers"] == 1
-    # the out-of-fold caches are filled with nnU-Net's split; the others with every fold
-    shards = re.findall(r"fastkd softlabels fill .*", run.stdout)
-    assert len(shards) == 8
-    assert sum("--folds-per-case out_of_fold --splits" in s and "__oof__" in s for s in shards) == 4
-    assert sum("--folds-per-case all" in s and "__oof__" not in s for s in shards) == 4
-    assert {re.search(r" -T (\S+)", s).group(1) for s in shards} == {"1.0", "3.0"}
-    # each student job trains with its own values, into its own folder
-    trains = re.findall(r"fastkd student train .*", run.stdout)
-    assert len(trains) == 18
-    kd = [t for t in trains if "--baseline" not in t]
-    assert sum("distillation.temperature=3.0" in t and "distillation.alpha=0.7" in t
-               and "softlabels.folds_per_case=out_of_fold" in t and "student.seeds=[1]" in t for t in kd) == 1
-    assert sum("student.seeds=[1]" in t for t in trains) == 9
-    # the table's rows: one prediction per student, all of them evaluated
-    predicted = set(re.findall(r"evaluation/test/predictions/([^/\s,]+)__fold_0", run.stdout))
-    assert len(predicted) == 18
-    assert "nnUNetTrainerFastKD_T3_a0.7_oof_s1__nnUNetPlans_fastkdR4__3d_fullres" in predicted
-    assert "nnUNetTrainerFastKDNoKD_s1__nnUNetPlans_fastkdR4__3d_fullres" in predicted
-
-
 def test_teacher_validation_without_mirroring_keeps_the_checkpoints_axes(monkeypatch, tmp_path):
     """teachers.validation_mirroring: false validates without mirroring; the axes every later prediction
     reads from the trainer (and its checkpoint) are back afterwards, also when the validation fails."""
@@ -172,19 +149,6 @@ def test_teacher_validation_without_mirroring_keeps_the_checkpoints_axes(monkeyp
     assert all(t.inference_allowed_mirroring_axes == (0, 1, 2) for t in trainers)
 
 
-def test_dry_run_passes_the_teachers_validation_mirroring(tmp_path):
-    run = snakemake(workdir(tmp_path, {"teachers": {"validation_mirroring": False}}), "-n", "-p", "--cores", "1", "teachers")
-    commands = re.findall(r"fastkd teachers train .*", run.stdout)
-    assert len(commands) == 5 and all("--disable-validation-mirroring" in c for c in commands)
-    run = snakemake(workdir(tmp_path, name="default"), "-n", "-p", "--cores", "1", "teachers")
-    assert "--disable-validation-mirroring" not in run.stdout
-
-
-FORMS = {"distillation": {"temperature": 1, "alpha": [0.5, 1.0], "loss": ["additive", "convex"], "scales": ["full", "all"],
-                          "class_balanced": [False, True]}, "export": {"onnx": False},
-         "student": {"seeds": [0]}}
-
-
 def test_loss_forms_sweep_into_students_of_their_own_with_their_settings_in_the_name(tmp_path):
     c = config(FORMS)
     kd = [s for s in students(c) if s.kd]
@@ -204,13 +168,3 @@ def test_loss_forms_sweep_into_students_of_their_own_with_their_settings_in_the_
     assert {k: settings[k] for k in odd} == odd
     baseline = student_settings(Student(2, False, None, 0.0, None, 0).config(c), None, kd=False)
     assert not {"loss", "scales", "class_balanced"} & set(baseline)
-
-
-def test_dry_run_of_a_loss_form_sweep_trains_each_form_with_its_own_values(tmp_path):
-    run = snakemake(workdir(tmp_path, {**FORMS, "distillation": {**FORMS["distillation"], "alpha": 1.0}}), "-n", "-p",
-                    "--cores", "2", "student")
-    trains = [t for t in re.findall(r"fastkd student train .*", run.stdout) if "--baseline" not in t]
-    assert len(trains) == 8
-    combos = {(re.search(r"distillation.loss=(\w+)", t).group(1), re.search(r"distillation.scales=(\w+)", t).group(1),
-               re.search(r"distillation.class_balanced=(\w+)", t).group(1)) for t in trains}
-    assert combos == {(f, s, b) for f in ("additive", "convex") for s in ("full", "all") for b in ("false", "true")}

@@ -6,8 +6,7 @@ temperature, forced rules, a second reduction factor, a replaced teacher checkpo
 SIGKILL while it rewrites the soft labels, then resumed), a case deleted from the soft-label store. The
 dry runs show the whole DAG, evaluation included; the real runs stop before the evaluation
 (:data:`BUILT`), whose predictions are the slowest jobs here, and each test ends with nothing to do up to
-the exports. Two fast tests check the student settings that decide whether a distilled student is
-continued or trained again.
+the exports.
 """
 
 import json
@@ -115,48 +114,6 @@ def student_folder(wd: Path, model: str = KD) -> Path:
 
 def nothing_to_do(wd: Path, *targets) -> bool:
     return "Nothing to be done" in snakemake(wd, "-n", "--cores", "2", *targets).stdout
-
-
-def test_a_distilled_student_is_continued_only_on_soft_labels_of_the_same_teachers(tmp_path):
-    """A retrained teacher rewrites the cache at the same path: the student's settings name its checkpoints."""
-    from fastkd.checks import validate_config
-    from fastkd.student.run import prepare_fold_folder, student_settings
-
-    config = validate_config({"dataset": {"raw": "demo"}}, base_dir=tmp_path)
-    cache, fold = tmp_path / "c.zarr", tmp_path / "fold_0"
-
-    def finalized(sha):
-        cache.mkdir(exist_ok=True)
-        root = {"complete": True, "provenance": {"teachers": [{"name": TEACHERS, "sha256": {"0": sha}}]}}
-        (cache / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group",
-                                                      "attributes": {"fastkd_softlabels": root}}))
-        return student_settings(config, cache, kd=True)
-
-    assert "teachers" not in student_settings(config, cache, kd=True)  # no complete store yet
-    old = finalized("a" * 64)
-    assert old["teachers"] == {TEACHERS: {"0": "a" * 64}}
-    assert "teachers" not in student_settings(config, None, kd=False)  # the baseline reads no soft labels
-    prepare_fold_folder(fold, old)
-    (fold / "checkpoint_final.pth").write_text("trained on the old soft labels")
-    assert prepare_fold_folder(fold, finalized("a" * 64)) is True  # same teachers: continued
-    assert prepare_fold_folder(fold, finalized("b" * 64)) is False  # retrained teacher: from scratch
-    assert (fold / "previous_settings" / "checkpoint_final.pth").is_file()
-
-
-def test_a_copied_work_folder_keeps_its_students(tmp_path):
-    """The store's folder is not a setting (a copied or moved work folder resumes its students); its name is."""
-    from fastkd.student.run import fold_state, prepare_fold_folder
-
-    settings = {"cache": str(tmp_path / "a" / "3d_fullres__T1__mirror.zarr"), "alpha": 1.0}
-    fold = tmp_path / "fold_0"
-    prepare_fold_folder(fold, settings)
-    (fold / "checkpoint_latest.pth").write_text("a run")
-    moved = {**settings, "cache": str(tmp_path / "b" / "3d_fullres__T1__mirror.zarr")}
-    assert fold_state(fold, moved, resume=True) == "continue from checkpoint_latest.pth"
-    assert prepare_fold_folder(fold, moved) is True
-    other = {**settings, "cache": str(tmp_path / "b" / "3d_fullres__T2__mirror.zarr")}
-    assert fold_state(fold, other, resume=True).startswith("start over: its checkpoints were trained with other")
-    assert prepare_fold_folder(fold, {**moved, "alpha": 0.5}) is False
 
 
 @pytest.fixture

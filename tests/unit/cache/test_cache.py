@@ -1,6 +1,6 @@
 """The soft-label cache format on synthetic data: quantisation, atomic writes, reader, verify, tensorstore.
 
-Real teachers filling a cache through Snakemake are in test_softlabels.py.
+Real teachers filling a cache through Snakemake are in tests/workflow/test_softlabel_jobs.py.
 """
 
 import json

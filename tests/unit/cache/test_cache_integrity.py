@@ -1,6 +1,6 @@
 """Nothing silently wrong in the soft-label cache: missing chunks, concurrent and killed writers, a
 failing finalize, stale preprocessed inputs, bounded chunks and bounded encoding memory, and the fold
-mean of probabilities (not logits). Synthetic data; real teachers are in test_softlabels.py.
+mean of probabilities (not logits). Synthetic data; real teachers are in tests/workflow/test_softlabel_jobs.py.
 """
 
 import json

@@ -1,7 +1,7 @@
 """TensorRT engines (fastkd.export.tensorrt, run by fastkd.predict.backends.tensorrt) without TensorRT: what
 runs on any machine. The arguments are checked before TensorRT is asked for, a missing TensorRT or GPU is
 one clear error that leaves the output alone, the up-to-date decision, the calibration data, the FP32
-normalization rule, the engine loader's checks, and the workflow's export_trt jobs. Building and running an
+normalization rule, the engine loader's checks (the workflow's export_trt jobs: tests/workflow/test_dry_runs.py). Building and running an
 engine needs TensorRT and a GPU."""
 
 import json
@@ -22,7 +22,7 @@ from fastkd.export.tensorrt import build_engine, calibration_batches, keep_fp32,
 from fastkd.predict.backends import tensorrt as trt_backend
 from fastkd.predict.backends.tensorrt import differences, load_engine_model, metadata_path, require_tensorrt
 from fake_models import DATASET_JSON, PLANS, write_model
-from workflow_runs import BIN, env, job_counts, snakemake, workdir
+from workflow_runs import BIN, env
 
 PLATFORM = {"tensorrt_version": "10.3.0", "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}}
 
@@ -247,15 +247,3 @@ def test_the_engine_loader_refuses_engines_it_cannot_trust(exports, tmp_path, mo
         load_engine_model(engine, torch.device("cuda"))
     with pytest.raises(FastkdError, match="the trt backend takes an .engine or .plan file"):
         load_engine_model(exports / "static.onnx", torch.device("cuda"))
-
-
-def test_the_workflow_builds_engines_only_when_enabled(tmp_path):
-    wd = workdir(tmp_path, {"export": {"tensorrt": {"enabled": True, "precision": "int8", "max_batch": 2}}})
-    run = snakemake(wd, "-n", "-p", "--cores", "1", "export")
-    counts = job_counts(run.stdout)
-    assert counts["export_trt"] == 6 and counts["export_onnx"] == 6  # 3 seeds of the student and baseline
-    engine = "export/nnUNetTrainerFastKD__nnUNetPlans_fastkdR2__3d_fullres/fold_0.engine"
-    assert f"{engine} --precision int8 --max-batch 2 --workspace-gb 4.0 --calibration " \
-           "nnUNet_preprocessed/Dataset900_FastkdDemo/nnUNetPlans_3d_fullres" in run.stdout
-    off = job_counts(snakemake(workdir(tmp_path, name="off"), "-n", "--cores", "1", "export").stdout)
-    assert "export_trt" not in off and off["export_onnx"] == 6

@@ -1,6 +1,6 @@
 """The student trainer classes, hook by hook, on bare trainers (no data, no training): what each class
 overrides, the settings check, the fresh-start move, the single atomic checkpoint write and the note
-on optimistic validations. Real training runs are the slow tests in test_student.py.
+on optimistic validations. Real training runs: tests/workflow/test_student_training.py.
 """
 
 import json
