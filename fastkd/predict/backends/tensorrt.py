@@ -113,7 +113,7 @@ def load(model: Path, folds: tuple, checkpoint: str, device: torch.device) -> di
 
 
 def load_engine_model(path: str | Path, device: torch.device) -> dict:
-    """What nnU-Net's predictor needs, from an engine and its metadata JSON (as ``fastkd.predict.load_model``
+    """What nnU-Net's predictor needs, from an engine and its metadata JSON (as ``fastkd.predict.backends.load_model``
     gives for an ONNX file): network, parameters, plans, dataset.json, configuration, mirroring axes."""
     from fastkd.io import read_json
 
