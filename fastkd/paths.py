@@ -38,11 +38,17 @@ from functools import cached_property
 from pathlib import Path
 
 from fastkd import nnunet
-from fastkd.sweep import Student, students
+from fastkd.cases import case_files, holds_out, test_set
+from fastkd.sweep import Student, one, student_tag, students, trainer_name
 
 
 #: nnU-Net's final validation of a fold, inside its fold folder (the last file its training writes)
 VALIDATION_SUMMARY = Path("validation") / "summary.json"
+
+
+def _beside(path: Path, suffix: str) -> Path:
+    """``<path><suffix>``: a file named after another, beside it (``fold_0.onnx`` -> ``fold_0.onnx.json``)."""
+    return path.with_name(path.name + suffix)
 
 
 def fold_folder(model_folder: str | Path, fold: int | str) -> Path:
@@ -93,6 +99,16 @@ class Paths:
         ``dataset.holdout`` a folder of its training cases only, layout: fastkd.preprocess)."""
         return self.nnunet_raw / self.dataset_name
 
+    def raw_case_files(self, cases: list[str], n_channels: int, test: bool = False,
+                       file_ending: str = ".nii.gz") -> tuple[list[Path], list[Path]]:
+        """(images, labels) of raw cases in nnU-Net's naming: ``imagesTr/<case>_<ch:04d><fe>``,
+        ``labelsTr/<case><fe>`` (``test``: ``imagesTs``, ``labelsTs``), images case by case."""
+        images, labels = ("imagesTs", "labelsTs") if test else ("imagesTr", "labelsTr")
+        layout = {"file_ending": file_ending, "channel_names": range(n_channels)}  # all case_files reads
+        files = [case_files(layout, c) for c in cases]
+        return ([self.raw_dataset / images / name for names, _ in files for name in names],
+                [self.raw_dataset / labels / label for _, label in files])
+
     @property
     def raw_dataset_json(self) -> Path:
         return self.raw_source / "dataset.json"
@@ -123,6 +139,10 @@ class Paths:
     @property
     def preprocessed_dataset(self) -> Path:
         return self.nnunet_preprocessed / self.dataset_name
+
+    @property
+    def preprocessed_dataset_json(self) -> Path:
+        return self.preprocessed_dataset / "dataset.json"
 
     def plans_file_of(self, plans_name: str) -> Path:
         """Where nnU-Net keeps (and looks for) the plans named ``plans_name``."""
@@ -170,6 +190,10 @@ class Paths:
             return self.external_teachers
         return self.nnunet_results / self.dataset_name / self.teacher_folder_name
 
+    @property
+    def teacher_plans(self) -> Path:
+        return self.teacher_folder / "plans.json"
+
     def teacher_checkpoint(self, fold: int | str) -> Path:
         return fold_folder(self.teacher_folder, fold) / self.config["teachers"]["checkpoint"]
 
@@ -186,7 +210,6 @@ class Paths:
     # -- soft-label cache ------------------------------------------------------------------------
     @property
     def softlabel_name(self) -> str:
-        from fastkd.sweep import one
         from fastkd.teachers import teacher_set_id, teacher_sets
 
         s = self.config["softlabels"]
@@ -251,8 +274,6 @@ class Paths:
 
     def student_folder(self, r: int | str, kd: bool = True) -> Path:
         """nnU-Net model folder of the r-student (``kd=False``: the no-KD baseline)."""
-        from fastkd.sweep import student_tag, trainer_name
-
         trainer = trainer_name(kd, self.config["student"]["augmentation"] == "da5", student_tag(self.config, kd))
         return self.model_folder(nnunet.model_folder_name(trainer, self.student_plans_name(r),
                                                           self.config["teachers"]["configuration"]))
@@ -277,6 +298,10 @@ class Paths:
         Snakemake wildcard ``{model}``); ``<this>.json`` beside it holds the verification."""
         return self.work / self.dataset_name / "export" / model / f"fold_{fold}.onnx"
 
+    def onnx_verification(self, model: str, fold: int | str) -> Path:
+        """``<onnx>.json``: the verification of :meth:`onnx_export` (written with it)."""
+        return _beside(self.onnx_export(model, fold), ".json")
+
     def student_onnx(self, r: int | str, fold: int | str, kd: bool = True) -> Path:
         return self.onnx_export(self.student_folder(r, kd).name, fold)
 
@@ -284,6 +309,10 @@ class Paths:
         """The TensorRT engine built from :meth:`onnx_export`, beside it; ``<this>.json`` holds its
         metadata (TensorRT version, GPU, precision, profile, ONNX sha256, parity)."""
         return self.onnx_export(model, fold).with_suffix(".engine")
+
+    def trt_metadata(self, model: str, fold: int | str) -> Path:
+        """``<engine>.json``: the metadata of :meth:`trt_engine` (written with it)."""
+        return _beside(self.trt_engine(model, fold), ".json")
 
     def student_engine(self, r: int | str, fold: int | str, kd: bool = True) -> Path:
         return self.trt_engine(self.student_folder(r, kd).name, fold)
@@ -297,15 +326,11 @@ class Paths:
         """The images a case set predicts: a test set's folder (relative: inside the raw dataset where it
         really lives, so they exist before a job links it into nnUNet_raw), or links to the cases of a
         validation set or of the test set ``dataset.holdout`` holds back."""
-        from fastkd.cases import holds_out, test_set
-
         if case_set == "test" and not holds_out(self.config):
             return self.raw_source / test_set(self.config)[0]
         return self.evaluation(case_set) / "cases" / "images"
 
     def evaluation_labels(self, case_set: str) -> Path:
-        from fastkd.cases import holds_out, test_set
-
         if case_set == "test" and not holds_out(self.config):
             return self.raw_source / test_set(self.config)[1]
         return self.evaluation(case_set) / "cases" / "labels"

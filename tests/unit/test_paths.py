@@ -118,3 +118,21 @@ def test_every_student_fold_comes_from_one_function(tmp_path):
     s, p, fold = folds[-1]
     assert p.student_validation_summary(s.r, fold, s.kd) == (
         p.student_folder(s.r, s.kd) / "fold_3" / "validation" / "summary.json")
+
+
+def test_files_named_after_other_files_come_from_paths(tmp_path):
+    """The rules ask Paths for every file, also those beside another one (an export's verification, an
+    engine's metadata) and the demo's raw files in nnU-Net's naming."""
+    p = paths_for(tmp_path, dataset={"demo": {"n_channels": 2}}, export={"tensorrt": {"enabled": True}})
+    ds, model = "Dataset900_FastkdDemo", "nnUNetTrainerFastKD__nnUNetPlans_fastkdR2__3d_fullres"
+    export = Path("fastkd_work") / ds / "export" / model
+    assert p.onnx_verification(model, 1) == export / "fold_1.onnx.json"
+    assert p.trt_metadata(model, "{fold}") == export / "fold_{fold}.engine.json"
+    assert p.teacher_plans == p.teacher_folder / "plans.json"
+    assert p.preprocessed_dataset_json == Path("nnUNet_preprocessed") / ds / "dataset.json"
+    images, labels = p.raw_case_files(["demo_000", "demo_001"], 2)
+    raw = Path("nnUNet_raw") / ds
+    assert images == [raw / "imagesTr" / f"demo_00{c}_000{ch}.nii.gz" for c in (0, 1) for ch in (0, 1)]
+    assert labels == [raw / "labelsTr" / "demo_000.nii.gz", raw / "labelsTr" / "demo_001.nii.gz"]
+    assert p.raw_case_files(["demo_test_000"], 1, test=True) == ([raw / "imagesTs" / "demo_test_000_0000.nii.gz"],
+                                                                [raw / "labelsTs" / "demo_test_000.nii.gz"])

@@ -9,7 +9,7 @@ from fastkd.cases import TEST_SET, evaluation_sets, holdout_cases, holds_out, is
 from fastkd.checks import validate_config
 from fastkd.config import overrides
 from fastkd.demo import cli_options as demo_cli_options, held_out_case_ids, resources as demo_resources
-from fastkd.paths import Paths, student_folds, students_by_folder, validation_summary
+from fastkd.paths import Paths, fold_folder, student_folds, students_by_folder, validation_summary
 from fastkd.preprocess import training_cases
 from fastkd.sweep import one
 from fastkd.student.run import KD_KEYS
@@ -27,7 +27,10 @@ os.environ.setdefault("FASTKD_SOURCE", workflow.basedir)
 CASES = training_cases(config)  # at parse time, never from a checkpoint: Snakemake tracks every case
 HELD_OUT_CASES = holdout_cases(config)  # dataset.holdout's test cases: nnU-Net never sees them
 DEMO_TEST_CASES = held_out_case_ids(config["dataset"]["demo"]["n_test"]) if P.is_demo else []
-DEMO_CHANNELS = range(config["dataset"]["demo"]["n_channels"]) if P.is_demo else []  # <case>_0000, _0001, ...
+# the demo's raw files, (images, labels): of the training cases, of the test cases
+DEMO_FILES = P.raw_case_files(CASES, config["dataset"]["demo"]["n_channels"]) if P.is_demo else ([], [])
+DEMO_TEST_FILES = (P.raw_case_files(DEMO_TEST_CASES, config["dataset"]["demo"]["n_channels"], test=True)
+                   if P.is_demo else ([], []))
 TEACHER_CFG = config["teachers"]["configuration"]
 TRAIN_TEACHERS = config["teachers"]["model_folder"] is None
 TEACHER_SETS = {s["name"]: s for s in teacher_sets(config, P.teacher_folder)}  # the teachers, then teachers.extra
@@ -72,7 +75,7 @@ def softlabels_mem_mb(wildcards, input):
         return rule_resources("softlabels")["mem_mb"]
     if not os.path.exists(input.manifest):
         return 8000
-    return mem_mb(input.manifest, P.preprocessed_dataset / "dataset.json", config["softlabels"]["device"])
+    return mem_mb(input.manifest, P.preprocessed_dataset_json, config["softlabels"]["device"])
 
 
 def device_gpus(device, n=1):
@@ -82,7 +85,7 @@ def device_gpus(device, n=1):
 
 def teacher_checkpoints(name):
     s = TEACHER_SETS[name]
-    return [s["folder"] / f"fold_{f}" / s["checkpoint"] for f in s["folds"]]
+    return [fold_folder(s["folder"], f) / s["checkpoint"] for f in s["folds"]]
 
 
 def file_stamps(paths):

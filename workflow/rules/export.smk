@@ -9,7 +9,7 @@ rule export_onnx:
         validation=lambda w: validation_summary(P.model_folder(w.model), w.fold),
     output:
         onnx=P.onnx_export("{model}", "{fold}"),
-        verification=f"{P.onnx_export('{model}', '{fold}')}.json",
+        verification=P.onnx_verification("{model}", "{fold}"),
     params:
         folder=lambda w: q(P.model_folder(w.model)),
         # an engine is built from a TensorRT-friendly export (constant folding, onnxslim's simplified graph)
@@ -31,10 +31,10 @@ rule export_onnx:
 rule export_trt:
     input:
         onnx=P.onnx_export("{model}", "{fold}"),
-        verification=f"{P.onnx_export('{model}', '{fold}')}.json",
+        verification=P.onnx_verification("{model}", "{fold}"),
     output:
         engine=P.trt_engine("{model}", "{fold}"),
-        metadata=f"{P.trt_engine('{model}', '{fold}')}.json",
+        metadata=P.trt_metadata("{model}", "{fold}"),
     params:
         precision=config["export"]["tensorrt"]["precision"],
         max_batch=config["export"]["tensorrt"]["max_batch"],

@@ -6,10 +6,10 @@ if P.is_demo:
     rule demo_data:
         output:
             dataset_json=P.raw_dataset_json,
-            images=[P.raw_dataset / "imagesTr" / f"{c}_{i:04d}.nii.gz" for c in CASES for i in DEMO_CHANNELS],
-            labels=[P.raw_dataset / "labelsTr" / f"{c}.nii.gz" for c in CASES],
-            test_images=[P.raw_dataset / "imagesTs" / f"{c}_{i:04d}.nii.gz" for c in DEMO_TEST_CASES for i in DEMO_CHANNELS],
-            test_labels=[P.raw_dataset / "labelsTs" / f"{c}.nii.gz" for c in DEMO_TEST_CASES],
+            images=DEMO_FILES[0],
+            labels=DEMO_FILES[1],
+            test_images=DEMO_TEST_FILES[0],
+            test_labels=DEMO_TEST_FILES[1],
         params:
             folder=lambda w, output: q(Path(output.dataset_json).parent),
             n_cases=config["dataset"]["demo"]["n_cases"],
@@ -38,7 +38,7 @@ if config["plans"]["preprocess"]:
     rule plan_preprocess:
         input:
             dataset_json=P.raw_dataset_json,
-            teacher_plans=[] if TRAIN_TEACHERS else [P.teacher_folder / "plans.json"],
+            teacher_plans=[] if TRAIN_TEACHERS else [P.teacher_plans],
         output:
             plans=P.plans_file,
             splits=P.splits_file,
