@@ -219,6 +219,13 @@ def _key_name(path) -> str:
     return name or "(top level)"
 
 
+#: what a value breaking a schema keyword must do instead (``{}``: the keyword's value)
+PHRASES = {"minimum": "must be >= {}", "exclusiveMinimum": "must be > {}", "maximum": "must be <= {}",
+           "exclusiveMaximum": "must be < {}", "pattern": "must match the pattern {}", "minLength": "must not be empty",
+           "minItems": "must hold at least {} item(s)", "maxItems": "must hold at most {} item(s)",
+           "uniqueItems": "must not repeat a value"}
+
+
 def _describe(error, prefix: str = "") -> str:
     """One line per schema violation: key, value, and what would be valid."""
     key = _key_name([*([prefix] if prefix else []), *error.absolute_path])
@@ -234,26 +241,10 @@ def _describe(error, prefix: str = "") -> str:
     if v == "type":
         types = expected if isinstance(expected, list) else [expected]
         what = f"expected {' or '.join('null' if t == 'null' else t for t in types)}"
-    elif v == "minimum":
-        what = f"must be >= {expected}"
-    elif v == "exclusiveMinimum":
-        what = f"must be > {expected}"
-    elif v == "maximum":
-        what = f"must be <= {expected}"
-    elif v == "exclusiveMaximum":
-        what = f"must be < {expected}"
+    elif v in PHRASES:
+        what = PHRASES[v].format(expected)
     elif v == "enum":
         what = f"must be one of: {', '.join(map(str, expected))}"
-    elif v == "pattern":
-        what = f"must match the pattern {expected}"
-    elif v == "minLength":
-        what = "must not be empty"
-    elif v == "minItems":
-        what = f"must hold at least {expected} item(s)"
-    elif v == "maxItems":
-        what = f"must hold at most {expected} item(s)"
-    elif v == "uniqueItems":
-        what = "must not repeat a value"
     elif v == "anyOf":
         # a setting or a sweep of it: the branch of the value's own shape says what is wrong with it
         is_list = isinstance(value, list)
