@@ -15,10 +15,12 @@ BRATS = REPO.parent / "shared" / "datasets" / "Dataset005_BraTS2015DeepMedic"
 
 
 #: largest |probability difference| to stock nnU-Net per backend. nnU-Net's sliding window accumulates the
-#: tiles' logits in float16 (2^-11 relative), so the same logits summed in another order already differ by
-#: ~1e-3 in probability at logits of a few units: measured 0.0011 (torch and onnx alike) on the demo's KD
-#: student, where 1e-3 was first set and failed one run in three
-PROBABILITY_TOLERANCE = {"torch": 5e-3, "onnx": 1e-2}
+#: tiles' Gaussian-weighted logits in float16: ~1e-3 in probability inside the image, more in its corners,
+#: where one tile covers a voxel with a Gaussian weight near float16's subnormal range (measured: 0.0011 in
+#: one CI run; 0.0075 in another, at a corner voxel, torch and onnx alike, 3 of 122,880 values above 1e-3)
+PROBABILITY_TOLERANCE = {"torch": 0.02, "onnx": 0.02}
+#: ... and inside that, at most this share of the probabilities may differ from stock's by more than 1e-3
+LOOSE_SHARE = 0.001
 
 
 # -- slow: equal to stock nnUNetv2_predict on trained students --------------------------------------
@@ -59,9 +61,9 @@ def _equals_stock(folder, fold, images, out, env, *, mirroring=True, threads=1, 
                   tolerance=None):
     """Stock nnUNetv2_predict_from_modelfolder, `fastkd predict` on the folder (torch) and on its ONNX export
     (onnx, exported with the default tolerances), all with --save-probabilities: the same labels on
-    >= 99.9 % of the voxels, probabilities within ``tolerance`` (default :data:`PROBABILITY_TOLERANCE`), the
-    same spacing, origin and
-    direction, and foreground in every map (two all-background maps would agree on every voxel). Returns
+    >= 99.9 % of the voxels, probabilities within ``tolerance`` (default :data:`PROBABILITY_TOLERANCE`) and
+    within 1e-3 but for :data:`LOOSE_SHARE` of them, the same spacing, origin and direction, and foreground
+    in every map (two all-background maps would agree on every voxel). Returns
     {backend: {case: agreement}} and the fraction of foreground voxels per case in stock's output."""
     import SimpleITK as sitk
 
@@ -81,12 +83,12 @@ def _equals_stock(folder, fold, images, out, env, *, mirroring=True, threads=1, 
         _run([*command, "-i", images, "-o", out / name], env)
         seconds[name] = time.perf_counter() - start
     cases = sorted(p.name[:-len("_0000.nii.gz")] for p in images.glob("*_0000.nii.gz"))
-    agreement, foreground, differences = {}, {}, {}
+    agreement, foreground, differences, loose = {}, {}, {}, {}
     for name in ("torch", "onnx"):
         record = json.loads((out / name / RECORD).read_text())
         assert set(record) == RECORD_KEYS and record["cases"] == len(cases) and record["mirroring"] == mirroring
         assert record["backend"] == name and record["folds"] == [fold] and record["tile_batch"] == 1
-        agreement[name], differences[name] = {}, {}
+        agreement[name], differences[name], loose[name] = {}, {}, {}
         for case in cases:
             stock = sitk.ReadImage(str(out / "stock" / f"{case}.nii.gz"))
             ours = sitk.ReadImage(str(out / name / f"{case}.nii.gz"))
@@ -102,11 +104,13 @@ def _equals_stock(folder, fold, images, out, env, *, mirroring=True, threads=1, 
             p, q = (np.load(out / f / f"{case}.npz")["probabilities"].astype(np.float32) for f in (name, "stock"))
             assert p.shape == q.shape and p.shape[1:] == a.shape, (p.shape, q.shape, a.shape)
             differences[name][case] = float(np.abs(p - q).max())
+            loose[name][case] = float((np.abs(p - q) > 1e-3).mean())
     print(f"agreement with stock {agreement}, stock foreground fraction {foreground}, max |probability difference| "
-          f"{differences}, seconds {seconds}")
+          f"{differences}, share above 1e-3 {loose}, seconds {seconds}")
     assert min(min(a.values()) for a in agreement.values()) >= 0.999, agreement
     for name, limit in (tolerance or PROBABILITY_TOLERANCE).items():
         assert max(differences[name].values()) <= limit, (name, differences[name])
+        assert max(loose[name].values()) <= LOOSE_SHARE, (name, loose[name])
     return agreement, foreground
 
 
