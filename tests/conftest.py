@@ -1,6 +1,6 @@
 """Test tiers and the session's workflow fixtures.
 
-Tiers (``--tier``; README, "Tests"):
+Tiers (``--tier``; docs/testing.md):
 
 - ``default`` (plain ``pytest``): unit tests, and the ``smoke`` tests that run the real pipeline once on the
   session fixtures below (preprocessing, one tiny teacher fold, the soft-label cache, KD and baseline

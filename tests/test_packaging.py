@@ -46,7 +46,7 @@ def test_env_files_agree_with_pyproject():
 
 def test_every_rule_names_an_env_file_that_installs_fastkd(tmp_path):
     """`snakemake --use-conda` needs a conda env per rule; conda channels are out of reach here, so the
-    env files are checked, not created (README: what was and was not run)."""
+    env files are checked, not created (docs/workflow.md: what was and was not run)."""
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
 
