@@ -205,7 +205,7 @@ def test_load_config_merges_files_in_order(tmp_path):
 def test_cli_config_exits_nonzero_with_the_message(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**copy.deepcopy(demo_config()), "distillation": {"temperature": -2}}))
-    run = subprocess.run([sys.executable, "-m", "fastkd", "config", "show", str(bad)], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    run = subprocess.run([sys.executable, "-m", "fastkd.cli", "config", "show", str(bad)], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert run.returncode == 1
     assert "distillation.temperature = -2 (int): must be > 0" in run.stderr
     assert "Traceback" not in run.stderr
