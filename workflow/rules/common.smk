@@ -56,6 +56,8 @@ TRAINING_DATA = [P.preprocess_manifest(TEACHER_CFG)] + ([P.splits_file] if confi
 NNUNET_ENV = "../../envs/nnunet.yaml"
 SOFTLABELS_ENV = "../../envs/softlabels.yaml"
 REPORT_ENV = "../../envs/report.yaml"
+EXPORT_ENV = "../../envs/export.yaml"
+TENSORRT_ENV = "../../envs/tensorrt.yaml"
 
 
 def q(value):

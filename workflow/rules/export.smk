@@ -23,7 +23,7 @@ rule export_onnx:
         mem_mb=4000,
         runtime=30,
     conda:
-        NNUNET_ENV
+        EXPORT_ENV
     shell:
         "fastkd export onnx {params.folder} -f {wildcards.fold} -o {output.onnx} {params.options} > {log} 2>&1"
 
@@ -53,7 +53,7 @@ rule export_trt:
         runtime=60,
         gpu=device_gpus("cuda"),  # TensorRT builds for, and runs on, an NVIDIA GPU
     conda:
-        NNUNET_ENV
+        TENSORRT_ENV
     shell:
         "fastkd export trt {input.onnx} -o {output.engine} --precision {params.precision} --max-batch {params.max_batch}"
         " --workspace-gb {params.workspace_gb} {params.calibration} > {log} 2>&1"
