@@ -36,11 +36,12 @@ def add_parser(sub) -> None:
     for bound in ("min", "opt", "max"):
         p.add_argument(f"--{bound}-shape", type=positive_int, nargs="+", default=None, metavar="N",
                        help=f"b c x y z, the optimization profile's {bound} (default: the ONNX's static shape, or "
-                            "nnU-Net's patch at batch 1, max at --max-batch)")
-    config_flag(p, ["--max-batch"], "export.tensorrt.max_batch", "largest batch of the default profile")
+                            "nnU-Net's patch; a dynamic batch: min 1, opt min(8, --max-batch), max --max-batch)")
+    config_flag(p, ["--max-batch"], "export.tensorrt.max_batch",
+                "largest batch of the default profile (> 1 needs an ONNX with a dynamic batch: export onnx --batch 0)")
     p.add_argument("--calibration", type=Path, default=None,
-                   help="folder of preprocessed <case>.b2nd: int8 calibration data and real patches for the parity "
-                        "check (default for the check: nnU-Net's, in $nnUNet_preprocessed)")
+                   help="folder of preprocessed <case>.b2nd: int8 calibration data and the real patches of the parity "
+                        "gate (default for the gate: nnU-Net's, in $nnUNet_preprocessed; one of them is required)")
     p.add_argument("--timing-cache", type=Path, default=None,
                    help="TensorRT timing cache file, reused between builds (default: tensorrt_timing.cache beside the engine)")
     config_flag(p, ["--workspace-gb"], "export.tensorrt.workspace_gb", "builder workspace, GB of GPU memory")
@@ -75,8 +76,10 @@ def _export_trt(args) -> None:
         print(f"{args.output}: up to date ({record['precision']}, {platform}, profile {record['profile']}); "
               "--force rebuilds it")
         return
-    checks = record["parity"]["checks"]
+    gating = [c for c in record["parity"]["checks"] if c["gating"]]
+    norm = record["normalization"]
     print(f"wrote {args.output} ({record['precision']}, {platform}, profile {record['profile']}, "
-          f"{len(record['fp32_layers'])} layers held in FP32) in {record['seconds']:.0f} s: agreement with onnxruntime "
-          f"{min(c['agreement'] for c in checks):.6f} on {len(checks)} inputs ({record['parity']['real_patches']} real); "
-          f"metadata in {args.output}.json")
+          f"{len(record['fp32_layers'])} layers asked to stay FP32; normalization: {len(norm['layers'])} engine layers, "
+          f"{len(norm['fused_nodes'])} of {norm['nodes']} nodes fused into Myelin) in {record['seconds']:.0f} s: "
+          f"agreement with onnxruntime {min(c['agreement'] for c in gating):.6f} on {len(gating)} batches of "
+          f"{record['parity']['real_patches']} real patches; metadata in {args.output}.json")

@@ -1,34 +1,43 @@
 """Build a TensorRT engine from a verified ONNX export (``fastkd export onnx``), checked against onnxruntime.
 
-Writes two files, both only once the engine passed its parity check (a failed build leaves neither; a
+Writes two files, both only once the engine passed its checks (a failed build leaves neither; a
 rebuild first removes the stale pair):
 
 - ``<out>`` (``.engine`` or ``.plan``): TensorRT's serialized engine, for one GPU model and one TensorRT
   version, with the ONNX's input ``image`` (B, C, x, y, z) and output ``logits`` (float32). Precision
-  ``fp32``; ``fp16``; or ``int8`` (FP16 where a layer has no INT8 kernel), calibrated by TensorRT's
-  entropy calibrator (IInt8EntropyCalibrator2) on the centre patch of preprocessed cases. In fp16 and
-  int8 every normalization layer stays in FP32: FP16 InstanceNorm over a 3D U-Net's activations
-  overflows (black outputs, lost accuracy). One optimization profile min/opt/max: a static ONNX input
-  gives its own shape; a dynamic one min = opt = nnU-Net's patch at batch 1, max = batch ``max_batch``.
+  ``fp32`` (TF32 off: the reference is float32 onnxruntime); ``fp16``; or ``int8`` (FP16 where a layer
+  has no INT8 kernel), calibrated by TensorRT's entropy calibrator (IInt8EntropyCalibrator2) on the
+  centre patch of preprocessed cases. In fp16 and int8 every normalization layer is asked to stay in
+  FP32: FP16 InstanceNorm over a 3D U-Net's activations overflows (black outputs, lost accuracy); what
+  the engine really runs is read back and checked (below). One optimization profile min/opt/max: a
+  static ONNX input gives its own shape; a dynamic batch gives min batch 1, opt batch min(8, max_batch)
+  (8: the tiles ``fastkd predict`` batches on CUDA), max batch ``max_batch`` (default 8), at nnU-Net's
+  patch along dynamic spatial axes. A static-batch ONNX with ``max_batch`` > its batch is an error, never
+  a silently capped engine: the workflow exports a dynamic-batch ONNX (``--batch 0``) when engines are on.
 - ``<out>.json``, the engine's metadata::
 
       format_version, fastkd_version, tensorrt_version, gpu {name, compute_capability}, precision,
-      profile {min, opt, max}, onnx, onnx_sha256, workspace_gb, timing_cache, calibration {folder,
-      batches} (int8), fp32_layers (the layers held in FP32), metadata {fastkd, nnunet_plans,
-      nnunet_dataset_json} (the ONNX's own metadata_props: a predictor needs no model folder),
-      parity {runtime, min_agreement, checks [{input, shape, max_abs_diff, agreement, gating}],
-      real_patches, passed}
+      profile {min, opt, max}, onnx, onnx_sha256, workspace_gb, min_agreement, calibration_sha256
+      (int8: sha256 of the calibration batches, else null), timing_cache {path, status: new | reused |
+      replaced (unreadable) | replaced (it came from another GPU or TensorRT version)}, calibration
+      {folder, batches} (int8), fp32_layers (the network layers asked to stay FP32), normalization
+      {nodes, covered, layers [{name, type, precision, onnx_nodes}], fused_nodes} (what the engine runs:
+      :mod:`fastkd.export.tensorrt_inspect`), metadata {fastkd, nnunet_plans, nnunet_dataset_json} (the
+      ONNX's own metadata_props: a predictor needs no model folder), parity {runtime, min_agreement,
+      checks [{input, shape, max_abs_diff, agreement, gating}], real_patches, passed}, seconds
 
-An engine whose JSON records the running TensorRT version, GPU, and the requested precision, profile
-and ONNX sha256 is up to date and kept; any difference rebuilds it. The timing cache (default
-``tensorrt_timing.cache`` beside the engine) keeps TensorRT's kernel timings between builds on the same
-GPU and TensorRT version; one from another GPU or version is replaced.
+An engine whose JSON records this ``format_version``, the running TensorRT version and GPU, and the
+requested precision, profile, ONNX sha256, workspace, agreement threshold and calibration data is up
+to date and kept; any difference rebuilds it. The timing cache (default ``tensorrt_timing.cache``
+beside the engine) keeps TensorRT's kernel timings between builds on the same GPU and TensorRT version;
+one from another GPU or version, or one TensorRT cannot read, is replaced by a fresh one.
 
-Parity: TensorRT against onnxruntime (CPU) on a random input of each profile shape and on two real
-preprocessed patches (from ``calibration``, else nnU-Net's folder of the model under
-``$nnUNet_preprocessed``): the fraction of voxels whose argmax (or thresholded region) agrees must be
->= ``min_agreement`` (99.9 %). For int8 the random inputs are recorded but do not gate: the
-calibrated ranges describe real data, not noise.
+Parity: TensorRT against onnxruntime (CPU) on real preprocessed patches (from ``calibration``, else
+nnU-Net's folder of the model under ``$nnUNet_preprocessed``; none found is an error naming where it
+looked), at nnU-Net's patch and the profile's min and opt batches: the fraction of voxels whose argmax
+(or thresholded region) agrees must be >= ``min_agreement`` (99.9 %). Random inputs of each profile
+shape are recorded for information only (``gating`` false) at every precision: noise gives near-tied
+logits that FP16 legitimately flips.
 
 Normalization layers: fastkd's exports write InstanceNorm as staged means (accurate in float32, see
 :mod:`fastkd.export.onnx`); the nodes in the scopes its metadata lists (``normalization_scopes``) are
@@ -37,15 +46,22 @@ normalization) as an INormalizationLayer (``LayerType.NORMALIZATION``); older pa
 (``InstanceNormalization_TRT``) or a reduce/elementwise subgraph. Layers of that type, and every
 layer whose name holds the name of an ONNX normalization node (the parser names layers after their
 node), are pinned to FP32 with ``OBEY_PRECISION_CONSTRAINTS``; a graph with normalization nodes and no
-pinned layer is an error, never a silent FP16 InstanceNorm.
+pinned layer is an error. The engine is then inspected (``ProfilingVerbosity.DETAILED``): an observed
+normalization layer in FP16 or INT8, or no engine layer running any normalization node, fails the build;
+a normalization fused into a Myelin node is recorded as ``fused (Myelin), precision not observable``
+and left to the parity gate on real patches.
 
-Written against the TensorRT 10 Python API (``tensorrt``; the engine runs on torch CUDA tensors, no
-pycuda). Without TensorRT or a GPU, :func:`require_tensorrt` raises a FastkdError, after the arguments
-were checked and before anything is written.
+Written against the TensorRT 10 Python API (``tensorrt`` >= 10.13, < 11; the engine runs on torch CUDA
+tensors, no pycuda). TensorRT 11 removes the builder precision flags, ``layer.precision``,
+``set_output_type`` and IInt8EntropyCalibrator2; its plan (docs/export-and-predict.md): a strongly typed
+network whose precision comes from an FP16 ONNX with the normalization subgraphs kept FP32. Without
+TensorRT (or with another version) or a GPU, :func:`require_tensorrt` raises a FastkdError, after the
+arguments were checked and before anything is written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -56,11 +72,12 @@ import torch
 
 from fastkd.errors import FastkdError
 from fastkd.export.common import real_patches, segmentation_agreement
+from fastkd.export.tensorrt_inspect import check_normalization, engine_layers, normalization_report
 from fastkd.predict.backends.onnx import INPUT, OUTPUT
-from fastkd.predict.backends.tensorrt import (METADATA_KEYS, SUFFIXES, TrtNetwork, differences, metadata_path,
-                                             require_tensorrt, running_platform)
+from fastkd.predict.backends.tensorrt import (METADATA_KEYS, SUFFIXES, TILE_BATCH, TrtNetwork, differences,
+                                             metadata_path, require_tensorrt, running_platform)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: parity gated on real patches, normalization precision read back, more build keys
 NORMALIZATION_OPS = {"InstanceNormalization", "GroupNormalization", "LayerNormalization", "BatchNormalization"}
 CALIBRATION_PATCHES = 64  # one centre patch per case, at most this many cases
 
@@ -91,25 +108,29 @@ def read_onnx(onnx_path: str | Path) -> tuple[dict, set[str]]:
     return meta, norms
 
 
-def resolve_profile(meta: dict, profile: dict | None = None, max_batch: int = 1) -> dict:
+def resolve_profile(meta: dict, profile: dict | None = None, max_batch: int = TILE_BATCH) -> dict:
     """The optimization profile {min, opt, max} of an ONNX input (``meta``: its fastkd metadata).
 
-    ``profile``: any of min/opt/max given; the others default to nnU-Net's patch at batch 1 (max: batch
-    ``max_batch``) along dynamic axes and the ONNX's own size along static ones. Every shape is checked:
-    rank, channels, static axes, multiples of the network's stride, min <= opt <= max.
+    ``profile``: any of min/opt/max given; the others default to nnU-Net's patch along dynamic spatial
+    axes and the ONNX's own size along static ones; a dynamic batch defaults to min 1, max ``max_batch``,
+    opt min(:data:`TILE_BATCH`, max). Every shape is checked: rank, channels, static axes, multiples of the
+    network's stride, min <= opt <= max. A static batch below ``max_batch`` is an error, never a cap.
     """
     shape, n_in, divisible = meta["input"]["shape"], meta["num_input_channels"], meta["divisible_by"]
     dynamic = {int(a) for a in meta["input"]["dynamic_axes"]}
     if max_batch > 1 and 0 not in dynamic and max_batch != shape[0]:
-        raise FastkdError(f"max batch {max_batch}: the ONNX input {shape} has a static batch of {shape[0]}; export "
-                          "it with a dynamic batch (fastkd export onnx --batch 0 or --dynamic; config export.dynamic)")
+        raise FastkdError(f"max batch {max_batch}: the ONNX input {shape} has a static batch of {shape[0]}; an engine "
+                          f"batches up to {TILE_BATCH} tiles by default: export the ONNX with a dynamic batch (fastkd "
+                          "export onnx --batch 0, which the workflow does with export.tensorrt.enabled; or --dynamic), "
+                          f"or build with --max-batch {shape[0]}")
     base = [1 if 0 in dynamic else shape[0], n_in,
             *(p if i + 2 in dynamic else s for i, (p, s) in enumerate(zip(meta["patch_size"], shape[2:])))]
-    defaults = {"min": base, "opt": base, "max": [max_batch if 0 in dynamic else shape[0], *base[1:]]}
     given = {k: v for k, v in (profile or {}).items() if v is not None}
-    unknown = sorted(set(given) - set(defaults))
+    unknown = sorted(set(given) - {"min", "opt", "max"})
     if unknown:
         raise FastkdError(f"profile keys {unknown}: valid keys are min, opt, max")
+    top = [int(v) for v in given.get("max", [max_batch if 0 in dynamic else shape[0], *base[1:]])]
+    defaults = {"min": base, "opt": [min(TILE_BATCH, top[0]) if 0 in dynamic else shape[0], *base[1:]], "max": top}
     resolved = {k: [int(v) for v in given.get(k, defaults[k])] for k in defaults}
     for key, s in resolved.items():
         what = f"profile {key} shape {s}"
@@ -148,6 +169,17 @@ def calibration_batches(folder: str | Path, shape: list[int], limit: int = CALIB
     if len(patches) < batch:
         raise FastkdError(f"calibration folder {folder}: {len(patches)} cases, fewer than one batch of {batch}")
     return [np.concatenate(patches[i:i + batch]) for i in range(0, len(patches) - batch + 1, batch)]
+
+
+def batches_sha256(batches: list[np.ndarray] | None) -> str | None:
+    """What identifies calibration data in the rebuild decision: the sha256 of its batches (None: none)."""
+    if not batches:
+        return None
+    digest = hashlib.sha256()
+    for batch in batches:
+        digest.update(repr(batch.shape).encode())
+        digest.update(np.ascontiguousarray(batch, np.float32).tobytes())
+    return digest.hexdigest()
 
 
 def keep_fp32(layer_name: str, layer_type: str, normalization_nodes: set[str]) -> bool:
@@ -201,9 +233,26 @@ def _calibrator(trt, batches: list[np.ndarray]):
     return Calibrator()
 
 
+def _timing_cache(config, path: Path):
+    """(TensorRT's timing cache for ``config``, from ``path`` when TensorRT can use it; what happened to it)."""
+    blob = path.read_bytes() if path.is_file() else b""
+    try:
+        cache = config.create_timing_cache(blob)
+    except Exception:  # TensorRT raises, or returns None, on a cache another version wrote
+        cache = None
+    note = "reused" if blob else "new"
+    if cache is None:
+        cache, note = config.create_timing_cache(b""), "replaced (unreadable)"
+    if not config.set_timing_cache(cache, ignore_mismatch=False):  # another GPU or TensorRT version
+        note = "replaced (it came from another GPU or TensorRT version)"
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    return note
+
+
 def _build(trt, onnx_path: Path, precision: str, profile: dict, batches, normalization_nodes: set[str],
-           timing_cache: Path, workspace_gb: float) -> tuple[bytes, list[str], str]:
-    """(serialized engine, layers held in FP32, what happened to the timing cache)."""
+           timing_cache: Path, workspace_gb: float) -> tuple[bytes, list[str], str, list[dict]]:
+    """(serialized engine, layers asked to stay FP32, what happened to the timing cache, the engine's layers
+    as its inspector describes them)."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
@@ -213,11 +262,14 @@ def _build(trt, onnx_path: Path, precision: str, profile: dict, batches, normali
         raise FastkdError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors[:800]}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # per-layer datatypes for the inspector
     shapes = builder.create_optimization_profile()
     shapes.set_shape(INPUT, profile["min"], profile["opt"], profile["max"])
     config.add_optimization_profile(shapes)
     pinned = []
-    if precision in ("fp16", "int8"):
+    if precision == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)  # on by default; the parity reference is float32 onnxruntime
+    else:
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         pinned = _pin_fp32(trt, network, normalization_nodes)
@@ -229,45 +281,51 @@ def _build(trt, onnx_path: Path, precision: str, profile: dict, batches, normali
         calibrator = _calibrator(trt, batches)
         config.int8_calibrator = calibrator
         if profile["min"] != profile["max"]:  # a dynamic input calibrates at one shape: the batches'
+            shape = list(batches[0].shape)
             fixed = builder.create_optimization_profile()
-            fixed.set_shape(INPUT, profile["opt"], profile["opt"], profile["opt"])
+            fixed.set_shape(INPUT, shape, shape, shape)
             config.set_calibration_profile(fixed)
-    blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
-    cache = config.create_timing_cache(blob)
-    cache_note = "reused" if blob else "new"
-    if not config.set_timing_cache(cache, ignore_mismatch=False):  # another GPU or TensorRT version
-        cache_note = "replaced (it came from another GPU or TensorRT version)"
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    cache_note = _timing_cache(config, timing_cache)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise FastkdError(f"TensorRT could not build an engine from {onnx_path} (its log above says why)")
     partial = timing_cache.with_name(f".{timing_cache.name}.{os.getpid()}.partial")  # builds beside it may share it
     partial.write_bytes(bytes(config.get_timing_cache().serialize()))
     os.replace(partial, timing_cache)
-    return bytes(serialized), pinned, cache_note
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(serialized)
+    if engine is None:
+        raise FastkdError(f"TensorRT cannot load the engine it just built from {onnx_path}")
+    return bytes(serialized), pinned, cache_note, engine_layers(trt, engine, profile["opt"])
 
 
-def _parity(engine: Path, onnx_path: Path, meta: dict, profile: dict, real: list[np.ndarray], precision: str,
+def real_batches(patches: list[np.ndarray], profile: dict) -> list[tuple[str, np.ndarray]]:
+    """The gating inputs: real patches stacked to the profile's min and opt batches (cycling through them)."""
+    inputs = []
+    for batch in dict.fromkeys((profile["min"][0], profile["opt"][0])):
+        cases = [i % len(patches) for i in range(batch)]
+        inputs.append((f"preprocessed cases {sorted(set(cases))} at batch {batch}",
+                       np.concatenate([patches[i] for i in cases])))
+    return inputs
+
+
+def _parity(engine: Path, onnx_path: Path, meta: dict, profile: dict, real: list[np.ndarray],
             min_agreement: float) -> dict:
-    """TensorRT against onnxruntime (CPU) on random inputs of each profile shape and on real patches."""
+    """TensorRT against onnxruntime (CPU): gated on real patches, random inputs of each profile shape for
+    information."""
     import onnxruntime as ort
 
     network = TrtNetwork(engine, torch.device("cuda"))
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    shapes = []
-    for key in ("opt", "min", "max"):
-        if profile[key] not in shapes:
-            shapes.append(profile[key])
-    inputs = [(f"random {s}", rng.standard_normal(s).astype(np.float32), precision != "int8") for s in shapes]
-    if profile["opt"][2:] != meta["patch_size"]:
-        real = []  # real patches have nnU-Net's patch size; another opt shape is checked on random data
-    inputs += [(f"preprocessed case {i}", np.repeat(p, profile["opt"][0], 0), True) for i, p in enumerate(real)]
+    shapes = list(dict.fromkeys(tuple(profile[key]) for key in ("opt", "min", "max")))
+    inputs = [(f"random {list(s)}", rng.standard_normal(s).astype(np.float32), False) for s in shapes]
+    inputs += [(name, x, True) for name, x in real_batches(real, profile)]
     checks = []
     for name, x, gating in inputs:
         expected = session.run([OUTPUT], {INPUT: x})[0]
         with torch.no_grad():
-            got = network(torch.from_numpy(x)).numpy()
+            got = network(torch.from_numpy(x)).cpu().numpy()
         checks.append({"input": name, "shape": list(x.shape), "max_abs_diff": float(np.abs(got - expected).max()),
                        "agreement": segmentation_agreement(got, expected, meta["regions"]), "gating": gating})
     return {"runtime": f"onnxruntime {ort.__version__} (CPUExecutionProvider)", "min_agreement": min_agreement,
@@ -275,19 +333,34 @@ def _parity(engine: Path, onnx_path: Path, meta: dict, profile: dict, real: list
             "passed": all(c["agreement"] >= min_agreement for c in checks if c["gating"])}
 
 
+def _preprocessed(calibration, metadata: dict) -> tuple[Path | None, str]:
+    """(the folder of real preprocessed cases, where that was looked for: for the error when it has none)."""
+    from fastkd import nnunet
+
+    if calibration is not None:
+        return Path(calibration), f"--calibration {calibration}"
+    if not os.environ.get("nnUNet_preprocessed"):
+        return None, "no --calibration, and $nnUNet_preprocessed is not set"
+    meta = metadata["fastkd"]
+    folder = (Path(os.environ["nnUNet_preprocessed"]) / meta["dataset_name"]
+              / nnunet.data_identifier(metadata["nnunet_plans"], meta["configuration"]))
+    return folder, f"nnU-Net's folder of the model, {folder}"
+
+
 def build_engine(onnx_path: str | Path, out: str | Path, *, precision: str = "fp16", profile: dict | None = None,
-                 max_batch: int = 1, calibration: str | Path | None = None, timing_cache: str | Path | None = None,
-                 workspace_gb: float = 4.0, min_agreement: float = 0.999, force: bool = False) -> dict:
+                 max_batch: int = TILE_BATCH, calibration: str | Path | None = None,
+                 timing_cache: str | Path | None = None, workspace_gb: float = 4.0, min_agreement: float = 0.999,
+                 force: bool = False) -> dict:
     """Build, check and keep a TensorRT engine of a ``fastkd export onnx`` file (see the module docstring).
 
     Returns the engine's metadata (as written to ``<out>.json``) plus ``built``: False when the engine
     was up to date. ``profile``: {min, opt, max} shapes, any of them (see :func:`resolve_profile`).
     ``calibration``: folder of preprocessed ``<case>.b2nd``: INT8 calibration data (required for int8),
-    and the real patches of the parity check. ``force``: rebuild even when up to date. Raises
-    FastkdError, and leaves nothing at ``out``, when anything fails.
+    and the real patches of the parity gate (default: nnU-Net's, under ``$nnUNet_preprocessed``).
+    ``force``: rebuild even when up to date. Raises FastkdError, and leaves nothing at ``out``, when
+    anything fails.
     """
     import fastkd
-    from fastkd import nnunet
     from fastkd.config import check_values
     from fastkd.io import atomic_write_text
     from fastkd.io import sha256
@@ -306,9 +379,17 @@ def build_engine(onnx_path: str | Path, out: str | Path, *, precision: str = "fp
     metadata, normalization_nodes = read_onnx(onnx_path)
     meta = metadata["fastkd"]
     shapes = resolve_profile(meta, profile, max_batch)
+    patch = [shapes["min"][0], meta["num_input_channels"], *meta["patch_size"]]
+    if not all(lo <= v <= hi for lo, v, hi in zip(shapes["min"], patch, shapes["max"])):
+        raise FastkdError(f"profile min {shapes['min']} .. max {shapes['max']} excludes nnU-Net's patch {patch}: the "
+                          "parity gate and fastkd predict run patches of that size")
     trt = require_tensorrt()
 
-    current = {**running_platform(), "precision": precision, "profile": shapes, "onnx_sha256": sha256(onnx_path)}
+    batches = calibration_batches(calibration, [shapes["min"][0], *shapes["opt"][1:]]) if precision == "int8" \
+        else None
+    current = {**running_platform(), "format_version": FORMAT_VERSION, "precision": precision, "profile": shapes,
+               "onnx_sha256": sha256(onnx_path), "workspace_gb": workspace_gb, "min_agreement": min_agreement,
+               "calibration_sha256": batches_sha256(batches)}
     json_path = metadata_path(out)
     try:
         recorded = json.loads(json_path.read_text()) if out.is_file() else None
@@ -316,34 +397,34 @@ def build_engine(onnx_path: str | Path, out: str | Path, *, precision: str = "fp
         recorded = None
     if not force and not differences(recorded, current):
         return {**recorded, "built": False}
+    preprocessed, looked = _preprocessed(calibration, metadata)
+    real = real_patches(preprocessed, meta["patch_size"], n=max(2, shapes["opt"][0]))
+    if not real:
+        raise FastkdError(f"no preprocessed <case>.b2nd for the parity gate ({looked}): the engine is checked on "
+                          "real patches; pass --calibration FOLDER of nnU-Net's preprocessed cases")
     json_path.unlink(missing_ok=True)  # a stale pair goes first: never an old JSON beside a new engine
     out.unlink(missing_ok=True)
 
     started = time.time()
-    preprocessed = calibration
-    if preprocessed is None and os.environ.get("nnUNet_preprocessed"):  # where nnU-Net keeps this model's data
-        preprocessed = (Path(os.environ["nnUNet_preprocessed"]) / meta["dataset_name"]
-                        / nnunet.data_identifier(metadata["nnunet_plans"], meta["configuration"]))
-    batches = calibration_batches(calibration, shapes["opt"]) if precision == "int8" else None
     timing_cache = Path(timing_cache) if timing_cache else out.parent / "tensorrt_timing.cache"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     try:
-        engine, pinned, cache_note = _build(trt, onnx_path, precision, shapes, batches, normalization_nodes,
-                                            timing_cache, workspace_gb)
+        engine, pinned, cache_note, layers = _build(trt, onnx_path, precision, shapes, batches, normalization_nodes,
+                                                    timing_cache, workspace_gb)
+        normalization = normalization_report(layers, normalization_nodes)
+        check_normalization(normalization, precision)
         tmp.write_bytes(engine)
-        parity = _parity(tmp, onnx_path, meta, shapes, real_patches(preprocessed, meta["patch_size"]), precision,
-                         min_agreement)
+        parity = _parity(tmp, onnx_path, meta, shapes, real, min_agreement)
         if not parity["passed"]:
             worst = min((c for c in parity["checks"] if c["gating"]), key=lambda c: c["agreement"])
             raise FastkdError(f"TensorRT ({precision}) disagrees with onnxruntime on {worst['input']}: agreement "
                               f"{worst['agreement']:.6f} (needs >= {min_agreement}), max |logit difference| "
                               f"{worst['max_abs_diff']:.3g}; no engine written")
-        record = {"format_version": FORMAT_VERSION, "fastkd_version": fastkd.__version__, **current,
-                  "onnx": str(onnx_path), "workspace_gb": workspace_gb,
+        record = {"fastkd_version": fastkd.__version__, **current, "onnx": str(onnx_path),
                   "timing_cache": {"path": str(timing_cache), "status": cache_note},
                   "calibration": {"folder": str(calibration), "batches": len(batches)} if batches else None,
-                  "fp32_layers": pinned, "metadata": metadata, "parity": parity,
+                  "fp32_layers": pinned, "normalization": normalization, "metadata": metadata, "parity": parity,
                   "seconds": round(time.time() - started, 1)}
         os.replace(tmp, out)
         atomic_write_text(json_path, json.dumps(record, indent=2) + "\n")

@@ -13,7 +13,10 @@ rule export_onnx:
     params:
         folder=lambda w: q(P.model_folder(w.model)),
         # an engine is built from a TensorRT-friendly export (constant folding, onnxslim's simplified graph)
+        # with a dynamic batch: engines batch up to export.tensorrt.max_batch tiles
         options=" ".join(flag for flag, on in (("--dynamic", config["export"]["dynamic"]),
+                                                ("--batch 0", config["export"]["tensorrt"]["enabled"]
+                                                 and not config["export"]["dynamic"]),
                                                 ("--simplify", config["export"]["simplify"]),
                                                 ("--tensorrt", config["export"]["tensorrt"]["enabled"])) if on),
     log:

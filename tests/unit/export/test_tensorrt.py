@@ -5,6 +5,7 @@ normalization rule, the engine loader's checks (the workflow's export_trt jobs: 
 engine needs TensorRT and a GPU."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -20,7 +21,8 @@ from fastkd.export import tensorrt as fastkd_trt
 from fastkd.export.onnx import export_onnx
 from fastkd.export.tensorrt import build_engine, calibration_batches, keep_fp32, read_onnx, resolve_profile
 from fastkd.predict.backends import tensorrt as trt_backend
-from fastkd.predict.backends.tensorrt import differences, load_engine_model, metadata_path, require_tensorrt
+from fastkd.predict.backends.tensorrt import (BUILD_KEYS, TILE_BATCH, differences, load_engine_model, metadata_path,
+                                             require_tensorrt)
 from fake_models import DATASET_JSON, PLANS, write_model
 from workflow_runs import BIN, env
 
@@ -59,19 +61,21 @@ def test_the_command_without_tensorrt_fails_clearly_and_leaves_the_output_alone(
     out.mkdir()
     (out / "old.engine").write_bytes(b"an engine built elsewhere")
     (out / "old.engine.json").write_text("{}")
-    run_env = {**env(), "PYTHONPATH": str(stub_tensorrt)}
+    # the stub first, then whatever made this checkout's package win (a worktree's PYTHONPATH)
+    run_env = {**env(), "PYTHONPATH": os.pathsep.join(filter(None, (str(stub_tensorrt), os.environ.get("PYTHONPATH"))))}
     for engine in ("new.engine", "old.engine"):
         run = subprocess.run([str(BIN / "fastkd"), "export", "trt", str(exports / "static.onnx"), "-o",
-                              str(out / engine)], capture_output=True, text=True, env=run_env, timeout=600)
+                              str(out / engine), "--max-batch", "1"], capture_output=True, text=True, env=run_env, timeout=600)
         assert run.returncode == 1 and run.stdout == ""
+        wheel = f"tensorrt-cu{torch.version.cuda.split('.')[0]}" if torch.version.cuda else "tensorrt-cu12"
         assert run.stderr.startswith("fastkd export trt: error: TensorRT is not installed") and \
-            "pip install tensorrt-cu12" in run.stderr and "NVIDIA GPU" in run.stderr, run.stderr
+            f'pip install "{wheel}>=10.13,<11"' in run.stderr and "NVIDIA GPU" in run.stderr, run.stderr
     assert sorted(p.name for p in out.iterdir()) == ["old.engine", "old.engine.json"]
     assert (out / "old.engine").read_bytes() == b"an engine built elsewhere"
 
 
 def test_tensorrt_without_a_gpu_is_an_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.13.3.9"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(FastkdError, match="TensorRT needs an NVIDIA GPU; torch sees none"):
         require_tensorrt()
@@ -86,14 +90,18 @@ def test_tensorrt_without_a_gpu_is_an_error(monkeypatch):
     ("static.onnx", {"calibration": "nowhere"}, "calibration folder nowhere does not exist"),
     ("static.onnx", {"min_agreement": 99.9}, "min agreement 99.9: must be a fraction in [0, 1]"),
     ("static.onnx", {"max_batch": 4}, "max batch 4: the ONNX input [1, 1, 16, 24, 16] has a static batch of 1"),
-    ("static.onnx", {"profile": {"max": [2, 1, 16, 24, 16]}}, "profile max shape [2, 1, 16, 24, 16]: axis 0 is static"),
+    ("static.onnx", {}, "max batch 8: the ONNX input [1, 1, 16, 24, 16] has a static batch of 1; an engine batches "
+                        "up to 8 tiles by default: export the ONNX with a dynamic batch (fastkd export onnx --batch 0"),
+    ("static.onnx", {"max_batch": 1, "profile": {"max": [2, 1, 16, 24, 16]}}, "profile max shape [2, 1, 16, 24, 16]: axis 0 is static"),
     ("dynamic.onnx", {"profile": {"opt": [1, 2, 16, 24, 16]}}, "profile opt shape [1, 2, 16, 24, 16]: 2 channels, "
                                                                 "the network takes 1"),
     ("dynamic.onnx", {"profile": {"min": [1, 1, 16, 24]}}, "profile min shape [1, 1, 16, 24]: 4 dims, the ONNX "
                                                             "input takes 5 (b c x y z)"),
     ("dynamic.onnx", {"profile": {"max": [1, 1, 18, 24, 16]}}, "spatial dims multiples of [4, 4, 4]"),
-    ("dynamic.onnx", {"profile": {"min": [2, 1, 16, 24, 16]}}, "profile min [2, 1, 16, 24, 16] <= opt "
-                                                                "[1, 1, 16, 24, 16] <= max [1, 1, 16, 24, 16] fails on axis 0"),
+    ("dynamic.onnx", {"profile": {"min": [9, 1, 16, 24, 16]}}, "profile min [9, 1, 16, 24, 16] <= opt "
+                                                                "[8, 1, 16, 24, 16] <= max [8, 1, 16, 24, 16] fails on axis 0"),
+    ("dynamic.onnx", {"profile": {"min": [1, 1, 32, 32, 32], "opt": [2, 1, 32, 32, 32], "max": [2, 1, 32, 32, 32]}},
+     "excludes nnU-Net's patch [1, 1, 16, 24, 16]"),
     ("dynamic.onnx", {"profile": {"opt": [1, 1, 32, 24, 16], "max": [4, 1, 24, 24, 16]}}, "fails on axis 2"),
 ])
 def test_arguments_are_checked_before_tensorrt_is_asked_for(exports, tmp_path, monkeypatch, no_tensorrt, onnx_name,
@@ -107,7 +115,7 @@ def test_arguments_are_checked_before_tensorrt_is_asked_for(exports, tmp_path, m
 def test_valid_arguments_reach_the_tensorrt_check(exports, tmp_path, no_tensorrt):
     calibration = tmp_path / "preprocessed"
     calibration.mkdir()
-    for onnx_name, kwargs in [("static.onnx", {}), ("dynamic.onnx", {"precision": "int8", "calibration": calibration,
+    for onnx_name, kwargs in [("static.onnx", {"max_batch": 1}), ("dynamic.onnx", {"precision": "int8", "calibration": calibration,
                                                                       "profile": {"max": [2, 1, 32, 32, 32]}})]:
         with pytest.raises(FastkdError, match="TensorRT is not installed"):
             build_engine(exports / onnx_name, tmp_path / "out" / "student.plan", **kwargs)
@@ -120,33 +128,45 @@ def test_profiles_default_to_the_onnx_shape_or_nnunets_patch(exports):
     static, _ = read_onnx(exports / "static.onnx")
     dynamic, _ = read_onnx(exports / "dynamic.onnx")
     patch = [1, 1, 16, 24, 16]
-    assert resolve_profile(static["fastkd"]) == {"min": patch, "opt": patch, "max": patch}
-    assert resolve_profile(dynamic["fastkd"], max_batch=4) == {"min": patch, "opt": patch, "max": [4, 1, 16, 24, 16]}
+    assert resolve_profile(static["fastkd"], max_batch=1) == {"min": patch, "opt": patch, "max": patch}
+    # a dynamic batch: min 1, opt the tiles predict batches on CUDA (or max, when smaller), max max_batch
+    assert TILE_BATCH == 8
+    assert resolve_profile(dynamic["fastkd"]) == {"min": patch, "opt": [8, 1, 16, 24, 16], "max": [8, 1, 16, 24, 16]}
+    assert resolve_profile(dynamic["fastkd"], max_batch=4) == {"min": patch, "opt": [4, 1, 16, 24, 16],
+                                                               "max": [4, 1, 16, 24, 16]}
+    assert resolve_profile(dynamic["fastkd"], max_batch=16)["opt"] == [8, 1, 16, 24, 16]
     assert resolve_profile(dynamic["fastkd"], {"max": [2, 1, 32, 32, 32], "min": None}) == \
-        {"min": patch, "opt": patch, "max": [2, 1, 32, 32, 32]}
+        {"min": patch, "opt": [2, 1, 16, 24, 16], "max": [2, 1, 32, 32, 32]}
     assert static["nnunet_plans"] == PLANS and static["nnunet_dataset_json"] == DATASET_JSON
 
 
-def test_an_engine_is_rebuilt_when_platform_precision_profile_or_onnx_change():
-    current = {**PLATFORM, "precision": "fp16", "profile": {"min": [1, 1, 16, 24, 16], "opt": [1, 1, 16, 24, 16],
-                                                            "max": [2, 1, 16, 24, 16]}, "onnx_sha256": "ab" * 32}
-    recorded = json.loads(json.dumps({**current, "parity": {"passed": True}, "fastkd_version": "0"}))
-    assert differences(recorded, current) == []
-    for key, value in [("tensorrt_version", "10.4.0"), ("gpu", {**PLATFORM["gpu"], "name": "NVIDIA A100"}),
-                       ("precision", "int8"), ("profile", {**current["profile"], "max": [4, 1, 16, 24, 16]}),
-                       ("onnx_sha256", "cd" * 32)]:
-        changed = differences(recorded, {**current, key: value})
+BUILD = {**PLATFORM, "format_version": fastkd_trt.FORMAT_VERSION, "precision": "fp16",
+         "profile": {"min": [1, 1, 16, 24, 16], "opt": [2, 1, 16, 24, 16], "max": [2, 1, 16, 24, 16]},
+         "onnx_sha256": "ab" * 32, "workspace_gb": 4.0, "min_agreement": 0.999, "calibration_sha256": None}
+
+
+def test_an_engine_is_rebuilt_when_anything_it_was_built_from_changes():
+    assert set(BUILD_KEYS) == set(BUILD)
+    recorded = json.loads(json.dumps({**BUILD, "parity": {"passed": True}, "fastkd_version": "0"}))
+    assert differences(recorded, BUILD) == []
+    for key, value in [("format_version", fastkd_trt.FORMAT_VERSION + 1), ("tensorrt_version", "10.14.1"),
+                       ("gpu", {**PLATFORM["gpu"], "name": "NVIDIA A100"}), ("precision", "int8"),
+                       ("profile", {**BUILD["profile"], "max": [4, 1, 16, 24, 16]}), ("onnx_sha256", "cd" * 32),
+                       ("workspace_gb", 8.0), ("min_agreement", 0.99), ("calibration_sha256", "ef" * 32)]:
+        changed = differences(recorded, {**BUILD, key: value})
         assert len(changed) == 1 and changed[0].startswith(f"{key} {json.dumps(recorded[key])} -> "), changed
-    assert differences(None, current) == differences([], current) == ["no engine metadata"]
-    assert differences(recorded, {**current, "precision": "int8"}, keys=("tensorrt_version", "gpu")) == []
+    assert differences(None, BUILD) == differences([], BUILD) == ["no engine metadata"]
+    assert differences(recorded, {**BUILD, "precision": "int8"}, keys=("tensorrt_version", "gpu")) == []
 
 
 def test_build_keeps_an_up_to_date_engine_and_clears_a_stale_one(exports, tmp_path, monkeypatch):
-    """The decision inside build_engine, with the platform faked: TensorRT itself cannot run here."""
+    """The decision inside build_engine, with the platform faked: TensorRT itself cannot run here. Every
+    build key, the int8 calibration data among them, rebuilds when it changes."""
     from fastkd.io import sha256
 
-    monkeypatch.setattr(fastkd_trt, "require_tensorrt", lambda: types.SimpleNamespace(__version__="10.3.0"))
+    monkeypatch.setattr(fastkd_trt, "require_tensorrt", lambda: types.SimpleNamespace(__version__="10.13.3"))
     monkeypatch.setattr(fastkd_trt, "running_platform", lambda: PLATFORM)
+    monkeypatch.delenv("nnUNet_preprocessed", raising=False)
     builds = []
 
     def refuse(*args):
@@ -154,25 +174,57 @@ def test_build_keeps_an_up_to_date_engine_and_clears_a_stale_one(exports, tmp_pa
         raise FastkdError("build attempted")
 
     monkeypatch.setattr(fastkd_trt, "_build", refuse)
-    engine = tmp_path / "student.engine"
+    _write_cases(tmp_path / "cases", [(16, 24, 16)] * 2)
+    _write_cases(tmp_path / "other", [(16, 24, 16)] * 3)
+    engine = tmp_path / "out" / "student.engine"
+    engine.parent.mkdir()
     patch = [1, 1, 16, 24, 16]
-    record = {**PLATFORM, "precision": "fp16", "profile": {"min": patch, "opt": patch, "max": patch},
-              "onnx_sha256": sha256(exports / "static.onnx"), "parity": {"passed": True}}
-    engine.write_bytes(b"engine")
-    metadata_path(engine).write_text(json.dumps(record))
-    kept = build_engine(exports / "static.onnx", engine)
-    assert kept["built"] is False and kept["parity"] == {"passed": True} and builds == []
-    for kwargs in ({"force": True}, {"precision": "fp32"}):
-        with pytest.raises(FastkdError, match="build attempted"):
-            build_engine(exports / "static.onnx", engine, **kwargs)
-        assert not engine.exists() and not metadata_path(engine).exists()  # never an old JSON beside a new engine
+    fp16 = {**BUILD, "profile": {"min": patch, "opt": patch, "max": patch},
+            "onnx_sha256": sha256(exports / "static.onnx"), "parity": {"passed": True}}
+    int8 = {**fp16, "precision": "int8", "calibration_sha256": fastkd_trt.batches_sha256(
+        fastkd_trt.calibration_batches(tmp_path / "cases", patch))}
+
+    def install(record):
         engine.write_bytes(b"engine")
         metadata_path(engine).write_text(json.dumps(record))
-    assert builds == ["fp16", "fp32"]
+
+    base = {"max_batch": 1, "calibration": tmp_path / "cases"}
+    for record, kwargs in ((fp16, {}), (int8, {"precision": "int8"})):
+        install(record)
+        kept = build_engine(exports / "static.onnx", engine, **base, **kwargs)
+        assert kept["built"] is False and kept["parity"] == {"passed": True} and builds == []
+    stale = [(fp16, {"force": True}), (fp16, {"precision": "fp32"}), (fp16, {"workspace_gb": 8}),
+             (fp16, {"min_agreement": 0.99}), ({**fp16, "format_version": fastkd_trt.FORMAT_VERSION - 1}, {}),
+             (int8, {"precision": "int8", "calibration": tmp_path / "other"})]
+    for record, kwargs in stale:
+        install(record)
+        with pytest.raises(FastkdError, match="build attempted"):
+            build_engine(exports / "static.onnx", engine, **{**base, **kwargs})
+        assert not engine.exists() and not metadata_path(engine).exists()  # never an old JSON beside a new engine
+    assert builds == ["fp16", "fp32", "fp16", "fp16", "fp16", "int8"]
+    install(fp16)
     metadata_path(engine).unlink()  # an engine without its metadata is rebuilt
     with pytest.raises(FastkdError, match="build attempted"):
-        build_engine(exports / "static.onnx", engine)
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+        build_engine(exports / "static.onnx", engine, **base)
+    assert sorted(p.name for p in engine.parent.iterdir()) == []
+
+
+def test_a_build_without_real_patches_is_refused_naming_where_it_looked(exports, tmp_path, monkeypatch):
+    monkeypatch.setattr(fastkd_trt, "require_tensorrt", lambda: types.SimpleNamespace(__version__="10.13.3"))
+    monkeypatch.setattr(fastkd_trt, "running_platform", lambda: PLATFORM)
+    monkeypatch.setattr(fastkd_trt, "_build", lambda *args: pytest.fail("built without real patches"))
+    monkeypatch.delenv("nnUNet_preprocessed", raising=False)
+    engine = tmp_path / "student.engine"
+    with pytest.raises(FastkdError, match=re.escape("no preprocessed <case>.b2nd for the parity gate (no "
+                                                    "--calibration, and $nnUNet_preprocessed is not set)")):
+        build_engine(exports / "static.onnx", engine, max_batch=1)
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
+    with pytest.raises(FastkdError, match=re.escape(f"(nnU-Net's folder of the model, {tmp_path / 'preprocessed'}/")):
+        build_engine(exports / "static.onnx", engine, max_batch=1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FastkdError, match=re.escape(f"(--calibration {tmp_path / 'empty'})")):
+        build_engine(exports / "static.onnx", engine, max_batch=1, calibration=tmp_path / "empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
 def _write_cases(folder, shapes, channels=1):
