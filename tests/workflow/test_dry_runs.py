@@ -97,5 +97,9 @@ def test_the_workflow_builds_engines_only_when_enabled(tmp_path):
     engine = "export/nnUNetTrainerFastKD__nnUNetPlans_fastkdR2__3d_fullres/fold_0.engine"
     assert f"{engine} --precision int8 --max-batch 2 --workspace-gb 4.0 --calibration " \
            "nnUNet_preprocessed/Dataset900_FastkdDemo/nnUNetPlans_3d_fullres" in run.stdout
-    off = job_counts(snakemake(workdir(tmp_path, name="off"), "-n", "--cores", "1", "export").stdout)
-    assert "export_trt" not in off and off["export_onnx"] == 6
+    # engines batch tiles: with TensorRT on, the (otherwise static) ONNX exports get a dynamic batch
+    exports = [line for line in run.stdout.splitlines() if "fastkd export onnx" in line]
+    assert len(exports) == 6 and all(" --batch 0 --tensorrt" in line for line in exports), exports
+    off_run = snakemake(workdir(tmp_path, name="off"), "-n", "-p", "--cores", "1", "export")
+    off = job_counts(off_run.stdout)
+    assert "export_trt" not in off and off["export_onnx"] == 6 and "--batch 0" not in off_run.stdout
