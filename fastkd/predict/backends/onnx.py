@@ -56,10 +56,11 @@ class OnnxNetwork(torch.nn.Module):
             raise FastkdError(f"device {device}: onnxruntime {ort.__version__} gave {path.name} the providers "
                               f"{', '.join(got) or 'none'}, not CUDAExecutionProvider first, so it would run on the "
                               f"CPU; {GPU_FIX}")
+        self.bound = device.type == "cuda"  # forwards bind torch's tensors (IOBinding)
         self.output_type = OUTPUT_TYPES.get(self.session.get_outputs()[0].type, OUTPUT_TYPES["tensor(float)"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.device.type != "cuda":
+        if not self.bound:
             logits = self.session.run([OUTPUT], {INPUT: x.detach().float().cpu().numpy()})[0]
             return torch.from_numpy(logits).to(x.device)
         import numpy as np
