@@ -11,15 +11,20 @@ case is on disk, ``fastkd_predict.json``::
 
     {"model": absolute path as given, "backend": "torch" | "onnx" | "trt", "folds": [..] (the ONNX's own
      fold from its metadata; null where an engine does not say), "device", "mirroring" (whether test-time
-     mirroring ran: asked for and the model has mirroring axes), "step_size", "tile_batch" (network
-     inputs per forward, as run), "jit" (the torch network ran frozen by TorchScript), "cases" (number predicted), "seconds_total" (wall time of the whole
-     call: loading the model, every case's loading, preprocessing, network, resampling and writing),
-     "seconds_per_case" (seconds_total / cases), "fastkd_version"}
+     mirroring ran: asked for and the model has mirroring axes), "step_size", "tile_batch_wanted" (network
+     inputs per forward asked for, or the device's default), "tile_batch" (as run: capped by a
+     fixed-batch network), "jit" (the torch network ran frozen by TorchScript), "in_process" (the cases ran
+     in the calling process, no worker pools), "cases" (number predicted), "seconds_total" (wall time of
+     the whole call, from the CLI's start before it imports torch and nnU-Net: start-up, then every case's
+     loading, preprocessing, network, resampling and writing), "seconds_per_case" (seconds_total / cases),
+     "seconds_startup" (of seconds_total, until the first case could start: imports, loading the model,
+     TorchScript traced or read from its cache), "seconds_network" (the network's forwards summed, the
+     GPU synchronized before each clock reading), "seconds_network_per_case", "fastkd_version"}
 
 A folder without it holds a prediction that did not finish (an old record is deleted first).
 
-The models, and TorchScript freezing of a torch network on the CPU (``jit``), are in
-:mod:`fastkd.predict.backends`.
+The models, and TorchScript freezing of a torch network on the CPU (``jit``, its trace cached per
+checkpoint), are in :mod:`fastkd.predict.backends`.
 
 **Tiles batched per forward** (:class:`FastkdPredictor`). ``tile_batch`` is the number of network inputs
 per forward: tiles and their mirrored copies alike, the copies of a tile first, so a forward never
@@ -32,17 +37,28 @@ sliding window unchanged. Defaults: 1 on the CPU, where batching costs (on this 
 one forward of two BraTS tiles of the r = 4 student took 3.6x as long as one; ``bench_predict.py``
 measures it again), so the CPU default equals stock nnU-Net bit for bit; 8 on a GPU, which nnU-Net's
 single small tiles leave mostly idle (not measured here: no GPU). A network that takes a fixed batch
-(an ONNX exported with static batch 1; an engine that says ``max_batch``) caps it.
+(an ONNX exported with static batch 1; an engine that says ``max_batch``) caps it, with one line on
+stderr saying so and how to lift it (export with a dynamic batch; build the engine with ``--max-batch 8``).
 
-**Overlap.** nnU-Net's ``predict_from_files`` already loads and preprocesses the next cases in
-background processes and resamples and writes finished ones in a process pool while the network runs;
-fastkd keeps that: ``num_processes`` is the size of both pools (and never more than the cases).
+**Workers, or none.** For more than :data:`IN_PROCESS_CASES` cases nnU-Net's ``predict_from_files``
+loads and preprocesses the next cases in background processes and fastkd writes finished ones in a
+process pool while the network runs (nnU-Net's loop, at most two cases queued beyond the writers):
+``num_processes`` is the size of both pools (never more than the cases). Each of those processes
+imports torch and nnU-Net again (seconds each on a 2-core CPU), more than the overlap saves on one or
+two cases, so those run in the calling process: the same preprocessing (``preprocessor.run_case``),
+network and writer, one case after the other, with the same files.
 
-**Resampling on the device.** On CUDA each case's logits are resampled back to the image's shape on
-the GPU, with nnU-Net's torch resampling (``resample_torch_fornnunet``: trilinear, no antialiasing,
-``align_corners=False``; for anisotropic spacing in-plane trilinear and nearest along the anisotropic
-axis, nnU-Net's threshold and the plans' ``force_separate_z``), before they go to the CPU for writing;
-nnU-Net's export then finds nothing left to resample. That is close to nnU-Net's default CPU resampling
+**Segmentation on the device.** On CUDA each case's logits (nnU-Net's fp16, brought back to the device
+once) are resampled to the image's shape on the GPU with nnU-Net's torch resampling
+(``resample_torch_fornnunet``: trilinear, no antialiasing, ``align_corners=False``; for anisotropic
+spacing in-plane trilinear and nearest along the anisotropic axis, nnU-Net's threshold and the plans'
+``force_separate_z``), and turned into the segmentation there (argmax; regions: nnU-Net's sigmoid over
+0.5 in ``regions_class_order``; from the softmax when probabilities are saved, as nnU-Net does):
+only the labels (uint8, or int16 beyond 255) and, with ``save_probabilities``, float16 probabilities
+go to the CPU writer (:class:`Segmented`), which puts the crop back into the image, transposes the
+axes back and writes as nnU-Net's ``export_prediction_from_logits`` does (probabilities as float32
+``.npz``; a test pins this to nnU-Net's own export). Out of GPU memory there, the case goes nnU-Net's
+CPU way instead (one line on stderr). The resampling is close to nnU-Net's default CPU resampling
 (order-1 spline, nearest along an anisotropic axis) but not bit-identical: a few boundary voxels may
 take the other label. On the CPU nnU-Net's own export path runs, so the output equals stock. The CUDA
 path has not run on a GPU here (no GPU on this project's machines); the tests run the same code on
