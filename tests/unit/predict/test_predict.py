@@ -9,6 +9,7 @@ trained students: tests/workflow/test_predict_parity.py.
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -447,7 +448,7 @@ def test_cli_flags_reach_predict(monkeypatch, tmp_path, capsys):
     def fake_predict(*args, **kwargs):
         calls.append((args, kwargs))
         return {"cases": 3, "backend": kwargs["backend"] or "torch", "folds": kwargs["folds"], "seconds_per_case": 0.5,
-                "tile_batch": kwargs["tile_batch"] or 1}
+                "seconds_network_per_case": 0.125, "seconds_startup": 2.5, "tile_batch": kwargs["tile_batch"] or 1}
 
     monkeypatch.setattr(fastkd.predict.predictor, "predict", fake_predict)
     monkeypatch.delenv("nnUNet_def_n_proc", raising=False)
@@ -455,10 +456,14 @@ def test_cli_flags_reach_predict(monkeypatch, tmp_path, capsys):
                  "--disable-mirroring", "--step-size", "0.7", "--device", "cpu", "--threads", "3"]) == 0
     (args, kwargs), = calls
     assert [str(a) for a in args] == ["IN", str(tmp_path), "M"]
+    started = kwargs.pop("started")  # the CLI's clock, started before it imports torch and nnU-Net
+    assert isinstance(started, float) and started <= time.perf_counter()
     assert kwargs == {"backend": None, "folds": [0, 1, 2, 3, 4], "checkpoint": "checkpoint_final.pth", "device": "cpu",
                       "mirroring": False, "step_size": 0.7, "save_probabilities": False, "num_processes": 3,
                       "tile_batch": None, "jit": None}
     assert "3 segmentations in" in capsys.readouterr().out
+    main(["predict", "-i", "IN", "-o", "OUT", "-m", "M"])
+    assert "0.50 s per case of which 0.12 s network, 2.50 s start-up" in capsys.readouterr().out
     assert main(["predict", "-i", "IN", "-o", "OUT", "-m", "M.engine", "--backend", "trt", "-f", "all",
                  "--tile-batch", "4"]) == 0
     assert calls[-1][1]["backend"] == "trt" and calls[-1][1]["folds"] == ["all"] and calls[-1][1]["tile_batch"] == 4
