@@ -29,7 +29,9 @@ class OnnxNetwork(torch.nn.Module):
     onnxruntime's CUDA provider first (else a FastkdError: a CPU fallback would run silently and slowly),
     and torch's CUDA tensors are bound in place (IOBinding: the input read and the logits written on the
     GPU, no copies through host memory), with onnxruntime on torch's current stream
-    (``user_compute_stream``), so its work is ordered with torch's."""
+    (``user_compute_stream``), so its work is ordered with torch's; on torch's default stream, whose null
+    handle onnxruntime ignores, each run waits for torch's stream first; either way the outputs are
+    synchronized before torch reads them."""
 
     def __init__(self, path: Path, device: torch.device, max_batch: int | None = None, num_outputs: int | None = None):
         import onnxruntime as ort
@@ -40,9 +42,13 @@ class OnnxNetwork(torch.nn.Module):
         if device.type == "cuda":
             self.device_id = torch.cuda.current_device() if device.index is None else device.index
             stream = torch.cuda.current_stream(self.device_id).cuda_stream
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": str(self.device_id),
-                                                           "user_compute_stream": str(stream),
-                                                           "do_copy_in_default_stream": "1"}))
+            cuda = {"device_id": str(self.device_id), "do_copy_in_default_stream": "1"}
+            # onnxruntime ignores a null handle, which is torch's (legacy) default stream: then each run
+            # is synchronized with torch's stream by hand (forward)
+            self.shared_stream = bool(stream)
+            if stream:
+                cuda["user_compute_stream"] = str(stream)
+            providers.insert(0, ("CUDAExecutionProvider", cuda))
         options = ort.SessionOptions()
         # onnxruntime's pool would spin between forwards, fighting torch's own threads (which accumulate
         # the tiles) and nnU-Net's preprocessing workers for the cores: on a 2-core CPU the network phase of
@@ -72,7 +78,10 @@ class OnnxNetwork(torch.nn.Module):
         binding.bind_input(INPUT, "cuda", self.device_id, np.float32, tuple(image.shape), image.data_ptr())
         binding.bind_output(OUTPUT, "cuda", self.device_id, getattr(np, self.output_type[0]), tuple(logits.shape),
                             logits.data_ptr())
+        if not self.shared_stream:  # torch's writes of the input done before onnxruntime's stream reads it
+            torch.cuda.current_stream(self.device_id).synchronize()
         self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()  # the logits written before torch reads them
         return logits.float()
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):

@@ -23,13 +23,16 @@ from test_predict import DATASET_JSON, full_plans, trace_cache, write_model_fold
 # -- onnx on CUDA: providers and IOBinding ----------------------------------------------------------------
 class FakeBinding:
     def __init__(self):
-        self.inputs, self.outputs = [], []
+        self.inputs, self.outputs, self.synchronized = [], [], 0
 
     def bind_input(self, name, device_type, device_id, element_type, shape, buffer_ptr):
         self.inputs.append((name, device_type, device_id, element_type, tuple(shape), buffer_ptr))
 
     def bind_output(self, name, device_type="cpu", device_id=0, element_type=None, shape=None, buffer_ptr=None):
         self.outputs.append((name, device_type, device_id, element_type, tuple(shape), buffer_ptr))
+
+    def synchronize_outputs(self):
+        self.synchronized += 1
 
 
 class FakeSession:
@@ -74,8 +77,13 @@ def fake_ort(monkeypatch):
     module = types.SimpleNamespace(InferenceSession=FakeSession, SessionOptions=Options, __version__="1.99-fake",
                                    get_available_providers=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setitem(sys.modules, "onnxruntime", module)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=4242))
-    FakeSession.made = []
+    FakeSession.made, FakeSession.stream = [], types.SimpleNamespace(cuda_stream=4242, synchronized=0)
+
+    def synchronize():
+        FakeSession.stream.synchronized += 1
+
+    FakeSession.stream.synchronize = synchronize
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeSession.stream)
     return FakeSession
 
 
@@ -119,6 +127,15 @@ def test_onnx_on_cuda_binds_torch_tensors_on_torchs_stream(fake_ort, tmp_path):
     assert (name, device_type, device_id, element_type, shape) == ("logits", "cuda", 0, np.float32, (2, 3, 4, 6, 5))
     expected = torch.cat([2 * x.float() - c for c in range(3)], dim=1)
     assert y.dtype == torch.float32 and torch.equal(y, expected)
+    # on torch's own stream: onnxruntime orders its work there; the outputs synchronized before torch reads
+    assert binding.synchronized == 1 and fake_ort.stream.synchronized == 0
+    # torch's default stream (a null handle, which onnxruntime ignores): no user stream, torch's synchronized first
+    fake_ort.stream.cuda_stream = 0
+    net = OnnxNetwork(tmp_path / "s.onnx", torch.device("cuda", 0), None, 3)
+    assert fake_ort.made[-1].asked[0] == ("CUDAExecutionProvider", {"device_id": "0", "do_copy_in_default_stream": "1"})
+    net.device = torch.device("cpu")
+    assert torch.equal(net(x), expected)
+    assert fake_ort.made[-1].runs[0].synchronized == 1 and fake_ort.stream.synchronized == 1
 
 
 def test_onnx_on_the_cpu_runs_as_before(fake_ort, tmp_path, monkeypatch):
