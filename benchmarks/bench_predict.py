@@ -26,12 +26,17 @@ Figures, on the first ``--cases`` cases (sorted) of the dataset:
    Every one uses ``--threads`` worker processes per pool (``-npp``/``-nps`` for stock) and the same
    torch threads (``nnUNet_def_n_proc``); ``--repeats`` rounds, configurations interleaved, the median.
    A run pays once for starting Python, importing, loading the model and starting its workers (8-15 s
-   on a 2-core CPU, far more than a small case's network), so a run of n cases is also split: the
-   MARGINAL time, (run of all n cases - run of the first k) / (n - k) (k = ``--threads`` when n is
-   larger, so that both runs start the same workers, else 1), is a case's cost with loading,
+   on a 2-core CPU for stock, far more than a small case's network), so a run of n cases is also split: the
+   MARGINAL time, (run of all n cases - run of the first k) / (n - k) (k = ``--threads``, at least one
+   more than the cases ``fastkd predict`` runs in its own process, when n is larger, so that both runs
+   start the same workers, else 1), is a case's cost with loading,
    preprocessing, network, resampling and writing overlapped as in production, and the start-up is the
    k-case run - k x marginal. On Hippocampus a student's case costs ~0.1 s, which the start-up's noise
    (+-0.5 s between runs here) hides unless n - k is large (say >= 50): read the marginal only then.
+   **Start-up** on its own: each command on ONE case (what a user waits for one scan; fastkd runs it in
+   its own process, no worker pools), minus that case's phases in turn (figure 2): Python, imports,
+   loading the model (and TorchScript: traced once, then read from fastkd's cache), workers. Rows: stock's
+   start-up over fastkd's, and fastkd's own ``seconds_startup`` from its ``fastkd_predict.json``.
 2. **Phases**, measured one after the other in this process with nnU-Net's own components, per
    case (after one untimed warm-up case): load + preprocess (``preprocessor.run_case``), network
    (``predict_logits_from_preprocessed_data`` of the same predictor the command builds: stock
@@ -266,13 +271,18 @@ def bench_whole_case(args, env: dict, d: dict, configs: dict) -> dict:
     start-up taken out) and the start-up (k-case wall - k x marginal). k = the workers per pool when there
     are more cases than that, so that both runs start the same workers (each imports torch and nnU-Net:
     seconds of CPU), else 1."""
+    from fastkd.predict.predictor import IN_PROCESS_CASES
+
     n = len(d["cases"])
     inputs = {n: d["inputs"]}
     if n > 1:
-        k = args.threads if n > args.threads else 1
-        inputs[k] = bench_cache.stock_input(d["raw"], d["cases"][:k], args.work / "inputs" / f"{d['dataset']}_{k}")
+        k = max(args.threads, IN_PROCESS_CASES + 1)
+        k = k if n > k else 1
+        for m in {k, 1}:
+            inputs[m] = bench_cache.stock_input(d["raw"], d["cases"][:m], args.work / "inputs" / f"{d['dataset']}_{m}")
     walls = {name: {m: [] for m in inputs} for name in configs}
     peak = {name: 0 for name in configs}
+    recorded = {name: [] for name in configs}  # fastkd's own seconds_startup of its one-case runs
     for i in range(args.repeats):
         for name, c in configs.items():
             for m, folder in inputs.items():
@@ -282,13 +292,16 @@ def bench_whole_case(args, env: dict, d: dict, configs: dict) -> dict:
                                     args.work / "logs" / d["dataset"] / f"{out.name}_{i}.log")
                 walls[name][m].append(s)
                 peak[name] = max(peak[name], p)
+                if m == 1 and (out / "fastkd_predict.json").is_file():
+                    recorded[name].append(json.loads((out / "fastkd_predict.json").read_text())["seconds_startup"])
             print(f"  {name}: " + ", ".join(f"{walls[name][m][-1]:.1f} s for {m} case{'s' * (m > 1)}" for m in inputs)
                   + f"; peak {peak[name] / 1e9:.2f} GB", flush=True)
     out = {}
     for name in configs:
         wall_n = statistics.median(walls[name][n])
         result = {"wall_seconds": walls[name], "per_case_with_startup": wall_n / n, "peak_gb": peak[name] / 1e9,
-                  "marginal_per_case": None, "startup": None}
+                  "marginal_per_case": None, "startup": None, "wall_one_case": statistics.median(walls[name][1]),
+                  "recorded_startup": statistics.median(recorded[name]) if recorded[name] else None}
         if n > 1:
             wall_k = statistics.median(walls[name][k])
             result["marginal_per_case"] = (wall_n - wall_k) / (n - k)
@@ -475,6 +488,19 @@ def bench_dataset(args, env: dict, raw: Path, n_cases: int, ensemble: bool) -> d
         rows.append(row("torch r=2: --no-jit / TorchScript, phases in turn",
                         seconds("fastkd torch r=2 --no-jit", "sequential") /
                         seconds("fastkd torch r=2, no mirroring", "sequential"), unit="x"))
+    # start-up on its own: a one-case run less that case's phases in turn
+    startup = {name: whole[name]["wall_one_case"] - phases[name]["mean"]["sum"] for name in configs}
+    for backend in ("torch", "onnx"):
+        name = f"fastkd {backend} r=2, no mirroring"
+        if name not in configs:
+            continue
+        for base in (ensemble_name, one_name):
+            if base in configs:
+                rows.append(row(f"start-up: {base} / fastkd {backend} r=2 (1-case run - phases)",
+                                startup[base] / startup[name], unit="x"))
+        if whole[name]["recorded_startup"] is not None:
+            rows.append(row(f"start-up: fastkd {backend} r=2, its record's seconds_startup",
+                            whole[name]["recorded_startup"], unit="s"))
     for name in configs:
         rows.append(row(f"network / floor: {name}", phases[name]["mean"]["network"] / floors[name]["floor_per_case"],
                         unit="x"))
@@ -486,20 +512,21 @@ def bench_dataset(args, env: dict, raw: Path, n_cases: int, ensemble: bool) -> d
           "--disable_tta; fastkd predict fold 0 with --disable-mirroring and the default tile batch (1 on CPU) "
           "and runtime (TorchScript for torch on the CPU; --no-jit: eager PyTorch as stock). "
           "Seconds per case:")
-    print(f"{'configuration':<40} {'whole':>7} {'start-up':>8} {'run/N':>7} {'peak GB':>7} | {'load+pre':>8} "
-          f"{'network':>8} {'floor':>7} {'res+wri':>7} {'in turn':>7}")
+    print(f"{'configuration':<40} {'whole':>7} {'start-up':>8} {'1-case':>7} {'run/N':>7} {'peak GB':>7} | "
+          f"{'load+pre':>8} {'network':>8} {'floor':>7} {'res+wri':>7} {'in turn':>7}")
     fmt = lambda v, w, p=3: f"{'-' if v is None else format(v, f'.{p}f'):>{w}}"  # noqa: E731
     for name in configs:
         w, m, f = whole[name], phases[name]["mean"], floors[name]["floor_per_case"]
-        print(f"{name:<40} {fmt(w['marginal_per_case'], 7)} {fmt(w['startup'], 8, 1)} "
+        print(f"{name:<40} {fmt(w['marginal_per_case'], 7)} {fmt(w['startup'], 8, 1)} {fmt(startup[name], 7, 2)} "
               f"{fmt(w['per_case_with_startup'], 7)} {fmt(w['peak_gb'], 7, 2)} | {fmt(m['load_preprocess'], 8)} "
               f"{fmt(m['network'], 8)} {fmt(f, 7)} {fmt(m['resample_write'], 7)} {fmt(m['sum'], 7)}")
     if estimated:
-        print(f"{ensemble_name + ' (est.)':<40} {'-':>7} {'-':>8} {'-':>7} {'-':>7} | {'':>8} "
+        print(f"{ensemble_name + ' (est.)':<40} {'-':>7} {'-':>8} {'-':>7} {'-':>7} {'-':>7} | {'':>8} "
               f"{fmt(estimated['network'], 8)} {'':>7} {'':>7} {fmt(estimated['sequential'], 7)}   "
               f"estimated: {estimated['how']}")
     print("whole = (run of all n cases - run of the first k) / (n - k); start-up = run of k cases - k x whole; "
-          "run/N = run of all cases / cases; in turn = the three phases one after the other")
+          "1-case = start-up on its own: a run of one case - its phases in turn; run/N = run of all cases / cases; "
+          "in turn = the three phases one after the other")
     print(f"tile batch (r=2 torch, mirroring, network s/case): 1 -> {batching[1]:.3f}, {args.tile_batch} -> "
           f"{batching[args.tile_batch]:.3f}")
     for name, size in sizes.items():

@@ -19,7 +19,11 @@ Case sets (``evaluation_sets``):
 
 Dice per class is nnU-Net's own evaluation (``compute_metrics_on_folder``; labels, or regions for region
 datasets); seconds per case is the wall time of the whole ``fastkd predict`` run (loading, preprocessing,
-network, resampling, writing) over the number of cases, from its ``fastkd_predict.json``.
+network, resampling, writing, and its start-up: importing torch and nnU-Net, loading the model) over the
+number of cases, from its ``fastkd_predict.json``; beside it, network seconds per case: the network's
+forwards alone (``seconds_network_per_case`` of the record; '-' for a record written before fastkd
+recorded it). On a few cases the start-up dominates the whole run, so the two can differ by far: compare
+models by network seconds for the network's speed, by whole-run seconds for what a user waits.
 
 Layout (``fastkd_work/<ds>/evaluation/<set>/``)::
 
@@ -30,13 +34,15 @@ Layout (``fastkd_work/<ds>/evaluation/<set>/``)::
     summaries/<label>.json                       nnU-Net's summary.json of that model (per case and mean)
     dice.tsv      one row per model: label, kind, r, temperature, alpha, loss, scales, class_balanced,
                   folds_per_case, seed (students' settings; '-' for the teachers), folds, mirroring,
-                  Dice per class, mean, s/case, cases, optimistic
+                  Dice per class, mean, seconds_per_case (whole run), network_seconds_per_case, cases,
+                  optimistic
     dice.json     the same rows plus the case set, the case list, the label and prediction folders,
                   "groups": per setting, the mean and sample standard deviation over its seeds, and
                   "notes": a sentence per class on which the teacher ensemble is below a no-KD baseline
     dice.md       the table as Markdown (README command 1 prints it), the notes in bold, and a mean ± sd
                   table when a setting has several seeds (student.seeds)
-    dice.png      Dice per class and model; mean Dice against seconds per case
+    dice.png      Dice per class and model; mean Dice against seconds per case (whole run: filled marker;
+                  network only: hollow marker of the same colour)
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ from fastkd.cases import case_files
 
 PREDICT_RECORD = "fastkd_predict.json"  # written last by `fastkd predict`
 KINDS = ("teacher ensemble", "student (KD)", "no-KD baseline")
+#: the speed columns of the Markdown tables: whole-run and network seconds per case, so neither is mistaken for the other
+SPEED_HEADS = ("s / case (whole run)", "network s / case")
 
 
 # -- cases of a linked case set -------------------------------------------------------------------
@@ -114,7 +122,8 @@ def _model_row(label: str, record: dict) -> dict:
         written = json.loads(found.read_text()) if found.is_file() else {}
         settings.update({k: written.get(k) for k in SETTING_KEYS})
     row = {"label": label, "kind": kind, "r": r, **settings, "model": str(folder), "folds": record["folds"],
-           "mirroring": record["mirroring"], "seconds_per_case": record["seconds_per_case"]}
+           "mirroring": record["mirroring"], "seconds_per_case": record["seconds_per_case"],
+           "network_seconds_per_case": record.get("seconds_network_per_case")}
     return {**row, "short": _short(row)}
 
 
@@ -134,7 +143,8 @@ def _short(row: dict, seed: bool = True) -> str:
 
 def seed_groups(rows: list[dict], names: list[str]) -> list[dict]:
     """The rows of one setting (kind, r, T, alpha, soft-label folds, student folds) over their seeds: the mean
-    and sample standard deviation (0 for one seed) of each class's Dice, the mean Dice and seconds per case."""
+    and sample standard deviation (0 for one seed) of each class's Dice, the mean Dice and seconds per case
+    (whole run, and network where every seed's record has it)."""
     import statistics
 
     groups: dict[tuple, list[dict]] = {}
@@ -152,7 +162,9 @@ def seed_groups(rows: list[dict], names: list[str]) -> list[dict]:
                     "folds": list(folds), "seeds": [m.get("seed") for m in members], "n": len(members),
                     "dice": {n: stats([m["dice"][n] for m in members]) for n in names},
                     "mean_dice": stats([m["mean_dice"] for m in members]),
-                    "seconds_per_case": stats([m["seconds_per_case"] for m in members])})
+                    "seconds_per_case": stats([m["seconds_per_case"] for m in members]),
+                    "network_seconds_per_case": stats([m["network_seconds_per_case"] for m in members])
+                    if all(m.get("network_seconds_per_case") is not None for m in members) else None})
     return out
 
 
@@ -228,19 +240,20 @@ def format_cell(value, digits: int = 4) -> str:
 
 def table_lines(rows: list[dict], names: list[str], sep: str = "\t") -> list[str]:
     head = ["model", "kind", "r", *SETTING_KEYS, "folds", "mirroring", *(f"dice_{n}" for n in names), "mean_dice",
-            "seconds_per_case", "cases", "optimistic"]
+            "seconds_per_case", "network_seconds_per_case", "cases", "optimistic"]
     lines = [sep.join(head)]
     for row in rows:
         lines.append(sep.join([row["label"], row["kind"], format_cell(row["r"]),
                                *(format_cell(row.get(k)) for k in SETTING_KEYS),
                                format_cell(row["folds"]), format_cell(row["mirroring"]),
                                *(format_cell(row["dice"][n]) for n in names), format_cell(row["mean_dice"]),
-                               format_cell(row["seconds_per_case"], 3), str(row["cases"]), format_cell(row["optimistic"])]))
+                               format_cell(row["seconds_per_case"], 3), format_cell(row.get("network_seconds_per_case"), 3),
+                               str(row["cases"]), format_cell(row["optimistic"])]))
     return lines
 
 
 def markdown(rows: list[dict], names: list[str], meta: dict) -> str:
-    cols = ["model", "kind", "r", *(f"Dice {n}" for n in names), "mean Dice", "s / case"]
+    cols = ["model", "kind", "r", *(f"Dice {n}" for n in names), "mean Dice", *SPEED_HEADS]
     lines = [f"Evaluation on {meta['case_set'] or 'the test set'} ({len(meta['cases'])} cases)"
              + (" - OPTIMISTIC: the teachers (and through them the students) saw these cases in training"
                 if meta["optimistic"] else ", none of them seen in training by any model"),
@@ -248,19 +261,22 @@ def markdown(rows: list[dict], names: list[str], meta: dict) -> str:
     for row in rows:
         lines.append("| " + " | ".join([row["label"], row["kind"], format_cell(row["r"]),
                                         *(format_cell(row["dice"][n], 3) for n in names), format_cell(row["mean_dice"], 3),
-                                        format_cell(row["seconds_per_case"], 2)]) + " |")
+                                        format_cell(row["seconds_per_case"], 2),
+                                        format_cell(row.get("network_seconds_per_case"), 3)]) + " |")
     groups = meta.get("groups") or []
     notes = meta.get("notes") or []
     if notes:
         lines += [""] + [f"**{note.split(': ', 1)[0]}**: {note.split(': ', 1)[1]}" for note in notes]
     if any(g["n"] > 1 for g in groups):  # repeats (student.seeds): mean and spread, to tell a difference from noise
-        cols = ["setting", "seeds", *(f"Dice {n}" for n in names), "mean Dice", "s / case"]
+        cols = ["setting", "seeds", *(f"Dice {n}" for n in names), "mean Dice", *SPEED_HEADS]
         lines += ["", "Mean ± sample standard deviation over the seeds of each setting", "",
                   "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for g in groups:
             cells = [g["dice"][n] for n in names] + [g["mean_dice"]]
             lines.append("| " + " | ".join([g["label"], str(g["n"]), *(f"{c['mean']:.3f} ± {c['sd']:.3f}" for c in cells),
-                                            f"{g['seconds_per_case']['mean']:.2f}"]) + " |")
+                                            f"{g['seconds_per_case']['mean']:.2f}",
+                                            "-" if g.get("network_seconds_per_case") is None else
+                                            f"{g['network_seconds_per_case']['mean']:.3f}"]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -300,7 +316,10 @@ def _figure(rows: list[dict], names: list[str], png: Path, meta: dict) -> None:
     x = np.arange(len(names))
     for i, row in enumerate(rows):
         bars.bar(x + (i - (len(rows) - 1) / 2) * width, [row["dice"][n] for n in names], width, label=row["short"])
-        speed.scatter(row["seconds_per_case"], row["mean_dice"], s=60, label=row["short"])
+        dot = speed.scatter(row["seconds_per_case"], row["mean_dice"], s=60, label=row["short"])
+        if row.get("network_seconds_per_case"):
+            speed.scatter(row["network_seconds_per_case"], row["mean_dice"], s=60, facecolors="none",
+                          edgecolors=dot.get_facecolor())
     bars.set_xticks(x, names)
     bars.set_ylim(0, 1.25)  # room for the legend above the bars
     bars.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
@@ -309,7 +328,7 @@ def _figure(rows: list[dict], names: list[str], png: Path, meta: dict) -> None:
     bars.set_title(title)
     bars.legend(fontsize=8, loc="upper right")
     speed.set_xscale("log")
-    speed.set_xlabel("seconds per case (whole fastkd predict run)")
+    speed.set_xlabel("seconds per case: filled = whole fastkd predict run, hollow = network only")
     speed.set_ylabel("mean foreground Dice")
     speed.set_ylim(0, 1)
     speed.set_title("quality against speed")

@@ -30,7 +30,8 @@ Layout (``fastkd_work/<ds>/report/``)::
                   mirroring, tile_batch, cases, seconds_total, seconds_per_case, speedup (the teacher
                   ensemble's seconds per case over this one's, '-' where the set has no teacher row)
     speed.html    the same table
-    dice.html     the Dice table of every case set: model, kind, r, Dice per class, mean Dice, s / case
+    dice.html     the Dice table of every case set: model, kind, r, Dice per class, mean Dice, s / case (whole
+                  run) and network s / case
     cache.tsv     one row per soft-label cache: store, complete, cases, expected_cases, dtype, temperature, bytes, logical_bytes,
                   float32_bytes, compression, verify ('ok' or the number of problems), problems ('; '-joined)
     cache.html    the same, with every problem on its own line
@@ -50,7 +51,7 @@ from pathlib import Path
 
 from fastkd import nnunet
 from fastkd.errors import FastkdError
-from fastkd.evaluate import KINDS, PREDICT_RECORD, format_cell as _fmt
+from fastkd.evaluate import KINDS, PREDICT_RECORD, SPEED_HEADS, format_cell as _fmt
 from fastkd.io import atomic_write_text, read_json
 
 TEACHER_ENSEMBLE = KINDS[0]
@@ -186,9 +187,10 @@ def _speed_cells(row: dict) -> list[str]:
 
 def _dice_cells(table: dict) -> list[list[str]]:
     names = table["classes"]
-    head = ["model", "kind", "r", *(f"Dice {n}" for n in names), "mean Dice", "s / case"]
+    head = ["model", "kind", "r", *(f"Dice {n}" for n in names), "mean Dice", *SPEED_HEADS]
     return [head] + [[row["short"], row["kind"], _fmt(row["r"]), *(_fmt(row["dice"][n], 4) for n in names),
-                      _fmt(row["mean_dice"], 4), _fmt(row["seconds_per_case"], 2)] for row in table["rows"]]
+                      _fmt(row["mean_dice"], 4), _fmt(row["seconds_per_case"], 2),
+                      _fmt(row.get("network_seconds_per_case"), 3)] for row in table["rows"]]
 
 
 def _group_cells(table: dict) -> list[list[str]] | None:
@@ -196,10 +198,11 @@ def _group_cells(table: dict) -> list[list[str]] | None:
     groups, names = table.get("groups") or [], table["classes"]
     if not any(g["n"] > 1 for g in groups):
         return None
-    head = ["setting", "seeds", *(f"Dice {n}" for n in names), "mean Dice", "s / case"]
+    head = ["setting", "seeds", *(f"Dice {n}" for n in names), "mean Dice", *SPEED_HEADS]
     return [head] + [[g["label"], str(g["n"]), *(f"{c['mean']:.4f} ± {c['sd']:.4f}" for c in
                                                  [*(g["dice"][n] for n in names), g["mean_dice"]]),
-                      _fmt(g["seconds_per_case"]["mean"], 2)] for g in groups]
+                      _fmt(g["seconds_per_case"]["mean"], 2),
+                      _fmt((g.get("network_seconds_per_case") or {}).get("mean"), 3)] for g in groups]
 
 
 def _dice_section(table: dict) -> str:

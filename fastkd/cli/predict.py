@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from fastkd.cli.common import config_flag, fold_arg, positive_int, set_threads
@@ -40,13 +41,15 @@ def add_parser(sub) -> None:
 
 
 def _predict(args) -> None:
+    started = time.perf_counter()  # the record's start-up counts importing torch and nnU-Net
     set_threads(args.threads)  # before nnU-Net is imported: it reads its pool sizes once
     from fastkd.predict.predictor import RECORD, predict
 
     record = predict(args.input, args.output, args.model, backend=args.backend, folds=args.folds,
                      checkpoint=args.checkpoint, device=args.device, mirroring=not args.disable_mirroring,
                      step_size=args.step_size, save_probabilities=args.save_probabilities, num_processes=args.threads,
-                     tile_batch=args.tile_batch, jit=args.jit)
+                     tile_batch=args.tile_batch, jit=args.jit, started=started)
     print(f"{record['cases']} segmentations in {args.output} ({record['backend']}, folds {record['folds']}, "
-          f"{record['seconds_per_case']:.2f} s per case, {record['tile_batch']} network inputs per forward); "
+          f"{record['seconds_per_case']:.2f} s per case of which {record['seconds_network_per_case']:.2f} s network, "
+          f"{record['seconds_startup']:.2f} s start-up, {record['tile_batch']} network inputs per forward); "
           f"record in {args.output / RECORD}")

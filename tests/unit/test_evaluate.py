@@ -37,14 +37,15 @@ def _labels(folder, n=3):
     return maps
 
 
-def _prediction(folder, maps, model, folds=(0,), mirroring=True, seconds=0.5, change=None, record=True):
+def _prediction(folder, maps, model, folds=(0,), mirroring=True, seconds=0.5, change=None, record=True, network=None):
     for case, seg in maps.items():
         _nifti(folder / f"{case}.nii.gz", change(seg) if change else seg)
     (folder / "plans.json").write_text("{}")  # nnU-Net writes its plans beside the predictions
     if record:
         (folder / "fastkd_predict.json").write_text(json.dumps(
             {"model": str(model), "backend": "torch", "folds": list(folds), "mirroring": mirroring,
-             "seconds_per_case": seconds, "cases": len(maps)}))
+             "seconds_per_case": seconds, "cases": len(maps),
+             **({} if network is None else {"seconds_network_per_case": network})}))
     return folder
 
 
@@ -68,9 +69,9 @@ def test_table_scores_each_model_with_nnunets_dice(tmp_path):
     def no_lesion(seg):
         return np.where(seg == 2, 1, seg)
 
-    folders = [_prediction(preds / "teachers", maps, teachers, folds=range(5), seconds=4.0),
-               _prediction(preds / f"{nokd.name}__fold_0", maps, nokd, change=no_lesion, seconds=0.2),
-               _prediction(preds / f"{kd.name}__fold_0", maps, kd, seconds=0.25)]
+    folders = [_prediction(preds / "teachers", maps, teachers, folds=range(5), seconds=4.0, network=2.5),
+               _prediction(preds / f"{nokd.name}__fold_0", maps, nokd, change=no_lesion, seconds=0.2),  # an old record
+               _prediction(preds / f"{kd.name}__fold_0", maps, kd, seconds=0.25, network=0.0123)]
     rows = evaluate(tmp_path / "labels", folders, tmp_path / "eval", dataset_json=DATASET_JSON, optimistic=False,
                     case_set="test", num_processes=1)
     assert [(r["kind"], r["r"]) for r in rows] == [("teacher ensemble", None), ("student (KD)", 2),
@@ -78,6 +79,8 @@ def test_table_scores_each_model_with_nnunets_dice(tmp_path):
     teacher, student, baseline = rows
     assert teacher["dice"] == {"organ": 1.0, "lesion": 1.0} and teacher["folds"] == [0, 1, 2, 3, 4]
     assert student["dice"] == {"organ": 1.0, "lesion": 1.0} and student["seconds_per_case"] == 0.25
+    assert (teacher["network_seconds_per_case"], student["network_seconds_per_case"],
+            baseline["network_seconds_per_case"]) == (2.5, 0.0123, None)
     # every lesion voxel called organ: no lesion found, organ Dice from the confusion alone
     organ = np.mean([2 * (m == 1).sum() / ((m == 1).sum() + (m > 0).sum()) for m in maps.values()])
     assert baseline["dice"]["lesion"] == 0.0 and baseline["dice"]["organ"] == pytest.approx(organ)
@@ -85,9 +88,14 @@ def test_table_scores_each_model_with_nnunets_dice(tmp_path):
     tsv = (tmp_path / "eval" / "dice.tsv").read_text().splitlines()
     assert tsv[0].split("\t") == ["model", "kind", "r", "temperature", "alpha", "loss", "scales", "class_balanced",
                                   "folds_per_case", "seed", "folds",
-                                  "mirroring", "dice_organ", "dice_lesion", "mean_dice", "seconds_per_case", "cases",
-                                  "optimistic"]
-    assert tsv[3].split("\t")[:2] == [f"{nokd.name}__fold_0", "no-KD baseline"] and tsv[3].endswith("\t3\tfalse")
+                                  "mirroring", "dice_organ", "dice_lesion", "mean_dice", "seconds_per_case",
+                                  "network_seconds_per_case", "cases", "optimistic"]
+    assert tsv[3].split("\t")[:2] == [f"{nokd.name}__fold_0", "no-KD baseline"] and tsv[3].endswith("\t-\t3\tfalse")
+    assert tsv[2].endswith("\t0.250\t0.012\t3\tfalse")
+    md = (tmp_path / "eval" / "dice.md").read_text().splitlines()
+    head = next(line for line in md if line.startswith("| model"))
+    assert head.endswith("| mean Dice | s / case (whole run) | network s / case |")
+    assert next(line for line in md if line.startswith("| teachers")).endswith("| 4.00 | 2.500 |")
     table = json.loads((tmp_path / "eval" / "dice.json").read_text())
     assert table["cases"] == ["case_0", "case_1", "case_2"] and not table["optimistic"]
     assert (tmp_path / "eval" / "dice.png").stat().st_size > 10_000

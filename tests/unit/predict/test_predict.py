@@ -9,6 +9,8 @@ trained students: tests/workflow/test_predict_parity.py.
 import json
 import shutil
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,6 +63,17 @@ def write_model_folder(folder, plans, folds=(0, 1)):
                     "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1, 2)},
                    folder / f"fold_{fold}" / "checkpoint_final.pth")
     return folder
+
+
+#: the record's keys beyond tests/fake_models.py's RECORD_KEYS (the start-up, network time and batch wanted)
+NEW_RECORD_KEYS = {"tile_batch_wanted", "in_process", "seconds_startup", "seconds_network", "seconds_network_per_case"}
+
+
+@pytest.fixture(autouse=True)
+def trace_cache(tmp_path, monkeypatch):
+    """Every test's own TorchScript cache (fastkd keeps traces in $FASTKD_CACHE)."""
+    monkeypatch.setenv("FASTKD_CACHE", str(tmp_path / "fastkd_cache"))
+    return tmp_path / "fastkd_cache" / "torchscript"
 
 
 @pytest.fixture
@@ -120,28 +133,38 @@ def test_batched_tiles_give_nnunets_sliding_window_logits(model, mirroring):
 
 
 def test_tile_batch_defaults_and_fixed_batch_models(model, tmp_path, capsys):
-    """1 on the CPU, 8 on CUDA; a static-batch ONNX caps it at 1 (with a note when asked for more), a
-    dynamic-batch ONNX takes any; an ONNX network with batched tiles gives the torch network's logits."""
+    """1 on the CPU, 8 on CUDA; a static-batch ONNX caps it at 1, with a line saying so and how to lift it
+    whether the batch was asked for or the default, a dynamic-batch ONNX takes any; (wanted, used) both
+    come back for the record; an ONNX network with batched tiles gives the torch network's logits."""
     from fastkd.export.onnx import export_onnx
     from fastkd.predict.backends import load_model
     from fastkd.predict.predictor import FastkdPredictor, resolve_tile_batch
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     torch_model = load_model(model, "torch", (0,), "checkpoint_final.pth", cpu)
-    assert resolve_tile_batch(None, cpu, "torch", torch_model["network"]) == 1
-    assert resolve_tile_batch(None, cuda, "torch", torch_model["network"]) == 8
-    assert resolve_tile_batch(5, cpu, "torch", torch_model["network"]) == 5
+    assert resolve_tile_batch(None, cpu, "torch", torch_model["network"]) == (1, 1)
+    assert resolve_tile_batch(None, cuda, "torch", torch_model["network"]) == (8, 8)
+    assert resolve_tile_batch(5, cpu, "torch", torch_model["network"]) == (5, 5)
     export_onnx(model, 0, tmp_path / "static.onnx")
     export_onnx(model, 0, tmp_path / "dynamic.onnx", batch=0)
     static = load_model(tmp_path / "static.onnx", "onnx", (0,), "", cpu)
     dynamic = load_model(tmp_path / "dynamic.onnx", "onnx", (0,), "", cpu)
     assert static["folds"] == [0] and static["parameters"] == [{}]
     capsys.readouterr()
-    assert resolve_tile_batch(8, cpu, "onnx", static["network"]) == 1
+    assert resolve_tile_batch(8, cpu, "onnx", static["network"]) == (8, 1)
     assert "takes batches of at most 1: --tile-batch 8 -> 1" in capsys.readouterr().err
-    assert resolve_tile_batch(None, cuda, "onnx", static["network"]) == 1
-    assert resolve_tile_batch(8, cpu, "onnx", dynamic["network"]) == 8
-    assert resolve_tile_batch(3, cpu, "trt", object()) == 1  # an engine network that does not say: one at a time
+    assert resolve_tile_batch(None, cuda, "onnx", static["network"]) == (8, 1)
+    err = capsys.readouterr().err  # the default capped: said too, once, with the way out
+    assert err.count("\n") == 1 and "the cuda default of 8 -> 1" in err and "fastkd export onnx --batch 0" in err
+    assert resolve_tile_batch(None, cpu, "onnx", static["network"]) == (1, 1) and not capsys.readouterr().err
+    assert resolve_tile_batch(8, cpu, "onnx", dynamic["network"]) == (8, 8)
+
+    class Engine:
+        max_batch = 4
+
+    assert resolve_tile_batch(None, cuda, "trt", Engine()) == (8, 4)
+    assert "fastkd export trt --max-batch 8" in capsys.readouterr().err
+    assert resolve_tile_batch(3, cpu, "trt", object()) == (3, 1)  # an engine network that does not say: one at a time
     for bad in (0, -1, 2.5, True):
         with pytest.raises(FastkdError, match=f"--tile-batch {bad!r}"):
             resolve_tile_batch(bad, cpu, "torch", torch_model["network"])
@@ -194,9 +217,9 @@ def test_torchscript_network_gives_each_folds_logits(model):
     for _ in range(2):  # the second case reuses the frozen networks
         got = frozen.predict_logits_from_preprocessed_data(data)
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
-    assert len(frozen.network._frozen) == 2  # one per fold, traced once
+    assert len(frozen.network._frozen) == 2  # one per fold, ready before the first case
     m = load_model(model, "torch", (0, 1), "checkpoint_final.pth", cpu)
-    net = FrozenNetwork(m["network"])
+    net = FrozenNetwork(m["network"], m["parameters"], m["trace_keys"], (1, 1, 16, 24, 16))
     x = data[None, :, :16, :24, :16]
     outputs = []
     for params in m["parameters"]:
@@ -241,14 +264,16 @@ def test_resampling_on_the_device_matches_nnunets_export(tmp_path):
 
 
 # -- fast: the whole run ----------------------------------------------------------------------------
-def test_predict_writes_stock_output_and_its_record_last(model, tmp_path):
-    """A whole run (worker processes and all) on two demo cases: nnU-Net's files, the same labels and geometry
-    as stock nnU-Net (its sequential predictor on the same folds), and the record, with exactly its keys."""
+@pytest.mark.parametrize("in_process", [True, False])
+def test_predict_writes_stock_output_and_its_record_last(model, tmp_path, monkeypatch, in_process):
+    """A whole run on two demo cases, in this process (the default for so few) and with nnU-Net's worker
+    pools: nnU-Net's files, the same labels and geometry as stock nnU-Net (its sequential predictor on the
+    same folds), and the record, with exactly its keys: start-up and network seconds within the total."""
     import SimpleITK as sitk
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+    import fastkd.predict.predictor as predictor
     from fastkd.demo import make_demo_dataset
-    from fastkd.predict.predictor import RECORD, predict
 
     raw = tmp_path / "Dataset900_FastkdDemo"
     make_demo_dataset(raw, n_cases=5, n_test=0)
@@ -258,15 +283,20 @@ def test_predict_writes_stock_output_and_its_record_last(model, tmp_path):
         shutil.copy(raw / "imagesTr" / f"{case}_0000.nii.gz", images)
     out = tmp_path / "out"
     out.mkdir()
-    (out / RECORD).write_text("{}")  # a stale record of an earlier run goes first
-    record = predict(images, out, model, folds=[0, 1], mirroring=False, step_size=0.75, num_processes=1,
-                     progress=False, jit=False)  # eager: bit for bit nnU-Net's (TorchScript: see the jit test)
-    assert set(record) == RECORD_KEYS and json.loads((out / RECORD).read_text()) == record
+    (out / predictor.RECORD).write_text("{}")  # a stale record of an earlier run goes first
+    if not in_process:
+        monkeypatch.setattr(predictor, "IN_PROCESS_CASES", 1)
+    record = predictor.predict(images, out, model, folds=[0, 1], mirroring=False, step_size=0.75, num_processes=1,
+                               progress=False, jit=False)  # eager: bit for bit nnU-Net's (TorchScript: the jit test)
+    assert set(record) == RECORD_KEYS | NEW_RECORD_KEYS and json.loads((out / predictor.RECORD).read_text()) == record
     assert (record["model"], record["backend"], record["folds"], record["device"], record["mirroring"],
-            record["step_size"], record["tile_batch"], record["jit"], record["cases"]) == \
-        (str(model), "torch", [0, 1], "cpu", False, 0.75, 1, False, 2)
+            record["step_size"], record["tile_batch_wanted"], record["tile_batch"], record["jit"], record["cases"],
+            record["in_process"]) == (str(model), "torch", [0, 1], "cpu", False, 0.75, 1, 1, False, 2, in_process)
     assert record["seconds_per_case"] == pytest.approx(record["seconds_total"] / 2)
-    assert (out / RECORD).stat().st_mtime_ns >= max(p.stat().st_mtime_ns for p in out.glob("*.nii.gz"))
+    assert record["seconds_network_per_case"] == pytest.approx(record["seconds_network"] / 2)
+    assert 0 < record["seconds_startup"] < record["seconds_total"]
+    assert 0 < record["seconds_network"] < record["seconds_total"] - record["seconds_startup"]
+    assert (out / predictor.RECORD).stat().st_mtime_ns >= max(p.stat().st_mtime_ns for p in out.glob("*.nii.gz"))
     assert {"plans.json", "dataset.json", "predict_from_raw_data_args.json"} <= {p.name for p in out.iterdir()}
 
     stock = nnUNetPredictor(tile_step_size=0.75, use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
@@ -277,6 +307,55 @@ def test_predict_writes_stock_output_and_its_record_last(model, tmp_path):
         a, b = (sitk.ReadImage(str(folder / f"{case}.nii.gz")) for folder in (out, tmp_path / "stock"))
         assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
         assert (a.GetSpacing(), a.GetOrigin(), a.GetDirection()) == (b.GetSpacing(), b.GetOrigin(), b.GetDirection())
+
+
+def test_traces_are_cached_per_checkpoint_torch_and_shape(model, trace_cache, monkeypatch, capsys):
+    """A fold's TorchScript trace is written once (atomically, no temporary left) and read back by the
+    next run instead of tracing again, with the same logits; a file whose stored key differs (another
+    checkpoint, torch version or input shape) is traced again and replaced; an unwritable cache is said
+    once and the run goes on."""
+    from fastkd.predict.backends import load_model
+    from fastkd.predict.backends import torch as torch_backend
+    from fastkd.predict.backends.torch import TRACE_KEY_FILE, FrozenNetwork
+
+    m = load_model(model, "torch", (0, 1), "checkpoint_final.pth", torch.device("cpu"))
+    x = torch.from_numpy(np.random.default_rng(4).standard_normal((1, 1, 16, 24, 16)).astype(np.float32))
+    traced = []
+    real_trace = torch.jit.trace
+    monkeypatch.setattr(torch.jit, "trace", lambda *a, **k: traced.append(1) or real_trace(*a, **k))
+
+    def outputs(shape=(1, 1, 16, 24, 16)):
+        net = FrozenNetwork(m["network"], m["parameters"], m["trace_keys"], shape)
+        result = []
+        for params in m["parameters"]:
+            net.load_state_dict(params)
+            result.append(net(x))
+        return result
+
+    first = outputs()
+    files = sorted(trace_cache.iterdir())
+    assert len(traced) == 2 and len(files) == 2 and all(f.suffix == ".pt" for f in files)
+    second = outputs()
+    assert len(traced) == 2 and all(torch.equal(a, b) for a, b in zip(first, second))  # read, not traced
+    assert (first[0] - first[1]).abs().max() > 1e-2  # each fold its own weights
+    outputs((2, 1, 16, 24, 16))  # another input shape: another key
+    assert len(traced) == 4 and len(list(trace_cache.iterdir())) == 4
+    # a file whose key is not this one's (as if written by another torch): traced again, and replaced
+    extra = {TRACE_KEY_FILE: ""}
+    module = torch.jit.load(str(files[0]), _extra_files=extra)
+    key = json.loads(extra[TRACE_KEY_FILE])
+    torch.jit.save(module, str(files[0]), _extra_files={TRACE_KEY_FILE: json.dumps({**key, "torch": "0.0"})})
+    assert all(torch.equal(a, b) for a, b in zip(outputs(), first)) and len(traced) == 5
+    torch.jit.load(str(files[0]), _extra_files=extra)
+    assert json.loads(extra[TRACE_KEY_FILE]) == key
+    # a key names everything a trace depends on
+    assert set(key) == {"format", "checkpoint_sha256", "architecture_sha256", "torch", "input_shape"}
+    assert key["torch"] == torch.__version__ and key["input_shape"] == [1, 1, 16, 24, 16]
+    assert m["trace_keys"][0]["checkpoint_sha256"] != m["trace_keys"][1]["checkpoint_sha256"]
+    monkeypatch.setattr(torch_backend, "cache_dir", lambda: Path("/proc/fastkd_no_such_cache"))
+    capsys.readouterr()
+    assert all(torch.equal(a, b) for a, b in zip(outputs(), first))
+    assert capsys.readouterr().err.count("cannot keep the TorchScript trace in /proc/fastkd_no_such_cache") == 2
 
 
 # -- fast: errors -----------------------------------------------------------------------------------
@@ -369,7 +448,7 @@ def test_cli_flags_reach_predict(monkeypatch, tmp_path, capsys):
     def fake_predict(*args, **kwargs):
         calls.append((args, kwargs))
         return {"cases": 3, "backend": kwargs["backend"] or "torch", "folds": kwargs["folds"], "seconds_per_case": 0.5,
-                "tile_batch": kwargs["tile_batch"] or 1}
+                "seconds_network_per_case": 0.125, "seconds_startup": 2.5, "tile_batch": kwargs["tile_batch"] or 1}
 
     monkeypatch.setattr(fastkd.predict.predictor, "predict", fake_predict)
     monkeypatch.delenv("nnUNet_def_n_proc", raising=False)
@@ -377,10 +456,14 @@ def test_cli_flags_reach_predict(monkeypatch, tmp_path, capsys):
                  "--disable-mirroring", "--step-size", "0.7", "--device", "cpu", "--threads", "3"]) == 0
     (args, kwargs), = calls
     assert [str(a) for a in args] == ["IN", str(tmp_path), "M"]
+    started = kwargs.pop("started")  # the CLI's clock, started before it imports torch and nnU-Net
+    assert isinstance(started, float) and started <= time.perf_counter()
     assert kwargs == {"backend": None, "folds": [0, 1, 2, 3, 4], "checkpoint": "checkpoint_final.pth", "device": "cpu",
                       "mirroring": False, "step_size": 0.7, "save_probabilities": False, "num_processes": 3,
                       "tile_batch": None, "jit": None}
     assert "3 segmentations in" in capsys.readouterr().out
+    main(["predict", "-i", "IN", "-o", "OUT", "-m", "M"])
+    assert "0.50 s per case of which 0.12 s network, 2.50 s start-up" in capsys.readouterr().out
     assert main(["predict", "-i", "IN", "-o", "OUT", "-m", "M.engine", "--backend", "trt", "-f", "all",
                  "--tile-batch", "4"]) == 0
     assert calls[-1][1]["backend"] == "trt" and calls[-1][1]["folds"] == ["all"] and calls[-1][1]["tile_batch"] == 4
