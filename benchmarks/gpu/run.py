@@ -62,11 +62,12 @@ DEFAULT_RAW = REPO.parent / "shared" / "datasets" / "Dataset004_Hippocampus"
 # tiny: CI on a CPU, fixed epochs. gpu: epochs from the calibration, so that the run ends within --budget
 # (reserve_s: the steps other than the two trainings; split: the teachers' share of the training time).
 SCHEDULES = {
-    "tiny": {"cases": 12, "test": 2, "seeds": [0], "iterations": 1, "val_iterations": 1, "batch_size": 2,
-             "teacher_epochs": 1, "student_epochs": 1, "calibration_iterations": 1, "min_dice": 0.0},
+    "tiny": {"cases": 7, "test": 2, "seeds": [0], "iterations": 1, "val_iterations": 1, "batch_size": 2,
+             "teacher_epochs": 1, "student_epochs": 1, "validation_mirroring": False, "shards": 1, "min_dice": 0.0,
+             "teacher_mirroring": False},
     "gpu": {"cases": None, "test": 20, "seeds": [0, 1], "iterations": 50, "val_iterations": 5, "batch_size": None,
-            "teacher_epochs": None, "student_epochs": None, "calibration_iterations": 20, "min_dice": 0.6,
-            "reserve_s": 170, "split": 0.6},
+            "teacher_epochs": None, "student_epochs": None, "validation_mirroring": True, "shards": 4, "teacher_mirroring": True,
+            "calibration_iterations": 20, "min_dice": 0.6, "reserve_s": 170, "split": 0.6},
 }
 
 
@@ -169,12 +170,13 @@ def make_config(args, s: dict, raw: Path) -> dict:
         "paths": {k: str(work / v) for k, v in (("nnunet_raw", "nnUNet_raw"), ("nnunet_preprocessed",
                   "nnUNet_preprocessed"), ("nnunet_results", "nnUNet_results"), ("work", "fastkd_work"))},
         "plans": {"num_processes": max(1, min(args.cpus, 16))},
-        "teachers": {"device": args.device, "folds": FOLDS, "schedule": {**schedule, "epochs": s["teacher_epochs"]}},
+        "teachers": {"device": args.device, "folds": FOLDS, "validation_mirroring": s["validation_mirroring"],
+                     "schedule": {**schedule, "epochs": s["teacher_epochs"]}},
         "distillation": {"reduction_factors": [2, 4]},
         "student": {"device": args.device, "folds": [0], "baseline": True, "seeds": s["seeds"],
                     "schedule": {**schedule, "epochs": s["student_epochs"], "save_every": 50}},
         # 4 shards side by side keep the device busy; mirroring only in the evaluation (8x the forwards)
-        "softlabels": {"device": args.device, "shards": 4, "mirroring": False},
+        "softlabels": {"device": args.device, "shards": s["shards"], "mirroring": False},
         "evaluation": {"device": args.device, "mirroring": True},
     }
     for block, values in over.items():
@@ -215,19 +217,16 @@ def seconds_per_iteration(fold_folder: Path, iterations: int) -> float:
     return times[-1] / iterations
 
 
-def choose_epochs(args, s: dict, runner: Runner, calibration: dict) -> tuple[int, int]:
-    """Teacher and student epochs: fixed (``--epochs``, the tiny schedule) or what fits the budget left."""
-    if args.epochs:
-        return tuple(args.epochs)
-    if s["teacher_epochs"]:
-        return s["teacher_epochs"], s["student_epochs"]
-    left = args.budget - runner.elapsed() - s["reserve_s"] - 2 * calibration["overhead_s"]
+def budget_epochs(s: dict, calibration: dict, left: float) -> tuple[int, int]:
+    """Teacher and student epochs (at least 2 each) that fill ``left`` seconds, minus the steps other than the
+    two trainings (``reserve_s``) and the two trainings' start-up and validation (the calibration's overhead)."""
+    left = left - s["reserve_s"] - 2 * calibration["overhead_s"]
     if left < 60:
-        raise StepFailed(f"calibration: {left:.0f} s left for training within --budget {args.budget} "
+        raise StepFailed(f"calibration: {left:.0f} s left for training within the budget "
                          f"(overhead per training step {calibration['overhead_s']:.0f} s): raise --budget")
-    per_epoch = s["iterations"] * calibration["teacher_s_per_it"]
+    per_epoch = (s["iterations"] + s["val_iterations"]) * calibration["teacher_s_per_it"]
     # 8 students share the CPU's augmentation workers that 5 teachers shared: slower per process
-    student_per_epoch = s["iterations"] * calibration["teacher_s_per_it"] * calibration["student_slowdown"]
+    student_per_epoch = (s["iterations"] + s["val_iterations"]) * calibration["teacher_s_per_it"] * calibration["student_slowdown"]
     return max(2, int(left * s["split"] / per_epoch)), max(2, int(left * (1 - s["split"]) / student_per_epoch))
 
 
@@ -306,7 +305,8 @@ def teacher_command(config: dict, P: Paths, fold: int, epochs: int, iterations: 
     return (["teachers", "train", "-d", P.dataset_id, "-c", CFG, "-f", fold, "-p", P.plans_name, "-tr", t["trainer"],
              "--device", t["device"], "--epochs", epochs, "--iterations", iterations,
              "--val-iterations", sched["val_iterations_per_epoch"], "--save-every", sched["save_every"],
-             "--threads", threads] + (["--batch-size", sched["batch_size"]] if sched["batch_size"] else []))
+             "--threads", threads] + ([] if t["validation_mirroring"] else ["--disable-validation-mirroring"])
+            + (["--batch-size", sched["batch_size"]] if sched["batch_size"] else []))
 
 
 def run_dag(args, s: dict, results: dict, lines: list) -> None:
@@ -331,12 +331,16 @@ def run_dag(args, s: dict, results: dict, lines: list) -> None:
                                 "--manifests", P.preprocess_manifest(CFG), "--planner", P.planner_class,
                                 "-np", config["plans"]["num_processes"], "--holdout", d["n_test"],
                                 "--holdout-seed", d["seed"]]])
-    calibration = calibrate(args, s, runner, config, P)
-    teacher_epochs, student_epochs = choose_epochs(args, s, runner, calibration)
-    results["calibration"] = {**calibration, "teacher_epochs": teacher_epochs, "student_epochs": student_epochs}
-    print(f"calibration: {calibration['teacher_s_per_it']:.3f} s per iteration with {len(FOLDS)} teacher folds "
-          f"side by side, {calibration['overhead_s']:.0f} s start-up + validation per training step -> teachers "
-          f"{teacher_epochs} x {s['iterations']}, students {student_epochs} x {s['iterations']} iterations", flush=True)
+    if args.epochs or s["teacher_epochs"]:  # fixed epochs (the tiny schedule): nothing to calibrate
+        teacher_epochs, student_epochs = args.epochs or (s["teacher_epochs"], s["student_epochs"])
+        results["calibration"] = {"fixed": True, "teacher_epochs": teacher_epochs, "student_epochs": student_epochs}
+    else:
+        calibration = calibrate(args, s, runner, config, P)
+        teacher_epochs, student_epochs = budget_epochs(s, calibration, args.budget - runner.elapsed())
+        results["calibration"] = {**calibration, "teacher_epochs": teacher_epochs, "student_epochs": student_epochs}
+        print(f"calibration: {calibration['teacher_s_per_it']:.3f} s per iteration with {len(FOLDS)} teacher folds "
+              f"side by side, {calibration['overhead_s']:.0f} s start-up + validation per training step -> teachers "
+              f"{teacher_epochs} x {s['iterations']}, students {student_epochs} x {s['iterations']} iterations", flush=True)
     config = make_config(args, {**s, "teacher_epochs": teacher_epochs, "student_epochs": student_epochs}, raw)
     results["config"] = config
 
@@ -376,7 +380,9 @@ def run_dag(args, s: dict, results: dict, lines: list) -> None:
     predictions.update({f"{name}__fold_0": ["-m", P.model_folder(name), "-f", 0] for name in students})
     t = runner.threads(len(predictions))
     runner.step("predict", [["predict", "-i", images, "-o", P.predictions("test", label), *model,
-                             *([] if ev["mirroring"] or label == "teachers" else ["--disable-mirroring"]),
+                             # teachers: mirroring as nnU-Net predicts by default (the tiny CPU run drops it)
+                             *([] if (s["teacher_mirroring"] if label == "teachers" else ev["mirroring"])
+                               else ["--disable-mirroring"]),
                              "--step-size", ev["step_size"], "--device", ev["device"], "--threads", t]
                             for label, model in predictions.items()])
     runner.step("evaluate", [["evaluate", "table", *(P.predictions("test", label) for label in predictions),
@@ -473,9 +479,15 @@ def main(argv=None) -> int:
                  for st in results["steps"]]
         write_tsv(args.out / "timing.tsv", steps + results["training"] + results["predict_timing"])
         students = students_by_folder(results["config"])
-        models = [(f"{st.label} s{st.seed} fold 0", fold_folder(sp.model_folder(n), 0) / "checkpoint_final.pth") for n, (st, sp) in students.items()]
-        models += [(f"teacher fold {f}", P.teacher_checkpoint(f)) for f in FOLDS]
-        results["models"] = pack_models(args.out, models, (MAX_FILES - 4 - 1) * MAX_FILE_BYTES)
+        # first seed's students, teacher fold 0, the other students, the other folds: as many as fit
+        students_ = [(st.seed != s["seeds"][0], f"{st.label} s{st.seed} fold 0",
+                      fold_folder(sp.model_folder(n), 0) / "checkpoint_final.pth") for n, (st, sp) in students.items()]
+        teachers = [(f != 0, f"teacher fold {f}", P.teacher_checkpoint(f)) for f in FOLDS]
+        order = [m for m in students_ if not m[0]] + [t for t in teachers if not t[0]] + \
+                [m for m in students_ if m[0]] + [t for t in teachers if t[0]]
+        tables = len(list(args.out.iterdir())) + 1  # and results.json
+        results["models"] = pack_models(args.out, [(label, c) for _, label, c in order],
+                                        (MAX_FILES - tables) * MAX_FILE_BYTES)
         lines.append(f"PASS packed {len(results['models']['packed'])} checkpoints (fp16, weights only) in "
                      f"{len(results['models']['parts'])} part(s); left out: {results['models']['left_out'] or 'none'}")
         print(lines[-1])

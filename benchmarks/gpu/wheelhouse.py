@@ -61,6 +61,12 @@ PACKAGES = [
     ("graphviz==0.21", "binary"),
 ]
 DATA = "Dataset004_Hippocampus.tar"
+#: the GPU run, in the command that brings the data (after its wheels): at most 510 s of the 600 s a command
+#: may take; its log's tail is the command's output, its results come back from $OUT/results
+RUN = (f"rm -rf .gpu/work && FASTKD_GPU_SITE=$PWD/.gpu/site PYTHONPATH=$PWD/.gpu/site:$PWD timeout 570 {PYTHON} "
+       "benchmarks/gpu/run.py --raw .gpu/data/Dataset004_Hippocampus --work .gpu/work --out $OUT/results "
+       "--schedule gpu --device cuda --budget 510 --cpus 16 > .gpu/run.log 2>&1; rc=$?; tail -c 11000 .gpu/run.log; "
+       "exit $rc")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -97,18 +103,20 @@ def split(sizes: dict[str, int], limit: int) -> list[list[str]]:
 
 
 def place_data(parts: list[list[str]], sizes: dict[str, int], data: str, data_size: int, limit: int) -> list[list[str]]:
-    """``parts`` with the data added to the smallest part where it fits, else as a part of its own (last)."""
+    """``parts`` with the data added to the smallest part where it fits, else as a part of its own; the part with
+    the data comes last (its command runs the driver once every wheel is in)."""
     if data_size > limit:
         raise FastkdError(f"{data} ({data_size / MiB:.1f} MiB) > the part limit {limit / MiB:.1f} MiB")
     totals = [sum(sizes[n] for n in part) for part in parts]
     smallest = min(range(len(parts)), key=lambda i: totals[i], default=None)
-    if smallest is not None and totals[smallest] + data_size <= limit:
-        return [part + [data] if i == smallest else part for i, part in enumerate(parts)]
+    if smallest is not None and totals[smallest] + data_size <= limit:  # last: its command runs the driver
+        return [part for i, part in enumerate(parts) if i != smallest] + [parts[smallest] + [data]]
     return parts + [[data]]
 
 
 def commands(parts: list[list[str]], data: str) -> list[dict]:
-    """The command that installs each part on the GPU machine (the part with the data also runs the driver)."""
+    """The command that installs each part on the GPU machine; the part with the data also runs the driver, so
+    it must be the last part sent (:func:`place_data` puts it last or with the smallest part: send that last)."""
     out = []
     for i, part in enumerate(parts, 1):
         steps, folder = [], f".gpu/part{i}"
@@ -116,8 +124,10 @@ def commands(parts: list[list[str]], data: str) -> list[dict]:
             steps.append(f"{PYTHON} -m pip install -q --no-index --no-deps --no-compile --target .gpu/site {folder}/*.whl")
         if data in part:
             steps.append(f"mkdir -p .gpu/data && tar -xf {folder}/{data} -C .gpu/data")
-        steps.append("ls .gpu/site | wc -l")
-        out.append({"part": folder, "carry": [folder], "command": " && ".join(steps)})
+        command = " && ".join(steps + ["ls .gpu/site | wc -l"])
+        if data in part:  # the last wheels are in: run
+            command = " && ".join(steps) + " && " + RUN
+        out.append({"part": folder, "carry": [folder], "command": command})
     return out
 
 
