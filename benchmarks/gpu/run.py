@@ -50,6 +50,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from fastkd.cases import holdout_cases  # noqa: E402
 from fastkd.checks import validate_config  # noqa: E402
 from fastkd.config import overrides, read_config_files  # noqa: E402
+from fastkd.errors import FastkdError  # noqa: E402
 from fastkd.paths import Paths, fold_folder, students_by_folder  # noqa: E402
 from fastkd.student.run import KD_KEYS  # noqa: E402
 from fastkd.teachers import teacher_sets  # noqa: E402
@@ -63,10 +64,9 @@ DEFAULT_RAW = REPO.parent / "shared" / "datasets" / "Dataset004_Hippocampus"
 # (reserve_s: the steps other than the two trainings; split: the teachers' share of the training time).
 SCHEDULES = {
     "tiny": {"cases": 7, "test": 2, "seeds": [0], "iterations": 1, "val_iterations": 1, "batch_size": 2,
-             "teacher_epochs": 1, "student_epochs": 1, "validation_mirroring": False, "shards": 1, "min_dice": 0.0,
-             "teacher_mirroring": False},
+             "teacher_epochs": 1, "student_epochs": 1, "mirroring": False, "shards": 1, "min_dice": 0.0},
     "gpu": {"cases": None, "test": 20, "seeds": [0, 1], "iterations": 50, "val_iterations": 5, "batch_size": None,
-            "teacher_epochs": None, "student_epochs": None, "validation_mirroring": True, "shards": 4, "teacher_mirroring": True,
+            "teacher_epochs": None, "student_epochs": None, "mirroring": True, "shards": 4,
             "calibration_iterations": 20, "min_dice": 0.6, "reserve_s": 170, "split": 0.6},
 }
 
@@ -170,14 +170,14 @@ def make_config(args, s: dict, raw: Path) -> dict:
         "paths": {k: str(work / v) for k, v in (("nnunet_raw", "nnUNet_raw"), ("nnunet_preprocessed",
                   "nnUNet_preprocessed"), ("nnunet_results", "nnUNet_results"), ("work", "fastkd_work"))},
         "plans": {"num_processes": max(1, min(args.cpus, 16))},
-        "teachers": {"device": args.device, "folds": FOLDS, "validation_mirroring": s["validation_mirroring"],
+        "teachers": {"device": args.device, "folds": FOLDS, "validation_mirroring": s["mirroring"],
                      "schedule": {**schedule, "epochs": s["teacher_epochs"]}},
         "distillation": {"reduction_factors": [2, 4]},
         "student": {"device": args.device, "folds": [0], "baseline": True, "seeds": s["seeds"],
                     "schedule": {**schedule, "epochs": s["student_epochs"], "save_every": 50}},
         # 4 shards side by side keep the device busy; mirroring only in the evaluation (8x the forwards)
         "softlabels": {"device": args.device, "shards": s["shards"], "mirroring": False},
-        "evaluation": {"device": args.device, "mirroring": True},
+        "evaluation": {"device": args.device, "mirroring": s["mirroring"]},
     }
     for block, values in over.items():
         for key, value in values.items():
@@ -380,9 +380,8 @@ def run_dag(args, s: dict, results: dict, lines: list) -> None:
     predictions.update({f"{name}__fold_0": ["-m", P.model_folder(name), "-f", 0] for name in students})
     t = runner.threads(len(predictions))
     runner.step("predict", [["predict", "-i", images, "-o", P.predictions("test", label), *model,
-                             # teachers: mirroring as nnU-Net predicts by default (the tiny CPU run drops it)
-                             *([] if (s["teacher_mirroring"] if label == "teachers" else ev["mirroring"])
-                               else ["--disable-mirroring"]),
+                             # the teachers mirror as nnU-Net predicts by default (in the tiny CPU run none does)
+                             *([] if ev["mirroring"] else ["--disable-mirroring"]),
                              "--step-size", ev["step_size"], "--device", ev["device"], "--threads", t]
                             for label, model in predictions.items()])
     runner.step("evaluate", [["evaluate", "table", *(P.predictions("test", label) for label in predictions),
@@ -395,7 +394,7 @@ def run_dag(args, s: dict, results: dict, lines: list) -> None:
     check_dice(P.evaluation("test") / "dice.json", s["min_dice"], passed)
 
     kd2 = next(name for name, (st, _) in students.items() if st.kd and st.r == 2 and st.seed == s["seeds"][0])
-    results["predict_timing"] = time_predict(args, runner, P, kd2, images, passed)
+    results["predict_timing"] = time_predict(args, runner, P, kd2, images, ev["mirroring"], passed)
     results["training"] = training_rows(P, students, FOLDS)
 
 
@@ -413,7 +412,7 @@ def check_dice(path: Path, min_dice: float, passed) -> None:
            f"{best['label']} {best['mean_dice']:.3f} ({len(rows)} models, held-out cases)")
 
 
-def time_predict(args, runner: Runner, P: Paths, model: str, images: Path, passed) -> list[dict]:
+def time_predict(args, runner: Runner, P: Paths, model: str, images: Path, mirroring: bool, passed) -> list[dict]:
     """``fastkd predict`` of one student at tile batch 1 and 8, one after the other (seconds per case of the
     whole run), and its phases in turn per case (network alone) with benchmarks/bench_predict.py's helpers."""
     import bench_predict
@@ -423,6 +422,7 @@ def time_predict(args, runner: Runner, P: Paths, model: str, images: Path, passe
         out = args.work / "timing" / f"tile_batch_{tb}"
         runner.step(f"predict_tile_batch_{tb}", [["predict", "-i", images, "-o", out, "-m", folder, "-f", 0,
                                                   "--tile-batch", tb, "--device", args.device,
+                                                  *([] if mirroring else ["--disable-mirroring"]),
                                                   "--threads", runner.threads(1)]])
         record = json.loads((out / "fastkd_predict.json").read_text())
         rows.append({"kind": "predict", "name": f"{model} fold 0 tile_batch {tb} (fastkd predict, whole run)",
@@ -432,7 +432,7 @@ def time_predict(args, runner: Runner, P: Paths, model: str, images: Path, passe
     d = {"cases": sorted(p.name[: -len("_0000.nii.gz")] for p in images.glob("*_0000.nii.gz")), "inputs": images,
          "dataset_json": dataset_json}
     for tb in (1, 8):
-        predictor, _, mirror = bench_predict.make_predictor(args, d, {"fastkd": (folder, True, None)}, tile_batch=tb)
+        predictor, _, mirror = bench_predict.make_predictor(args, d, {"fastkd": (folder, mirroring, None)}, tile_batch=tb)
         phases = bench_predict.bench_phases(args, d, predictor, args.work / "timing" / f"phases_{tb}")["mean"]
         rows += [{"kind": "predict", "name": f"{model} fold 0 tile_batch {tb} phase {k}", "seconds": v,
                   "detail": f"mean over {len(d['cases'])} cases, in turn, mirroring {mirror}"} for k, v in phases.items()]
@@ -491,7 +491,7 @@ def main(argv=None) -> int:
         lines.append(f"PASS packed {len(results['models']['packed'])} checkpoints (fp16, weights only) in "
                      f"{len(results['models']['parts'])} part(s); left out: {results['models']['left_out'] or 'none'}")
         print(lines[-1])
-    except StepFailed as e:
+    except (StepFailed, FastkdError) as e:  # a failed step; a config or input fastkd refuses
         failed = str(e)
     except Exception as e:  # noqa: BLE001  (anything else is a failed step too: named, never swallowed)
         failed = f"driver: {type(e).__name__}: {e}"
