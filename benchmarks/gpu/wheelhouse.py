@@ -14,7 +14,9 @@ under the 64 MiB a command takes. A wheel larger than the limit cannot travel an
 
 Which packages (``PACKAGES``): every distribution a process of the GPU run imports (benchmarks/gpu/run.py
 on the CPU with an import tracer: the top-level modules of ``sys.modules`` at exit of every process, mapped
-to distributions) that the GPU machine does not have. Versions: those this project's environment runs.
+to distributions) that the GPU machine does not have, and that no package it has imports (sympy, triton,
+fsspec for torch; joblib's cloudpickle, scikit-learn's narwhals; tifffile's optional imagecodecs are theirs).
+Versions: those this project's environment runs.
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ PACKAGES = [
     ("connected-components-3d==4.1.1", "binary"),  # acvl_utils' morphology, imported by nnU-Net's predictor
     ("blosc2==4.15.0", "binary"),  # nnU-Net 2.8's preprocessed arrays
     ("ndindex==1.10.1", "binary"),
+    ("httpx==0.29.0", "binary"),  # blosc2 4.15 imports it (remote arrays) when imported; httpx imports the three below
+    ("click==8.5.1", "binary"),
+    ("rich==15.0.0", "binary"),
+    ("pygments==2.21.0", "binary"),
     ("zarr==3.1.6", "binary"),  # the soft-label cache
     ("numcodecs==0.16.6", "binary"),
     ("donfig==0.8.1.post1", "binary"),
@@ -138,10 +144,10 @@ def download(dest: Path) -> None:
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
                     "3.12", "--implementation", "cp", *platforms, "-d", str(dest), *binary], check=True)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(dest), *build], check=True)
-    impure = [p.name for p in dest.glob("*.whl") if not p.name.endswith(("-py3-none-any.whl", "-cp312-cp312-"))
-              and "py3-none-any" not in p.name and "-cp312-" not in p.name and "-abi3-" not in p.name]
-    if impure:
-        raise FastkdError(f"wheels not for CPython 3.12 on x86-64: {impure}")
+    foreign = [p.name for p in dest.glob("*.whl") if not (p.name.endswith("-py3-none-any.whl") or (
+        ("-cp312-" in p.name or "-abi3-" in p.name) and p.name.endswith("x86_64.whl")))]
+    if foreign:
+        raise FastkdError(f"wheels that do not install on CPython 3.12 x86-64: {foreign}")
 
 
 def pack_data(raw: Path, tar: Path) -> None:
