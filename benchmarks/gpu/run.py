@@ -1,5 +1,6 @@
 """One prepared validation of fastkd's torch path on real data: the whole DAG on Hippocampus, on a GPU
-(``--device cuda --schedule gpu``, within ``--budget`` seconds) or on the CPU (``--schedule tiny``, CI).
+(``--device cuda --schedule gpu``, within ``--budget`` seconds) or on the CPU (``--schedule tiny``, CI: 7
+cases, 1-epoch schedules, one seed, no test-time mirroring).
 
 Every step is a ``fastkd <stage> <action>`` command, run as the workflow's rule runs it (workflow/rules/*.smk;
 the artifact paths come from :class:`fastkd.paths.Paths` of one validated config), in the DAG's order,
@@ -7,11 +8,11 @@ without Snakemake (not on the GPU machine). Commands of one step that the DAG ru
 concurrent processes on the one device: the five teacher folds, the soft-label shards, the students.
 
 Steps: link the cases (``--cases``) into a raw dataset folder; plan + preprocess (holding back
-``--test`` cases); calibrate (the five folds concurrently for 2 short epochs in a scratch results folder:
-seconds per iteration from nnU-Net's "Epoch time", which sets the teacher and student epochs of a
-``budget`` schedule); the five teacher folds; the teacher manifest; the soft-label cache (shards, finalize);
-student plans r = 2 and 4; KD and no-KD students (every r x seed); the held-out cases; predictions of the
-teacher ensemble (5 folds, mirroring) and of every student; nnU-Net's Dice table; ``fastkd predict`` of
+the schedule's test cases); with the gpu schedule, a calibration (the five folds side by side for 2 short
+epochs in a scratch results folder: seconds per iteration from nnU-Net's "Epoch time", which sets the
+teacher and student epochs that fit ``--budget``; the tiny schedule's epochs are fixed); the five teacher
+folds; the teacher manifest; the soft-label cache (shards, finalize); student plans r = 2 and 4; KD and
+no-KD students (every r x seed); the held-out cases; predictions of the teacher ensemble (5 folds, mirroring) and of every student; nnU-Net's Dice table; ``fastkd predict`` of
 the r = 2 KD student at ``--tile-batch`` 1 and 8 (whole case), and its phases in turn (load + preprocess,
 network, resample + write: benchmarks/bench_predict.py) at both; the checkpoints packed.
 
@@ -25,7 +26,8 @@ Results folder (``--out``; at most 8 files of at most 16 MiB, checked at the end
     dice.png        `fastkd evaluate table`'s figure
     models.tar.NN   one tar split into parts of 16 MiB: each packed fold's checkpoint (network weights
                     only, fp16; optimizer state dropped), its plans.json and dataset.json, as an nnU-Net
-                    model folder; students first, then teacher folds while the 8-file budget allows
+                    model folder; the first seed's students, teacher fold 0, the other students, the other
+                    folds, each while the 8-file budget allows (results.json lists what was left out)
 
 It prints ``PASS``/``FAIL`` lines and exits non-zero naming the failed step (its log's tail printed).
 """
@@ -389,7 +391,7 @@ def run_dag(args, s: dict, results: dict, lines: list) -> None:
                               "--case-set", "test"]])
     for label in predictions:
         record = json.loads((P.predictions("test", label) / "fastkd_predict.json").read_text())
-        if record["device"] != args.device:
+        if record["device"].split(":")[0] != args.device:
             raise StepFailed(f"predict: {label} ran on {record['device']}, not {args.device}")
     check_dice(P.evaluation("test") / "dice.json", s["min_dice"], passed)
 
