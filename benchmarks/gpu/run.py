@@ -12,9 +12,10 @@ the schedule's test cases); with the gpu schedule, a calibration (the five folds
 epochs in a scratch results folder: seconds per iteration from nnU-Net's "Epoch time", which sets the
 teacher and student epochs that fit ``--budget``; the tiny schedule's epochs are fixed); the five teacher
 folds; the teacher manifest; the soft-label cache (shards, finalize); student plans r = 2 and 4; KD and
-no-KD students (every r x seed); the held-out cases; predictions of the teacher ensemble (5 folds, mirroring) and of every student; nnU-Net's Dice table; ``fastkd predict`` of
-the r = 2 KD student at ``--tile-batch`` 1 and 8 (whole case), and its phases in turn (load + preprocess,
-network, resample + write: benchmarks/bench_predict.py) at both; the checkpoints packed.
+no-KD students (every r x seed); the held-out cases; predictions of the teacher ensemble (5 folds,
+mirroring) and of every student; nnU-Net's Dice table; ``fastkd predict`` of the r = 2 KD student at
+``--tile-batch`` 1 and 8 (whole case), and its phases in turn (load + preprocess, network, resample +
+write: benchmarks/bench_predict.py) at both; the checkpoints packed.
 
 Results folder (``--out``; at most 8 files of at most 16 MiB, checked at the end)::
 
@@ -228,7 +229,7 @@ def budget_epochs(s: dict, calibration: dict, left: float) -> tuple[int, int]:
                          f"(overhead per training step {calibration['overhead_s']:.0f} s): raise --budget")
     per_epoch = (s["iterations"] + s["val_iterations"]) * calibration["teacher_s_per_it"]
     # 8 students share the CPU's augmentation workers that 5 teachers shared: slower per process
-    student_per_epoch = (s["iterations"] + s["val_iterations"]) * calibration["teacher_s_per_it"] * calibration["student_slowdown"]
+    student_per_epoch = per_epoch * calibration["student_slowdown"]
     return max(2, int(left * s["split"] / per_epoch)), max(2, int(left * (1 - s["split"]) / student_per_epoch))
 
 
@@ -256,7 +257,8 @@ def pack_models(out: Path, models: list[tuple[str, Path]], budget: int) -> dict:
                 shutil.rmtree(folder.parent)
             left_out.append(label)
             continue
-        packed.append({"label": label, "path": str(folder.relative_to(staging)), "bytes": (folder / checkpoint.name).stat().st_size})
+        packed.append({"label": label, "path": str(folder.relative_to(staging)),
+                       "bytes": (folder / checkpoint.name).stat().st_size})
     tar = out / "models.tar"
     with tarfile.open(tar, "w") as t:
         t.add(staging, arcname="models")
@@ -372,7 +374,8 @@ def run_dag(args, s: dict, results: dict, lines: list) -> None:
         ["student", "train", "-d", P.dataset_id, "-p", sp.student_plans_name(st.r), "-c", CFG, "-f", 0,
          *(["--cache", store] if st.kd else ["--baseline"]), "--threads", t, "--set", *student_set_args(config, name)]
         for name, (st, sp) in students.items()])
-    passed(f"trained {len(FOLDS)} teacher folds and {len(students)} students ({', '.join(st.label + f' s{st.seed}' for st, _ in students.values())})")
+    names = ", ".join(f"{st.label} s{st.seed}" for st, _ in students.values())
+    passed(f"trained {len(FOLDS)} teacher folds and {len(students)} students ({names})")
 
     images, labels = P.evaluation_images("test"), P.evaluation_labels("test")
     runner.step("evaluation_cases", [["evaluate", "cases", "--cases", *holdout_cases(config), "--raw", raw,
