@@ -15,7 +15,8 @@ folds; the teacher manifest; the soft-label cache (shards, finalize); student pl
 no-KD students (every r x seed); the held-out cases; predictions of the teacher ensemble (5 folds,
 mirroring) and of every student; nnU-Net's Dice table; ``fastkd predict`` of the r = 2 KD student at
 ``--tile-batch`` 1 and 8 (whole case), and its phases in turn (load + preprocess, network, resample +
-write: benchmarks/bench_predict.py) at both; the checkpoints packed.
+write: benchmarks/bench_predict.py) at both; the checkpoints packed. Every prediction runs eager PyTorch
+(``--no-jit``: the CUDA default; on the CPU TorchScript's tracing costs more than a few cases win back).
 
 Results folder (``--out``; at most 8 files of at most 16 MiB, checked at the end)::
 
@@ -387,7 +388,7 @@ def run_dag(args, s: dict, results: dict, lines: list) -> None:
     runner.step("predict", [["predict", "-i", images, "-o", P.predictions("test", label), *model,
                              # the teachers mirror as nnU-Net predicts by default (in the tiny CPU run none does)
                              *([] if ev["mirroring"] else ["--disable-mirroring"]),
-                             "--step-size", ev["step_size"], "--device", ev["device"], "--threads", t]
+                             "--step-size", ev["step_size"], "--device", ev["device"], "--threads", t, "--no-jit"]
                             for label, model in predictions.items()])
     runner.step("evaluate", [["evaluate", "table", *(P.predictions("test", label) for label in predictions),
                               "-l", labels, "--dataset-json", P.raw_dataset_json, "-o", P.evaluation("test"),
@@ -427,7 +428,7 @@ def time_predict(args, runner: Runner, P: Paths, model: str, images: Path, mirro
         out = args.work / "timing" / f"tile_batch_{tb}"
         runner.step(f"predict_tile_batch_{tb}", [["predict", "-i", images, "-o", out, "-m", folder, "-f", 0,
                                                   "--tile-batch", tb, "--device", args.device,
-                                                  *([] if mirroring else ["--disable-mirroring"]),
+                                                  *([] if mirroring else ["--disable-mirroring"]), "--no-jit",
                                                   "--threads", runner.threads(1)]])
         record = json.loads((out / "fastkd_predict.json").read_text())
         rows.append({"kind": "predict", "name": f"{model} fold 0 tile_batch {tb} (fastkd predict, whole run)",
@@ -437,7 +438,7 @@ def time_predict(args, runner: Runner, P: Paths, model: str, images: Path, mirro
     d = {"cases": sorted(p.name[: -len("_0000.nii.gz")] for p in images.glob("*_0000.nii.gz")), "inputs": images,
          "dataset_json": dataset_json}
     for tb in (1, 8):
-        predictor, _, mirror = bench_predict.make_predictor(args, d, {"fastkd": (folder, mirroring, None)}, tile_batch=tb)
+        predictor, _, mirror = bench_predict.make_predictor(args, d, {"fastkd": (folder, mirroring, False)}, tile_batch=tb)
         phases = bench_predict.bench_phases(args, d, predictor, args.work / "timing" / f"phases_{tb}")["mean"]
         rows += [{"kind": "predict", "name": f"{model} fold 0 tile_batch {tb} phase {k}", "seconds": v,
                   "detail": f"mean over {len(d['cases'])} cases, in turn, mirroring {mirror}"} for k, v in phases.items()]

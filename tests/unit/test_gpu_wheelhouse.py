@@ -69,3 +69,10 @@ def test_plan_only_splits_the_wheels_on_disk(tmp_path, capsys):
     assert ".gpu/part1: 4.0 MiB" in out and ".gpu/part2: 2.0 MiB" in out
     with pytest.raises(FastkdError, match="64 MiB"):
         wheelhouse.main(["--dest", str(tmp_path), "--plan-only", "--limit", "62", "--tree", "4"])
+
+
+def test_the_readme_sends_the_commands_the_plan_prints():
+    readme = (REPO / "benchmarks" / "gpu" / "README.md").read_text()
+    data = wheelhouse.DATA
+    for c in wheelhouse.commands([["simpleitk.whl"], ["blosc2.whl", data]], data):
+        assert c["command"] in readme, c["command"]
