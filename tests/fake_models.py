@@ -52,4 +52,4 @@ def save_checkpoint(path, weights, **extra):
 
 RECORD_KEYS = {"model", "backend", "folds", "device", "mirroring", "step_size", "tile_batch", "tile_batch_wanted",
                "jit", "in_process", "cases", "seconds_total", "seconds_startup", "seconds_network",
-               "seconds_network_per_case", "seconds_per_case", "fastkd_version"}
+               "seconds_network_per_case", "seconds_per_case", "resample", "fastkd_version"}

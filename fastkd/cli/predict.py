@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from fastkd.cli.common import config_flag, fold_arg, positive_int, set_threads
+from fastkd.predict import RESAMPLE
 from fastkd.predict.backends import BACKENDS
 
 
@@ -34,6 +35,9 @@ def add_parser(sub) -> None:
     p.add_argument("--jit", action=argparse.BooleanOptionalAction, default=None,
                    help="run the torch network traced and frozen by TorchScript (default: on for torch on the "
                         "CPU, where it is several times faster at a student's width; --no-jit: eager PyTorch)")
+    p.add_argument("--resample", choices=RESAMPLE, default=None,
+                   help="where each case is resampled to the image and segmented: device (on CUDA, the GPU; the "
+                        "default there) or cpu (nnU-Net's own export; the default on the CPU)")
     p.add_argument("--save-probabilities", action="store_true", help="also write the probabilities (.npz)")
     p.add_argument("--threads", type=positive_int, default=2,
                    help="CPU threads, and the workers of each pool: loading/preprocessing, resampling/writing (2)")
@@ -48,7 +52,7 @@ def _predict(args) -> None:
     record = predict(args.input, args.output, args.model, backend=args.backend, folds=args.folds,
                      checkpoint=args.checkpoint, device=args.device, mirroring=not args.disable_mirroring,
                      step_size=args.step_size, save_probabilities=args.save_probabilities, num_processes=args.threads,
-                     tile_batch=args.tile_batch, jit=args.jit, started=started)
+                     tile_batch=args.tile_batch, jit=args.jit, resample=args.resample, started=started)
     print(f"{record['cases']} segmentations in {args.output} ({record['backend']}, folds {record['folds']}, "
           f"{record['seconds_per_case']:.2f} s per case of which {record['seconds_network_per_case']:.2f} s network, "
           f"{record['seconds_startup']:.2f} s start-up, {record['tile_batch']} network inputs per forward); "

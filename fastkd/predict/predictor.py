@@ -19,7 +19,8 @@ case is on disk, ``fastkd_predict.json``::
      loading, preprocessing, network, resampling and writing), "seconds_per_case" (seconds_total / cases),
      "seconds_startup" (of seconds_total, until the first case could start: imports, loading the model,
      TorchScript traced or read from its cache), "seconds_network" (the network's forwards summed, the
-     GPU synchronized before each clock reading), "seconds_network_per_case", "fastkd_version"}
+     GPU synchronized before each clock reading), "seconds_network_per_case", "resample" ("device": each
+     case resampled and segmented on the device, see below; "cpu": nnU-Net's own CPU export), "fastkd_version"}
 
 A folder without it holds a prediction that did not finish (an old record is deleted first).
 
@@ -62,7 +63,8 @@ CPU way instead (one line on stderr). The resampling is close to nnU-Net's defau
 (order-1 spline, nearest along an anisotropic axis) but not bit-identical: a few boundary voxels may
 take the other label. On the CPU nnU-Net's own export path runs, so the output equals stock. The CUDA
 path has not run on a GPU here (no GPU on this project's machines); the tests run the same code on
-CPU tensors.
+CPU tensors. ``resample`` chooses: ``"device"`` (the default on CUDA) or ``"cpu"`` (the default on the
+CPU; on CUDA, nnU-Net's own export from the fp16 logits, e.g. to compare the two's speed).
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ from nnunetv2.utilities.helpers import empty_cache
 from tqdm import tqdm
 
 from fastkd.errors import FastkdError
+from fastkd.predict import RESAMPLE
 from fastkd.predict.backends import backend_module, default_backend, load_model
 from fastkd.predict.backends.torch import FrozenNetwork
 
@@ -359,10 +362,12 @@ def resolve_jit(jit: bool | None, device: torch.device, backend: str) -> bool:
 def build_predictor(model: str | Path, *, backend: str | None = None, folds=(0,),
                     checkpoint: str = "checkpoint_final.pth", device: str = "cpu", mirroring: bool = True,
                     step_size: float = 0.5, tile_batch: int | None = None, n_cases: int | None = None,
-                    progress: bool = True, jit: bool | None = None) -> tuple[FastkdPredictor, dict]:
+                    progress: bool = True, jit: bool | None = None,
+                    resample: str | None = None) -> tuple[FastkdPredictor, dict]:
     """The predictor :func:`predict` runs, initialised with the model (arguments as there), and what the
     record says of it: ``{"backend", "folds", "device", "mirroring", "step_size", "tile_batch_wanted",
-    "tile_batch", "jit"}``. A TorchScript network is ready (traced, or read from the cache) on return."""
+    "tile_batch", "jit", "resample"}``. A TorchScript network is ready (traced, or read from the cache) on
+    return."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from fastkd.config import check_values
@@ -372,6 +377,9 @@ def build_predictor(model: str | Path, *, backend: str | None = None, folds=(0,)
     backend_module(backend)  # an unknown name is refused before the other arguments are checked
     check_values({"softlabels.step_size": step_size})
     on = torch_device(device, "--device")
+    if resample is not None and resample not in RESAMPLE:
+        raise FastkdError(f"--resample {resample!r}: valid values are {', '.join(RESAMPLE)}")
+    resample = resample or ("device" if on.type == "cuda" else "cpu")
     m = load_model(model, backend, folds, checkpoint, on)
     wanted, batch = resolve_tile_batch(tile_batch, on, backend, m["network"])
     jit = resolve_jit(jit, on, backend)
@@ -384,26 +392,28 @@ def build_predictor(model: str | Path, *, backend: str | None = None, folds=(0,)
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # nnU-Net's note on CPU devices
         predictor = FastkdPredictor(
             tile_batch=batch, n_cases=n_cases, progress=progress, tile_step_size=step_size,
+            resample_on_device=resample == "device",
             use_gaussian=True, use_mirroring=mirroring, perform_everything_on_device=on.type == "cuda", device=on,
             verbose=False, verbose_preprocessing=False, allow_tqdm=False)
         predictor.manual_initialization(network.to(on), plans_manager, configuration, m["parameters"],
                                         m["dataset_json"], "nnUNetTrainer", m["mirror_axes"])
     return predictor, {"backend": backend, "folds": m.get("folds"), "device": str(on),
                        "mirroring": bool(mirroring and m["mirror_axes"]), "step_size": step_size,
-                       "tile_batch_wanted": wanted, "tile_batch": batch, "jit": jit}
+                       "tile_batch_wanted": wanted, "tile_batch": batch, "jit": jit, "resample": resample}
 
 
 def predict(input_folder: str | Path, output_folder: str | Path, model: str | Path, *, backend: str | None = None,
             folds=(0,), checkpoint: str = "checkpoint_final.pth", device: str = "cpu", mirroring: bool = True,
             step_size: float = 0.5, save_probabilities: bool = False, num_processes: int = 2,
             tile_batch: int | None = None, progress: bool = True, jit: bool | None = None,
-            started: float | None = None) -> dict:
+            resample: str | None = None, started: float | None = None) -> dict:
     """Segment every image of ``input_folder`` (nnU-Net raw naming, ``<case>_0000<file_ending>``) into
     ``output_folder``; write and return the run's record (see the module docstring).
 
     ``backend``: torch, onnx or trt (default: onnx for ``.onnx``, trt for ``.engine``/``.plan``, else torch).
     ``folds``: folds of a model folder; several = nnU-Net's ensemble (torch). ``tile_batch``: network inputs
-    per forward (default by device, :data:`DEFAULT_TILE_BATCH`). ``num_processes``: loading/preprocessing
+    per forward (default by device, :data:`DEFAULT_TILE_BATCH`). ``resample``: ``"device"`` or ``"cpu"``
+    (default: the device on CUDA; see the module docstring). ``num_processes``: loading/preprocessing
     workers and resampling/writing workers (each pool; none for up to :data:`IN_PROCESS_CASES` cases).
     nnU-Net's chatter is hidden; ``progress`` shows a bar over cases. ``started``: the
     ``time.perf_counter()`` the run's clock starts from (the CLI's, before it imports torch; default: now).
@@ -420,7 +430,7 @@ def predict(input_folder: str | Path, output_folder: str | Path, model: str | Pa
         raise FastkdError(f"-i {input_folder}: not a folder of images")
     predictor, settings = build_predictor(model, backend=backend, folds=folds, checkpoint=checkpoint, device=device,
                                           mirroring=mirroring, step_size=step_size, tile_batch=tile_batch,
-                                          progress=progress, jit=jit)
+                                          progress=progress, jit=jit, resample=resample)
     ending = predictor.dataset_json["file_ending"]
     inputs = create_lists_from_splitted_dataset_folder(str(input_folder), ending, num_processes=num_processes)
     if not inputs:

@@ -248,7 +248,7 @@ def one_case(tmp_path):
 
 def test_device_path_hands_the_writer_labels_and_falls_back_on_out_of_memory(one_case, tmp_path, monkeypatch,
                                                                             capsys):
-    """The whole run with the device path forced on (CPU tensors): the writer gets uint8 labels of the
+    """The whole run with the device path asked for (``resample="device"``, on CPU tensors): the writer gets uint8 labels of the
     cropped shape, not float32 logits, and writes the labels of the fp32 device path; out of GPU memory
     (simulated) the case goes through nnU-Net's CPU path, said once, and is written as stock writes it."""
     import SimpleITK as sitk
@@ -256,23 +256,21 @@ def test_device_path_hands_the_writer_labels_and_falls_back_on_out_of_memory(one
     import fastkd.predict.predictor as predictor
 
     model, images = one_case
-    real_init, real_write = predictor.FastkdPredictor.__init__, predictor.write_case
+    real_write = predictor.write_case
     real_segment = predictor.segment_on_device
     handed = []
-
-    def forced(self, **kwargs):
-        real_init(self, **{**kwargs, "resample_on_device": self.force})
 
     def recording_write(prediction, *args):
         handed.append(prediction)
         return real_write(prediction, *args)
 
-    monkeypatch.setattr(predictor.FastkdPredictor, "__init__", forced)
     monkeypatch.setattr(predictor, "write_case", recording_write)
 
-    def run(name, force):
-        monkeypatch.setattr(predictor.FastkdPredictor, "force", force, raising=False)
-        predictor.predict(images, tmp_path / name, model, mirroring=False, num_processes=1, progress=False, jit=False)
+    def run(name, on_device):
+        where = "device" if on_device else "cpu"
+        record = predictor.predict(images, tmp_path / name, model, mirroring=False, num_processes=1, progress=False,
+                                   jit=False, resample=where)
+        assert record["resample"] == where
         return sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name / "demo_000.nii.gz")))
 
     cpu_path = run("cpu", False)

@@ -289,7 +289,8 @@ def test_predict_writes_stock_output_and_its_record_last(model, tmp_path, monkey
     assert set(record) == RECORD_KEYS and json.loads((out / predictor.RECORD).read_text()) == record
     assert (record["model"], record["backend"], record["folds"], record["device"], record["mirroring"],
             record["step_size"], record["tile_batch_wanted"], record["tile_batch"], record["jit"], record["cases"],
-            record["in_process"]) == (str(model), "torch", [0, 1], "cpu", False, 0.75, 1, 1, False, 2, in_process)
+            record["in_process"], record["resample"]) == (str(model), "torch", [0, 1], "cpu", False, 0.75, 1, 1, False,
+                                                          2, in_process, "cpu")
     assert record["seconds_per_case"] == pytest.approx(record["seconds_total"] / 2)
     assert record["seconds_network_per_case"] == pytest.approx(record["seconds_network"] / 2)
     assert 0 < record["seconds_startup"] < record["seconds_total"]
@@ -375,6 +376,7 @@ def test_errors_name_the_value(model, tmp_path):
         ({"step_size": 1.5}, "step_size = 1.5"),
         ({"step_size": 0}, "step_size = 0"),
         ({"tile_batch": 0}, "--tile-batch 0"),
+        ({"resample": "gpu"}, "--resample 'gpu': valid values are device, cpu"),
         ({"checkpoint": "checkpoint_best.pth"}, "fold_0/checkpoint_best.pth does not exist"),
     ]:
         with pytest.raises(FastkdError) as e:
@@ -458,7 +460,7 @@ def test_cli_flags_reach_predict(monkeypatch, tmp_path, capsys):
     assert isinstance(started, float) and started <= time.perf_counter()
     assert kwargs == {"backend": None, "folds": [0, 1, 2, 3, 4], "checkpoint": "checkpoint_final.pth", "device": "cpu",
                       "mirroring": False, "step_size": 0.7, "save_probabilities": False, "num_processes": 3,
-                      "tile_batch": None, "jit": None}
+                      "tile_batch": None, "jit": None, "resample": None}
     assert "3 segmentations in" in capsys.readouterr().out
     main(["predict", "-i", "IN", "-o", "OUT", "-m", "M"])
     assert "0.50 s per case of which 0.12 s network, 2.50 s start-up" in capsys.readouterr().out
@@ -467,6 +469,9 @@ def test_cli_flags_reach_predict(monkeypatch, tmp_path, capsys):
     assert calls[-1][1]["backend"] == "trt" and calls[-1][1]["folds"] == ["all"] and calls[-1][1]["tile_batch"] == 4
     assert main(["predict", "-i", "IN", "-o", "OUT", "-m", "M", "--no-jit"]) == 0 and calls[-1][1]["jit"] is False
     assert main(["predict", "-i", "IN", "-o", "OUT", "-m", "M", "--jit"]) == 0 and calls[-1][1]["jit"] is True
-    for argv in (["-f", "5"], ["--tile-batch", "0"], ["--backend", "tf"], ["--step-size", "2"]):
+    for where in ("device", "cpu"):
+        assert main(["predict", "-i", "IN", "-o", "OUT", "-m", "M", "--resample", where]) == 0
+        assert calls[-1][1]["resample"] == where
+    for argv in (["-f", "5"], ["--tile-batch", "0"], ["--backend", "tf"], ["--step-size", "2"], ["--resample", "gpu"]):
         with pytest.raises(SystemExit):
             main(["predict", "-i", "IN", "-o", "OUT", "-m", "M", *argv])
