@@ -14,8 +14,8 @@ teacher and student epochs that fit ``--budget``; the tiny schedule's epochs are
 folds; the teacher manifest; the soft-label cache (shards, finalize); student plans r = 2 and 4; KD and
 no-KD students (every r x seed); the held-out cases; predictions of the teacher ensemble (5 folds,
 mirroring) and of every student; nnU-Net's Dice table; ``fastkd predict`` of the r = 2 KD student at
-``--tile-batch`` 1 and 8 (whole case), and its phases in turn (load + preprocess, network, resample +
-write: benchmarks/bench_predict.py) at both; the checkpoints packed. Every prediction runs eager PyTorch
+``--tile-batch`` 1 and 8 with ``--resample device``, and at 8 with ``--resample cpu`` (seconds per case of
+the whole run and of the network alone, start-up: the runs' records); the checkpoints packed. Every prediction runs eager PyTorch
 (``--no-jit``: the CUDA default; on the CPU TorchScript's tracing costs more than a few cases win back).
 
 Results folder (``--out``; at most 8 files of at most 16 MiB, checked at the end)::
@@ -49,7 +49,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 from fastkd.cases import holdout_cases  # noqa: E402
 from fastkd.checks import validate_config  # noqa: E402
@@ -418,34 +417,38 @@ def check_dice(path: Path, min_dice: float, passed) -> None:
            f"{best['label']} {best['mean_dice']:.3f} ({len(rows)} models, held-out cases)")
 
 
-def time_predict(args, runner: Runner, P: Paths, model: str, images: Path, mirroring: bool, passed) -> list[dict]:
-    """``fastkd predict`` of one student at tile batch 1 and 8, one after the other (seconds per case of the
-    whole run), and its phases in turn per case (network alone) with benchmarks/bench_predict.py's helpers."""
-    import bench_predict
+#: the timed ``fastkd predict`` runs: (tile batch, where each case is resampled and segmented)
+PREDICT_TIMINGS = ((1, "device"), (8, "device"), (8, "cpu"))
 
-    rows, folder = [], P.model_folder(model)
-    for tb in (1, 8):
-        out = args.work / "timing" / f"tile_batch_{tb}"
-        runner.step(f"predict_tile_batch_{tb}", [["predict", "-i", images, "-o", out, "-m", folder, "-f", 0,
-                                                  "--tile-batch", tb, "--device", args.device,
-                                                  *([] if mirroring else ["--disable-mirroring"]), "--no-jit",
-                                                  "--threads", runner.threads(1)]])
+
+def time_predict(args, runner: Runner, P: Paths, model: str, images: Path, mirroring: bool, passed) -> list[dict]:
+    """``fastkd predict`` of one student, one run after the other (:data:`PREDICT_TIMINGS`): tiles one per
+    forward and 8 per forward, resampled on the device, and 8 per forward with nnU-Net's CPU resampling.
+    Seconds per case of the whole run and of the network alone, and the run's start-up, from each record."""
+    rows, runs, folder = [], {}, P.model_folder(model)
+    for tb, where in PREDICT_TIMINGS:
+        name = f"tile_batch_{tb}_resample_{where}"
+        out = args.work / "timing" / name
+        runner.step(f"predict_{name}", [["predict", "-i", images, "-o", out, "-m", folder, "-f", 0,
+                                         "--tile-batch", tb, "--resample", where, "--device", args.device,
+                                         *([] if mirroring else ["--disable-mirroring"]), "--no-jit",
+                                         "--threads", runner.threads(1)]])
         record = json.loads((out / "fastkd_predict.json").read_text())
-        rows.append({"kind": "predict", "name": f"{model} fold 0 tile_batch {tb} (fastkd predict, whole run)",
-                     "seconds": record["seconds_per_case"], "detail": f"{record['cases']} cases, "
-                     f"mirroring {record['mirroring']}, jit {record['jit']}, device {record['device']}"})
-    dataset_json = json.loads(P.raw_dataset_json.read_text())
-    d = {"cases": sorted(p.name[: -len("_0000.nii.gz")] for p in images.glob("*_0000.nii.gz")), "inputs": images,
-         "dataset_json": dataset_json}
-    for tb in (1, 8):
-        predictor, _, mirror = bench_predict.make_predictor(args, d, {"fastkd": (folder, mirroring, False)}, tile_batch=tb)
-        phases = bench_predict.bench_phases(args, d, predictor, args.work / "timing" / f"phases_{tb}")["mean"]
-        rows += [{"kind": "predict", "name": f"{model} fold 0 tile_batch {tb} phase {k}", "seconds": v,
-                  "detail": f"mean over {len(d['cases'])} cases, in turn, mirroring {mirror}"} for k, v in phases.items()]
-    network = {tb: next(r["seconds"] for r in rows if r["name"].endswith(f"tile_batch {tb} phase network"))
-               for tb in (1, 8)}
-    passed(f"predict timing: network {network[1]:.3f} s/case at tile batch 1, {network[8]:.3f} at 8 "
-           f"({network[1] / network[8]:.2f}x); whole run {rows[0]['seconds']:.2f} / {rows[1]['seconds']:.2f} s/case")
+        if (record["tile_batch"], record["resample"]) != (tb, where):
+            raise StepFailed(f"predict_{name}: ran at tile batch {record['tile_batch']}, resample "
+                             f"{record['resample']} (asked: {tb}, {where})")
+        runs[tb, where] = record
+        detail = (f"{record['cases']} cases, mirroring {record['mirroring']}, jit {record['jit']}, "
+                  f"device {record['device']}")
+        rows += [{"kind": "predict", "name": f"{model} fold 0 tile batch {tb} resample {where}: {what}",
+                  "seconds": record[key], "detail": detail}
+                 for key, what in (("seconds_per_case", "s/case whole run"), ("seconds_network_per_case",
+                                   "s/case network"), ("seconds_startup", "s start-up (once per run)"))]
+    net1, net8 = (runs[tb, "device"]["seconds_network_per_case"] for tb in (1, 8))
+    on_device, on_cpu = (runs[8, where]["seconds_per_case"] for where in ("device", "cpu"))
+    passed(f"predict timing: network {net1:.3f} s/case at tile batch 1, {net8:.3f} at 8 ({net1 / net8:.2f}x); whole "
+           f"case at tile batch 8 {on_device:.2f} s resampled on the device, {on_cpu:.2f} s on the CPU "
+           f"({on_cpu / on_device:.2f}x)")
     return rows
 
 
