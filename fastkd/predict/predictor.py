@@ -18,8 +18,8 @@ case is on disk, ``fastkd_predict.json``::
      the whole call, from the CLI's start before it imports torch and nnU-Net: start-up, then every case's
      loading, preprocessing, network, resampling and writing), "seconds_per_case" (seconds_total / cases),
      "seconds_startup" (of seconds_total, until the first case could start: imports, loading the model,
-     TorchScript traced or read from its cache), "seconds_network" (the network's forwards summed, the
-     GPU synchronized before each clock reading), "seconds_network_per_case", "resample" ("device": each
+     TorchScript traced or read from its cache), "seconds_network" (the network's forwards summed; on
+     CUDA timed by CUDA events, read once per case), "seconds_network_per_case", "resample" ("device": each
      case resampled and segmented on the device, see below; "cpu": nnU-Net's own CPU export), "fastkd_version"}
 
 A folder without it holds a prediction that did not finish (an old record is deleted first).
@@ -49,8 +49,8 @@ imports torch and nnU-Net again (seconds each on a 2-core CPU), more than the ov
 two cases, so those run in the calling process: the same preprocessing (``preprocessor.run_case``),
 network and writer, one case after the other, with the same files.
 
-**Segmentation on the device.** On CUDA each case's logits (nnU-Net's fp16, brought back to the device
-once) are resampled to the image's shape on the GPU with nnU-Net's torch resampling
+**Segmentation on the device.** On CUDA each case's logits (nnU-Net's fp16: those of one model stay on
+the device; an ensemble's are summed on the CPU as nnU-Net does, and brought back once) are resampled to the image's shape on the GPU with nnU-Net's torch resampling
 (``resample_torch_fornnunet``: trilinear, no antialiasing, ``align_corners=False``; for anisotropic
 spacing in-plane trilinear and nearest along the anisotropic axis, nnU-Net's threshold and the plans'
 ``force_separate_z``), and turned into the segmentation there (argmax; regions: nnU-Net's sigmoid over
@@ -107,7 +107,7 @@ class FastkdPredictor(nnUNetPredictor):
         self.tile_batch = tile_batch
         self.resample_on_device = self.device.type == "cuda" if resample_on_device is None else resample_on_device
         self.n_cases, self.progress, self.in_process = n_cases, progress, in_process
-        self.seconds_network, self._forward_started = 0.0, None
+        self.seconds_network, self._forward_started, self._events = 0.0, None, []
 
     def manual_initialization(self, network, *args, **kwargs):
         super().manual_initialization(network, *args, **kwargs)
@@ -115,17 +115,44 @@ class FastkdPredictor(nnUNetPredictor):
         network.register_forward_hook(self._after_forward)
 
     # -- the network's own time (``seconds_network``) ---------------------------------------------
-    def _sync(self):
-        if self.device.type == "cuda":  # the clock must not stop before the GPU has finished
-            torch.cuda.synchronize(self.device)
-
+    # On CUDA a pair of timing events per forward, read once per case: a synchronisation per forward would
+    # stall the GPU between tiles (the cost item 2 of the TensorRT runner removes).
     def _before_forward(self, module, args):
-        self._sync()
-        self._forward_started = time.perf_counter()
+        if self.device.type == "cuda":
+            self._events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self._events[-1][0].record()
+        else:
+            self._forward_started = time.perf_counter()
 
     def _after_forward(self, module, args, output):
-        self._sync()
-        self.seconds_network += time.perf_counter() - self._forward_started
+        if self.device.type == "cuda":
+            self._events[-1][1].record()
+        else:
+            self.seconds_network += time.perf_counter() - self._forward_started
+
+    def _add_network_time(self):
+        """The case's forwards timed on the GPU, summed (after its last forward has finished)."""
+        if self._events:
+            self._events[-1][1].synchronize()
+            self.seconds_network += sum(start.elapsed_time(end) for start, end in self._events) / 1000
+            self._events.clear()
+
+    @torch.inference_mode()
+    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's, except that one fold's logits stay on the device when the case is segmented there.
+        nnU-Net moves every fold's fp16 logits to the CPU (so that an ensemble's sum cannot run out of GPU
+        memory); a single model's would only come back to the device for resampling."""
+        if not (self.resample_on_device and len(self.list_of_parameters) == 1):
+            return super().predict_logits_from_preprocessed_data(data)
+        from nnunetv2.configuration import default_num_processes
+
+        n_threads = torch.get_num_threads()
+        torch.set_num_threads(min(default_num_processes, n_threads))  # as nnU-Net's
+        try:
+            getattr(self.network, "_orig_mod", self.network).load_state_dict(self.list_of_parameters[0])
+            return self.predict_sliding_window_return_logits(data)
+        finally:
+            torch.set_num_threads(n_threads)
 
     # -- the sliding window ----------------------------------------------------------------------
     def _passes(self) -> list[tuple[int, ...]]:
@@ -203,6 +230,7 @@ class FastkdPredictor(nnUNetPredictor):
                 while pool and check_workers_alive_and_busy(pool, workers, pending, allowed_num_queued=2):
                     time.sleep(0.1)
                 logits = self.predict_logits_from_preprocessed_data(item["data"])
+                self._add_network_time()
                 args = (self.to_writer(logits, item["data_properties"], save_probabilities), item["data_properties"],
                         self.configuration_manager, self.plans_manager, self.dataset_json, item["ofile"],
                         save_probabilities)

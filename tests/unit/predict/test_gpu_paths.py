@@ -297,3 +297,68 @@ def test_device_path_hands_the_writer_labels_and_falls_back_on_out_of_memory(one
     assert err.count("out of GPU memory") == 1 and "nnU-Net resamples and writes this case on the CPU" in err
     assert isinstance(handed[-1], np.ndarray) and handed[-1].dtype == np.float16
     assert json.loads((tmp_path / "oom" / "fastkd_predict.json").read_text())["cases"] == 1
+
+
+class Logits:
+    """What the sliding window returns, recording where it is moved to."""
+
+    def __init__(self):
+        self.moved = []
+
+    def to(self, *args, **kwargs):
+        self.moved.append(args)
+        return self
+
+
+def test_one_models_logits_stay_on_the_device_for_its_segmentation(one_case, monkeypatch):
+    """nnU-Net moves every fold's logits to the CPU (``.to('cpu')``, pinned here: the CPU path shows it);
+    with the segmentation made on the device one model's logits are handed over where the sliding window
+    left them, with nnU-Net's parameters loaded first."""
+    import fastkd.predict.predictor as predictor
+
+    model, _ = one_case
+    for where, moved in (("device", []), ("cpu", [("cpu",)])):
+        p, _ = predictor.build_predictor(model, resample=where, jit=False, progress=False)
+        loaded = []
+        monkeypatch.setattr(p.network, "load_state_dict", lambda sd, *a, **k: loaded.append(sd))
+        out = Logits()
+        monkeypatch.setattr(p, "predict_sliding_window_return_logits", lambda data: out)
+        assert p.predict_logits_from_preprocessed_data(torch.zeros(1, 4, 4, 4)) is out
+        assert out.moved == moved, where
+        assert len(loaded) == 1 and loaded[0] is p.list_of_parameters[0]
+
+
+def test_network_seconds_on_cuda_come_from_events_read_once_per_case(one_case, monkeypatch):
+    """On CUDA each forward is timed by a pair of CUDA events, read after the case's last forward with one
+    synchronisation (a synchronisation per forward would stall the GPU between tiles)."""
+    import fastkd.predict.predictor as predictor
+
+    class Event:
+        clock, synchronized = 0.0, 0
+
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            Event.clock += 0.25  # milliseconds, as torch's
+            self.at = Event.clock
+
+        def synchronize(self):
+            Event.synchronized += 1
+
+        def elapsed_time(self, end):
+            return end.at - self.at
+
+    model, _ = one_case
+    p, _ = predictor.build_predictor(model, resample="cpu", jit=False, progress=False)
+    monkeypatch.setattr(p, "device", torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: pytest.fail("synchronized the whole device"))
+    for _ in range(3):  # three forwards of one case
+        p._before_forward(None, ())
+        p._after_forward(None, (), None)
+    assert p.seconds_network == 0 and Event.synchronized == 0
+    p._add_network_time()
+    assert p.seconds_network == pytest.approx(3 * 0.25 / 1000) and Event.synchronized == 1
+    p._add_network_time()  # nothing more to read
+    assert p.seconds_network == pytest.approx(3 * 0.25 / 1000) and Event.synchronized == 1
