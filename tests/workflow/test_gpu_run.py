@@ -47,8 +47,8 @@ def test_tiny_run_writes_the_results_folder(tmp_path):
     assert sum(row[0] == "train" for row in timing) == 5 + 4
     predict = {row[1].split(" fold 0 ")[1]: float(row[2]) for row in timing if row[0] == "predict"}
     assert len(predict) == 9 and all(v > 0 for v in predict.values())  # whole run, network, start-up of each
-    for run in ("tile batch 1 resample device", "tile batch 8 resample device", "tile batch 8 resample cpu"):
-        assert predict[f"{run}: s/case network"] < predict[f"{run}: s/case whole run"]
+    for timed in ("tile batch 1 resample device", "tile batch 8 resample device", "tile batch 8 resample cpu"):
+        assert predict[f"{timed}: s/case network"] < predict[f"{timed}: s/case whole run"]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [" ".join(line.split()[:2]) for line in results["lines"]] == ["PASS trained", "PASS evaluate:",
                                                                           "PASS predict", "PASS packed"]
