@@ -19,7 +19,7 @@ include: "workflow/rules/common.smk"
 wildcard_constraints:
     r=r"\d+",
     fold=r"[0-4]|all",
-    shard=r"\d+",
+    shard=r"\d+|unlabelled-\d+",
     teacher="|".join(re.escape(name) for name in TEACHER_SETS),
     model=r"[^/]+__[^/]+__[^/]+",
     case_set=r"test|fold_[0-4]_validation",

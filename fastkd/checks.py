@@ -65,6 +65,7 @@ def _semantic_problems(config: dict, base_dir: Path, check_files: bool) -> list[
         except TeacherFolderError as e:
             problems.append(f"teachers.model_folder: {e}")
     problems += _distillation_problems(config)
+    problems += _unlabelled_problems(config, base_dir, check_files)
     if not problems:
         problems += _softlabel_problems(config, base_dir, check_files)
     if not problems and check_files and not plans["preprocess"]:
@@ -72,6 +73,29 @@ def _semantic_problems(config: dict, base_dir: Path, check_files: bool) -> list[
     if not problems:
         problems += _evaluation_problems(config, base_dir, check_files)
     return problems
+
+
+def _unlabelled_problems(config: dict, base_dir: Path, check_files: bool) -> list[str]:
+    """``dataset.unlabelled``: a real dataset's folder of images in nnU-Net's naming (the demo has
+    ``dataset.demo.n_unlabelled``); its files are checked again, with their contents, when preprocessed."""
+    folder, dataset = config["dataset"]["unlabelled"], config["dataset"]
+    if folder is None:
+        return []
+    if dataset["raw"] == "demo":
+        return [f"dataset.unlabelled = {folder!r} with dataset.raw 'demo': the demo draws its own unlabelled "
+                "images (dataset.demo.n_unlabelled); set dataset.unlabelled: null"]
+    if not check_files:
+        return []
+    from fastkd import nnunet
+    from fastkd.unlabelled import folder_cases
+
+    path = Path(folder) if Path(folder).is_absolute() else base_dir / folder
+    raw = Path(dataset["raw"]) if Path(dataset["raw"]).is_absolute() else base_dir / dataset["raw"]
+    try:
+        folder_cases(path, nnunet.read_dataset_json(raw))
+    except FastkdError as e:
+        return [str(e)]
+    return []
 
 
 def _distillation_problems(config: dict) -> list[str]:

@@ -176,6 +176,22 @@ class Paths:
     def preprocess_manifest(self, configuration: str) -> Path:
         return self.work / self.dataset_name / "preprocess" / f"{self.plans_name}__{configuration}.json"
 
+    # -- unlabelled images (fastkd.unlabelled) ---------------------------------------------------
+    @cached_property
+    def unlabelled_source(self) -> Path | None:
+        """The folder of unlabelled images (``dataset.unlabelled``, or the demo's), None without any."""
+        from fastkd.unlabelled import unlabelled_source
+
+        return unlabelled_source(self.config, self.raw_dataset)
+
+    def preprocessed_unlabelled_case(self, configuration: str, case: str) -> Path:
+        from fastkd.unlabelled import PREPROCESSED_FOLDER
+
+        return self.preprocessed_dataset / PREPROCESSED_FOLDER / self.data_identifier(configuration) / f"{case}.b2nd"
+
+    def unlabelled_manifest(self, configuration: str) -> Path:
+        return self.work / self.dataset_name / "preprocess" / f"{self.plans_name}__{configuration}__unlabelled.json"
+
     # -- teachers --------------------------------------------------------------------------------
     @property
     def teacher_folder_name(self) -> str:
@@ -230,6 +246,8 @@ class Paths:
         return self.softlabel_cache(name) / "zarr.json"
 
     def softlabel_shard(self, shard: int | str, name: str | None = None) -> Path:
+        """A soft-label job's marker; ``shard``: ``<i>`` (training cases) or ``unlabelled-<i>`` (unlabelled
+        images have shards of their own, so adding one reruns none of the training cases' jobs)."""
         n = self.config["softlabels"]["shards"]
         return (self.work / self.dataset_name / "softlabels" / f"{name or self.softlabel_name}.shards"
                 / f"shard-{shard}-of-{n}.json")

@@ -427,7 +427,8 @@ def fill_cache(store: str | Path, teacher_manifests: list[str | Path], preproces
     if not preprocessed_root:
         raise FastkdError("nnUNet_preprocessed is not set (Snakemake sets it from the config; export it by hand)")
     dataset_folder = Path(preprocessed_root) / pm["dataset_name"]
-    case_folder = dataset_folder / pm["data_identifier"]
+    case_folder = manifest_case_folder(dataset_folder, pm)
+    unlabelled = bool(pm.get("unlabelled"))
     grid_plans = nnunet.read_plans(dataset_folder / f"{pm['plans_name']}.json")
     dataset_json = nnunet.read_dataset_json(dataset_folder)
     check_teachers(teachers, grid_plans, pm["configuration"], dataset_json)
@@ -438,12 +439,14 @@ def fill_cache(store: str | Path, teacher_manifests: list[str | Path], preproces
                           "(rerun plan_preprocess, or check nnUNet_preprocessed)")
     teacher_folds = [list(t["folds"]) for t in teachers]
     splits_sha256 = None
-    if folds_per_case == "out_of_fold":
+    if folds_per_case == "out_of_fold":  # the provenance is the store's; unlabelled cases get every fold below
+        splits = Path(splits) if splits else dataset_folder / "splits_final.json"
+        splits_sha256 = sha256(splits)
+    if folds_per_case == "out_of_fold" and not unlabelled:
         splits = Path(splits) if splits else dataset_folder / "splits_final.json"
         selection = out_of_fold(cases, teacher_folds, read_splits(splits),
                                 [Path(t["model_folder"]).name for t in teachers], str(splits))
-        splits_sha256 = sha256(splits)
-    else:
+    else:  # every fold; for unlabelled images also with out_of_fold: no fold trained on them
         selection = {case: teacher_folds for case in cases}
     # load only the folds some case of the shard uses, in the manifest's order
     load = [[f for f in folds if any(f in selection[c][i] for c in cases)] for i, folds in enumerate(teacher_folds)]
@@ -484,12 +487,14 @@ def fill_cache(store: str | Path, teacher_manifests: list[str | Path], preproces
         if counted != forwards:  # the record is what ran; the formula extrapolates benchmarks
             print(f"warning: {case}: the teachers ran {counted} tile forwards, forwards_per_case predicts "
                   f"{forwards} (tiles x mirror passes x folds)", file=sys.stderr)
+        extra = {"tiles": tiles, "teacher_forwards": counted, "seconds": round(time.perf_counter() - t0, 3),
+                 "teacher_folds": [[int(f) for f in folds] for folds in selection[case]],
+                 "preprocessed_sha256": source, "unlabelled": unlabelled}
+        if unlabelled:  # nnU-Net's foreground oversampling needs them; there is no label to take them from
+            extra["class_locations"] = teacher_class_locations(probs, grid_plans, dataset_json)
         if not summary["computed"]:  # the store changes now: it must not open as complete until finalize
             cache.invalidate(store)
-        cache.write_case(store, case, probs, prov, {
-            "tiles": tiles, "teacher_forwards": counted, "seconds": round(time.perf_counter() - t0, 3),
-            "teacher_folds": [[int(f) for f in folds] for folds in selection[case]],
-            "preprocessed_sha256": source})
+        cache.write_case(store, case, probs, prov, extra)
         del probs
         summary["computed"].append(case)
         summary["teacher_forwards"] += counted
@@ -499,11 +504,46 @@ def fill_cache(store: str | Path, teacher_manifests: list[str | Path], preproces
     return summary
 
 
-def finalize_cache(store: str | Path, preprocess_manifest: str | Path) -> dict:
-    """Check every case of the preprocess manifest is in the store, then write the store's root."""
-    pm = read_json(preprocess_manifest, "preprocess manifest", "written by `fastkd preprocess run` or `fastkd preprocess manifest`")
-    folder = None
-    if os.environ.get("nnUNet_preprocessed"):
-        folder = Path(os.environ["nnUNet_preprocessed"]) / pm["dataset_name"] / pm["data_identifier"]
-    return cache.finalize(store, {c: v["shape"] for c, v in pm["cases"].items()}, folder)
+def manifest_case_folder(dataset_folder: Path, manifest: dict) -> Path:
+    """Where a preprocess manifest's ``<case>.b2nd`` files are: nnU-Net's ``<data_identifier>/``, or the
+    folder an unlabelled manifest names (relative to the preprocessed dataset, :mod:`fastkd.unlabelled`)."""
+    return Path(dataset_folder) / manifest.get("folder", manifest["data_identifier"])
+
+
+def teacher_class_locations(probs: np.ndarray, plans: dict, dataset_json: dict) -> dict:
+    """An unlabelled case's foreground voxels, as nnU-Net's preprocessor samples them from a label map, from
+    the teachers' segmentation of the averaged probabilities ``probs`` (C, x, y, z): nnU-Net's own
+    conversion (argmax, or the region thresholds and order) and its own sampler, seed 1234; stored in the
+    case attributes (:func:`fastkd.cache.layout.encode_class_locations`)."""
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from fastkd.cache.layout import encode_class_locations
+
+    label_manager = PlansManager(plans).get_label_manager(dataset_json)
+    seg = label_manager.convert_probabilities_to_segmentation(probs)
+    keys = label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels
+    locations = DefaultPreprocessor._sample_foreground_locations(np.asarray(seg)[None], keys, seed=1234)
+    return encode_class_locations(locations)
+
+
+def finalize_cache(store: str | Path, preprocess_manifests: list[str | Path]) -> dict:
+    """Check every case of the preprocess manifests (the training cases', and the unlabelled images' if
+    any, :mod:`fastkd.unlabelled`) is in the store, then write the store's root."""
+    if isinstance(preprocess_manifests, (str, Path)):
+        preprocess_manifests = [preprocess_manifests]
+    labelled, unlabelled, folders = {}, {}, {}
+    for path in preprocess_manifests:
+        pm = read_json(path, "preprocess manifest", "written by `fastkd preprocess run|adopt|unlabelled`")
+        kind = bool(pm.get("unlabelled"))
+        if kind in folders:
+            raise FastkdError(f"two {'un' if kind else ''}labelled preprocess manifests given ({path}); pass the "
+                              "training cases' manifest and at most one of unlabelled images")
+        (unlabelled if kind else labelled).update({c: v["shape"] for c, v in pm["cases"].items()})
+        folders[kind] = None
+        if os.environ.get("nnUNet_preprocessed"):
+            folders[kind] = manifest_case_folder(Path(os.environ["nnUNet_preprocessed"]) / pm["dataset_name"], pm)
+    if False not in folders:
+        raise FastkdError(f"no manifest of the training cases among {[str(p) for p in preprocess_manifests]}")
+    return cache.finalize(store, labelled, folders[False], unlabelled, folders.get(True))
 

@@ -35,7 +35,7 @@ def student_kinds(config: dict) -> list[bool]:
 # -- sweeps -----------------------------------------------------------------------------------------
 #: the settings that may be lists (a sweep): every combination is its own student
 SWEPT = ("distillation.temperature", "distillation.alpha", "distillation.loss", "distillation.scales",
-         "distillation.class_balanced", "softlabels.folds_per_case", "student.seeds")
+         "distillation.class_balanced", "softlabels.folds_per_case", "student.unlabelled_share", "student.seeds")
 
 
 #: a student's settings that tell the students of a sweep apart, in tag order: (name in the student's
@@ -43,7 +43,7 @@ SWEPT = ("distillation.temperature", "distillation.alpha", "distillation.loss", 
 TAGGED = (("temperature", "distillation.temperature"), ("alpha", "distillation.alpha"),
           ("loss", "distillation.loss"), ("scales", "distillation.scales"),
           ("class_balanced", "distillation.class_balanced"), ("folds_per_case", "softlabels.folds_per_case"),
-          ("seed", "student.seeds"))
+          ("unlabelled_share", "student.unlabelled_share"), ("seed", "student.seeds"))
 
 
 #: the KD settings that only KD students have (the baseline's are None)
@@ -81,6 +81,7 @@ class Student:
     loss: str | None = None
     scales: str | None = None
     class_balanced: bool | None = None
+    unlabelled_share: float | None = None
 
     def config(self, config: dict) -> dict:
         """``config`` with this student's single values (the baseline keeps the first of the swept KD values,
@@ -113,7 +114,7 @@ class Student:
 
 def students(config: dict) -> list[Student]:
     """Every student of a validated config: each reduction factor x temperature x alpha (> 0) x loss form x
-    KD scales x class balancing x soft-label fold selection x seed (KD), and each reduction factor x seed
+    KD scales x class balancing x soft-label fold selection x unlabelled share x seed (KD), and each reduction factor x seed
     (the baseline), in that order."""
     import itertools
 
@@ -122,11 +123,11 @@ def students(config: dict) -> list[Student]:
     out = []
     for r in d["reduction_factors"]:
         if True in kinds:
-            for t, a, loss, scales, cb, f, s in itertools.product(
+            for t, a, loss, scales, cb, f, u, s in itertools.product(
                     as_list(d["temperature"]), [a for a in as_list(d["alpha"]) if a > 0], as_list(d["loss"]),
                     as_list(d["scales"]), as_list(d["class_balanced"]), as_list(config["softlabels"]["folds_per_case"]),
-                    seeds):
-                out.append(Student(r, True, float(t), float(a), f, s, loss, scales, bool(cb)))
+                    as_list(config["student"]["unlabelled_share"]), seeds):
+                out.append(Student(r, True, float(t), float(a), f, s, loss, scales, bool(cb), float(u)))
         if False in kinds:
             out += [Student(r, False, None, 0.0, None, s) for s in seeds]
     return out
@@ -140,7 +141,7 @@ def soft_label_settings(config: dict) -> list[tuple[float, str]]:
 def student_tag(config: dict, kd: bool) -> str:
     """What tells the students of a sweep apart in their model folder name (``<trainer><tag>__<plans>__<cfg>``):
     each setting that differs from its default (KD: ``_T<t>``, ``_a<alpha>``, ``_additive`` / ``_convex``,
-    ``_dsall`` / ``_dsfull``, ``_cb`` / ``_nocb``, ``_oof``; all: ``_s<seed>``), so a config of default values
+    ``_dsall`` / ``_dsfull``, ``_cb`` / ``_nocb``, ``_oof``, ``_u<share>``; all: ``_s<seed>``), so a config of default values
     keeps the plain names, and a student's name depends on its own settings only."""
     values = {name: one(config, key) if kd or name == "seed" else None for name, key in TAGGED}
     return settings_tag(kd, values)
@@ -157,6 +158,8 @@ def _tag_part(name: str, value) -> str:
         return "cb" if value else "nocb"
     if name == "folds_per_case":
         return "oof" if value == "out_of_fold" else str(value)
+    if name == "unlabelled_share":
+        return f"u{value:g}"
     if name == "seed":
         return f"s{value}"
     return str(value)

@@ -38,7 +38,7 @@ def info(store: str | Path) -> dict:
         cases[case] = {"shape": shape, "complete": bool(attrs.get("complete")), "bytes": _bytes_on_disk(store / case),
                        "logical_bytes": stored * np.dtype(stored_dtype(prov)).itemsize, "values": values,
                        "voxels": values // shape[0] if shape else 0, "teacher_folds": attrs.get("teacher_folds"),
-                       "top_k_dropped": attrs.get("top_k_dropped")}
+                       "top_k_dropped": attrs.get("top_k_dropped"), "unlabelled": bool(attrs.get("unlabelled"))}
         provenance = provenance or attrs.get("provenance")
     total = sum(c["bytes"] for c in cases.values())
     logical = sum(c["logical_bytes"] for c in cases.values())
@@ -49,6 +49,7 @@ def info(store: str | Path) -> dict:
                           "max": max(c["top_k_dropped"]["max"] for c in dropped)} if dropped else None,
         "path": str(store), "complete": bool(root and root.get("complete")),
         "n_cases": len(cases), "expected_cases": len(root["cases"]) if root else None,
+        "n_unlabelled": sum(c["unlabelled"] for c in cases.values()),
         "bytes": total, "logical_bytes": logical, "float32_bytes": 4 * sum(c["values"] for c in cases.values()),
         "compression_ratio": logical / total if total else None,
         "teacher_forwards": (root or {}).get("teacher_forwards"),
@@ -64,7 +65,8 @@ def format_info(report: dict, list_cases: bool = False) -> str:
     p = report["provenance"] or {}
     lines = [f"soft-label cache {report['path']}",
              f"  complete:      {'yes' if report['complete'] else 'NO (root not written: jobs unfinished or failed)'}",
-             f"  cases:         {report['n_cases']}" + (f" of {report['expected_cases']}" if report["expected_cases"] else "")]
+             f"  cases:         {report['n_cases']}" + (f" of {report['expected_cases']}" if report["expected_cases"] else "")
+             + f" ({report['n_cases'] - report['n_unlabelled']} labelled, {report['n_unlabelled']} unlabelled)"]
     if p:
         lines += [f"  dtype:         {p['dtype']} (probability = value x {p['scale']:.6g})",
                   f"  channels:      {', '.join(p['channels'])} ({p['activation']})",
@@ -99,10 +101,12 @@ def format_info(report: dict, list_cases: bool = False) -> str:
     if incomplete:
         lines.append(f"  incomplete cases: {', '.join(incomplete)}")
     if list_cases:
-        lines.append("  case                      shape                 bytes   ratio  teacher folds")
+        lines.append("  case                      kind        shape                 bytes   ratio  teacher folds")
         for case, v in report["cases"].items():
             r = v["logical_bytes"] / v["bytes"] if v["bytes"] else 0
-            lines.append(f"  {case:<25} {str(v['shape']):<20} {v['bytes']:>8} {r:>6.1f}x  {v['teacher_folds'] or ''}")
+            kind = "unlabelled" if v["unlabelled"] else "labelled"
+            lines.append(f"  {case:<25} {kind:<11} {str(v['shape']):<20} {v['bytes']:>8} {r:>6.1f}x  "
+                         f"{v['teacher_folds'] or ''}")
     return "\n".join(lines)
 
 
@@ -136,16 +140,29 @@ def verify(store: str | Path, preprocessed_folder: str | Path | None = None, tol
     present = _case_dirs(store)
     listed = list((root or {}).get("cases", {}))
     problems += [f"{c}: listed in the root but missing" for c in listed if c not in present]
-    folder = preprocessed_folder or (root or {}).get("preprocessed_folder")
-    if folder is None or not Path(folder).is_dir():
-        problems.append(f"(store): preprocessed folder {folder} not found, cannot compare shapes "
+    labelled_folder = preprocessed_folder or (root or {}).get("preprocessed_folder")
+    if labelled_folder is None or not Path(labelled_folder).is_dir():
+        problems.append(f"(store): preprocessed folder {labelled_folder} not found, cannot compare shapes "
                         "(pass --preprocessed nnUNet_preprocessed/<ds>/<data_identifier>)")
-        folder = None
+        labelled_folder = None
+    listed_unlabelled = set((root or {}).get("unlabelled", ()))
+    unlabelled_folder = (root or {}).get("unlabelled_folder")
+    if listed_unlabelled and (unlabelled_folder is None or not Path(unlabelled_folder).is_dir()):
+        problems.append(f"(store): preprocessed folder of the unlabelled cases {unlabelled_folder} not found, cannot "
+                        "compare their shapes")
+        unlabelled_folder = None
     for case in present:
         attrs = case_attrs(store, case)
         if not attrs or not attrs.get("complete"):
             problems.append(f"{case}: not marked complete")
             continue
+        is_unlabelled = bool(attrs.get("unlabelled"))
+        folder = unlabelled_folder if is_unlabelled else labelled_folder
+        if root and is_unlabelled != (case in listed_unlabelled):
+            problems.append(f"{case}: marked {'un' if is_unlabelled else ''}labelled, but the root lists it as "
+                            f"{'un' if case in listed_unlabelled else ''}labelled")
+        if is_unlabelled:
+            problems += _verify_class_locations(case, attrs)
         p = attrs["provenance"]
         if root and root.get("provenance") and p != root["provenance"]:
             problems.append(f"{case}: written with other settings than the store's root")
@@ -166,6 +183,19 @@ def verify(store: str | Path, preprocessed_folder: str | Path | None = None, tol
                 problems.append(f"{case}: the preprocessed case changed since its soft labels were made (sha256 "
                                 f"of {b2nd.name} differs); rerun its soft-label job")
     return problems
+
+
+def _verify_class_locations(case: str, attrs: dict) -> list[str]:
+    """An unlabelled case's class locations: present, and every voxel inside the case."""
+    stored = attrs.get("class_locations")
+    if not isinstance(stored, dict):
+        return [f"{case}: unlabelled but without class_locations (its soft-label job predates them; rerun it)"]
+    shape = attrs["shape"][1:]
+    for key, voxels in stored.items():
+        v = np.asarray(voxels, np.int64).reshape(-1, 3)
+        if len(v) and ((v < 0).any() or (v >= np.asarray(shape)).any()):
+            return [f"{case}: class_locations[{key!r}] has voxels outside the case's shape {shape}"]
+    return []
 
 
 def _verify_values(case: str, array, provenance: dict, tolerance: float | None) -> list[str]:

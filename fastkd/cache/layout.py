@@ -64,12 +64,26 @@ each case array:
                                             # provenance["teachers"] (all of them, or out-of-fold)
      "preprocessed_sha256": str,            # of the preprocessed <case>.b2nd it was computed from
      "top_k_dropped": {"mean", "max"},      # top-k only: 1 - stored mass per voxel
+     "unlabelled": bool,                    # an image without a label (dataset.unlabelled); absent in
+                                            # stores before it: labelled
+     "class_locations": {"<key>": [[x, y, z], ...], ...},   # unlabelled cases only, see below
      "created": ISO time, "versions": {...}, "provenance": {...}}
 
 On the root group:
 
     {"complete": true, "cases": {"<case>": [C, x, y, z], ...}, "teacher_forwards": int,
-     "preprocessed_folder": path of the <case>.b2nd files, "created", "versions", "provenance": {...}}
+     "unlabelled": ["<case>", ...],         # the cases of "cases" that have no label (may be empty)
+     "preprocessed_folder": path of the labelled cases' <case>.b2nd files,
+     "unlabelled_folder": path of the unlabelled cases' <case>.b2nd files (null without any),
+     "created", "versions", "provenance": {...}}
+
+**Unlabelled cases** (``dataset.unlabelled``; :mod:`fastkd.unlabelled`) sit in the same store with the
+same provenance: none of the teacher folds trained on them, so each gets every fold whatever
+``folds_per_case`` says (``teacher_folds`` records it). Their ``class_locations`` stand in for the
+label's in nnU-Net's foreground oversampling: per foreground label (regions: per region, key
+``"1,2,3"``, a one-label region ``"3,"``) up to ``CLASS_LOCATIONS_PER_CLASS`` voxels ``[x, y, z]`` of the teachers' segmentation
+(nnU-Net's argmax, or its region thresholds), drawn with nnU-Net's own sampler
+(``DefaultPreprocessor._sample_foreground_locations``, seed 1234) when the soft labels are written.
 
 **Provenance** is identical for every case of a store: ``format_version`` (``FORMAT_VERSION``),
 ``temperature``, ``activation`` (softmax or sigmoid), ``ensemble`` (how folds were combined),
@@ -96,6 +110,39 @@ ATTR = "fastkd_softlabels"
 #: ``format_version`` in the provenance
 FORMAT_VERSION = 1
 DTYPES = {"uint8": 1.0 / 255.0, "float16": 1.0}  # dtype -> scale (stored value * scale = probability)
+#: voxels kept per class in an unlabelled case's ``class_locations`` (nnU-Net's oversampling picks one at random)
+CLASS_LOCATIONS_PER_CLASS = 1000
+
+
+def encode_class_locations(locations: dict, seed: int = 0) -> dict:
+    """nnU-Net's ``class_locations`` (key: label or tuple of labels -> (n, 4) array ``[0, x, y, z]``) -> the
+    case attribute: ``{"<label>" or "<l1>,<l2>": [[x, y, z], ...]}``, at most CLASS_LOCATIONS_PER_CLASS per key
+    (a seeded pick)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key, voxels in locations.items():
+        voxels = np.asarray(voxels).reshape(-1, 4)[:, 1:]
+        if len(voxels) > CLASS_LOCATIONS_PER_CLASS:
+            voxels = voxels[np.sort(rng.choice(len(voxels), CLASS_LOCATIONS_PER_CLASS, replace=False))]
+        if isinstance(key, (tuple, list)):  # a region; one of one label keeps its comma: "3,"
+            name = ",".join(str(int(k)) for k in key) + ("," if len(key) == 1 else "")
+        else:
+            name = str(int(key))
+        out[name] = voxels.astype(int).tolist()
+    return out
+
+
+def decode_class_locations(stored: dict) -> dict:
+    """The case attribute -> nnU-Net's ``class_locations`` (int key, or tuple for a region; (n, 4) int64
+    arrays ``[0, x, y, z]``, the leading 0 being nnU-Net's channel axis)."""
+    out = {}
+    for name, voxels in stored.items():
+        key = tuple(int(k) for k in name.split(",") if k) if "," in name else int(name)
+        array = np.zeros((len(voxels), 4), np.int64)
+        if voxels:
+            array[:, 1:] = np.asarray(voxels, np.int64)
+        out[key] = array
+    return out
 
 
 class CacheError(FastkdError):

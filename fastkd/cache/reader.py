@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from fastkd.cache.codec import decode, stored_shape
-from fastkd.cache.layout import ATTR, CacheError
+from fastkd.cache.layout import ATTR, CacheError, decode_class_locations
 
 
 def missing_chunks(array) -> list[str]:
@@ -129,9 +129,20 @@ class SoftLabelCache:
         self.attrs = attrs
         self.provenance: dict = attrs["provenance"]
         self.cases: dict[str, list[int]] = attrs["cases"]
+        #: the cases without a label (dataset.unlabelled): KD only, and their class locations
+        self.unlabelled: frozenset[str] = frozenset(attrs.get("unlabelled", ()))
         self.scale = np.float32(self.provenance["scale"])
         self.num_channels = len(self.provenance["channels"])
         self._arrays: dict = {}
+
+    def class_locations(self, case: str) -> dict:
+        """An unlabelled case's foreground voxels from the teachers' segmentation, in nnU-Net's
+        ``class_locations`` form (layout: :mod:`fastkd.cache.layout`, "Unlabelled cases")."""
+        attrs = case_attrs(self.path, case) if case in self.unlabelled else None
+        if not attrs or "class_locations" not in attrs:
+            raise CacheError(f"{self.path}: case {case!r} has no class locations (only unlabelled cases have them: "
+                             f"{len(self.unlabelled)} in this cache)")
+        return decode_class_locations(attrs["class_locations"])
 
     @property
     def temperature(self) -> float:

@@ -190,17 +190,24 @@ def _write_root(store: Path, attributes: dict) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def finalize(store: str | Path, expected: dict[str, list[int]], preprocessed_folder: str | Path | None = None) -> dict:
+def finalize(store: str | Path, expected: dict[str, list[int]], preprocessed_folder: str | Path | None = None,
+             unlabelled: dict[str, list[int]] | None = None, unlabelled_folder: str | Path | None = None) -> dict:
     """Check every expected case is in the store, complete and consistent; then write the root.
 
     ``expected``: case -> spatial shape ``[x, y, z]`` (or the full ``[C, x, y, z]`` of the
-    preprocessed image, whose C is ignored). Every case must have all its chunks. Raises
-    :class:`fastkd.cache.CacheError` naming every bad case; the store is left as it was then (a complete
-    store stays complete). Returns the root attributes.
+    preprocessed image, whose C is ignored); ``unlabelled``: the same for the unlabelled cases, which
+    must be marked unlabelled and carry their class locations (the labelled ones must not be marked).
+    Every case must have all its chunks. Raises :class:`fastkd.cache.CacheError` naming every bad case;
+    the store is left as it was then (a complete store stays complete). Returns the root attributes.
     """
     store = Path(store)
+    unlabelled = dict(unlabelled or {})
+    both = sorted(set(expected) & set(unlabelled))
+    if both:
+        raise CacheError(f"cases both labelled and unlabelled: {', '.join(both[:5])}; an unlabelled image must not "
+                         "be a training case")
     problems, cases, provenance, forwards = [], {}, None, 0
-    for case in sorted(expected):
+    for case in sorted({**expected, **unlabelled}):
         attrs = case_attrs(store, case)
         if attrs is None:
             problems.append(f"{case}: missing")
@@ -208,8 +215,16 @@ def finalize(store: str | Path, expected: dict[str, list[int]], preprocessed_fol
         if not attrs.get("complete"):
             problems.append(f"{case}: not marked complete")
             continue
-        if list(attrs["shape"][1:]) != list(expected[case][-3:]):
-            problems.append(f"{case}: shape {attrs['shape']} does not match the preprocessed case {expected[case]}")
+        if bool(attrs.get("unlabelled")) != (case in unlabelled):
+            problems.append(f"{case}: marked {'un' if attrs.get('unlabelled') else ''}labelled in the store, but the "
+                            f"manifests list it as {'un' if case in unlabelled else ''}labelled")
+            continue
+        if case in unlabelled and "class_locations" not in attrs:
+            problems.append(f"{case}: unlabelled but without class_locations")
+            continue
+        want = unlabelled[case] if case in unlabelled else expected[case]
+        if list(attrs["shape"][1:]) != list(want[-3:]):
+            problems.append(f"{case}: shape {attrs['shape']} does not match the preprocessed case {want}")
             continue
         if provenance is None:
             provenance, first = attrs["provenance"], case
@@ -225,10 +240,12 @@ def finalize(store: str | Path, expected: dict[str, list[int]], preprocessed_fol
         cases[case] = attrs["shape"]
         forwards += attrs.get("teacher_forwards", 0)
     if problems:
-        raise CacheError(f"soft-label cache {store} is not complete ({len(problems)} of {len(expected)} cases):\n  - "
+        raise CacheError(f"soft-label cache {store} is not complete ({len(problems)} of "
+                         f"{len(expected) + len(unlabelled)} cases):\n  - "
                          + "\n  - ".join(problems) + "\nrerun the soft-label jobs (snakemake ... softlabels)")
-    root = {"complete": True, "cases": cases, "teacher_forwards": forwards,
+    root = {"complete": True, "cases": cases, "teacher_forwards": forwards, "unlabelled": sorted(unlabelled),
             "preprocessed_folder": str(Path(preprocessed_folder).resolve()) if preprocessed_folder else None,
+            "unlabelled_folder": str(Path(unlabelled_folder).resolve()) if unlabelled_folder else None,
             "created": now(), "versions": versions(), "provenance": provenance}
     _write_root(store, {ATTR: root})  # the last write
     if partial_dir(store).is_dir() and not _remove_dead_partials(partial_dir(store)):

@@ -32,6 +32,18 @@ def add_parser(sub) -> None:
     p.add_argument("-c", "--configurations", nargs="+", required=True, choices=["2d", "3d_fullres", "3d_lowres"])
     p.add_argument("--manifests", nargs="+", type=Path, required=True, help="one manifest path per configuration")
     p.set_defaults(func=_preprocess_adopt)
+    p = stage.add_parser("unlabelled", help="check and preprocess unlabelled images (dataset.unlabelled) with the "
+                                            "teachers' plans, and write their manifest")
+    p.add_argument("source", type=Path, help="folder of unlabelled images <case>_0000<file_ending>, ...")
+    p.add_argument("-d", "--dataset", required=True, help="dataset name DatasetXXX_Name (preprocessed already)")
+    p.add_argument("-p", "--plans", required=True, help="the teachers' plans name")
+    p.add_argument("-c", "--configuration", required=True, choices=["2d", "3d_fullres", "3d_lowres"])
+    p.add_argument("--raw", type=Path, required=True,
+                   help="the labelled raw dataset (dataset.raw): no unlabelled image may be one of its cases")
+    p.add_argument("--test-images", type=Path, default=None,
+                   help="the test images (imagesTs): no unlabelled image may be one of them")
+    p.add_argument("--manifest", type=Path, required=True, help="where to write the manifest")
+    p.set_defaults(func=_preprocess_unlabelled)
 
 
 def _preprocess_run(args) -> None:
@@ -50,3 +62,17 @@ def _preprocess_adopt(args) -> None:
 
     cases = adopt_preprocessed(args.dataset, args.plans, args.configurations, args.manifests)
     print(f"{args.dataset} ({args.plans}): {len(cases)} preprocessed cases of {', '.join(args.configurations)}")
+
+
+def _preprocess_unlabelled(args) -> None:
+    from fastkd import nnunet
+    from fastkd.cases import held_out_cases
+    from fastkd.unlabelled import preprocess_unlabelled, reference_images
+
+    dataset_json = nnunet.read_dataset_json(args.raw)
+    test = held_out_cases(args.test_images, dataset_json) if args.test_images else []
+    manifest = preprocess_unlabelled(args.source, args.dataset, args.plans, args.configuration, args.manifest,
+                                     references=reference_images(args.raw, args.test_images, dataset_json),
+                                     training_cases=nnunet.raw_case_ids(args.raw), test_cases=test)
+    print(f"{len(manifest['cases'])} unlabelled images of {args.source} preprocessed ({manifest['preprocessed_now']} "
+          f"now, the rest reused) -> {args.manifest}")

@@ -29,7 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("-w", "--weights", type=arg_type("teachers.weight"), nargs="+", default=None,
                    help="ensemble weight per teacher manifest (default: equal)")
     p.add_argument("-m", "--preprocess-manifest", type=Path, required=True,
-                   help="manifest of the preprocessed configuration (`fastkd preprocess run|adopt`): cases and shapes")
+                   help="manifest of the preprocessed configuration (`fastkd preprocess run|adopt`): cases and shapes; "
+                        "or of unlabelled images (`fastkd preprocess unlabelled`)")
     config_flag(p, ["-T", "--temperature"], "distillation.temperature", "softmax temperature")
     config_flag(p, ["--step-size"], "softlabels.step_size", "sliding-window step, fraction of the patch")
     p.add_argument("--disable-mirroring", action="store_true", help="no test-time mirroring (1 pass per tile)")
@@ -51,7 +52,9 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_softlabels_fill)
     p = stage.add_parser("finalize", help="check every case is in the store, then write its root (complete)")
     p.add_argument("store", type=Path)
-    p.add_argument("-m", "--preprocess-manifest", type=Path, required=True)
+    p.add_argument("-m", "--preprocess-manifest", type=Path, nargs="+", required=True,
+                   help="the training cases' preprocess manifest, and the unlabelled images' (`fastkd preprocess "
+                        "unlabelled`) if there are any")
     p.set_defaults(func=_softlabels_finalize)
 
 
@@ -73,4 +76,4 @@ def _softlabels_finalize(args) -> None:
     from fastkd.softlabels import finalize_cache
 
     root = finalize_cache(args.store, args.preprocess_manifest)
-    print(f"{args.store}: complete, {len(root['cases'])} cases")
+    print(f"{args.store}: complete, {len(root['cases'])} cases ({len(root['unlabelled'])} unlabelled)")

@@ -47,6 +47,16 @@ the valid channel would give, for one channel less through the costliest transfo
 
 The cache is opened lazily in each process, so nnU-Net's augmentation workers (forked) each hold
 their own reader.
+
+**Unlabelled images** (``dataset.unlabelled``, :mod:`fastkd.unlabelled`): the KD trainer hands the loader
+a :class:`WithUnlabelled` dataset (the training cases plus the cache's unlabelled cases, each read from
+its own preprocessed folder, an unlabelled case with the teachers' class locations from the cache in
+place of a label's) and the share ``s`` of each batch to draw from the unlabelled cases. ``get_indices``
+draws ``floor(s B)`` unlabelled samples plus one more with probability ``s B - floor(s B)`` (so the
+expected share is exactly ``s``), the rest from the training cases, each with replacement as nnU-Net
+does, and shuffles their order so nnU-Net's foreground oversampling (the last third of the batch) falls
+on both kinds. The batch gains ``batch["unlabelled"]``, a bool ``(B,)`` tensor: the trainer drops those
+samples from the hard loss.
 """
 
 from __future__ import annotations
@@ -136,15 +146,53 @@ def collate(samples: list[tuple[torch.Tensor, np.ndarray]], has_rest: bool) -> t
     return out, torch.from_numpy(rows)
 
 
+class WithUnlabelled:
+    """The training cases (an nnU-Net dataset) plus unlabelled cases (another, on their own folder), as one
+    dataset for ``nnUNetDataLoader``: ``identifiers`` and ``load_case``, whose properties of an unlabelled
+    case carry the teachers' ``class_locations`` from the soft-label cache at ``cache_path``."""
+
+    def __init__(self, labelled, unlabelled, cache_path: str):
+        clash = sorted(set(labelled.identifiers) & set(unlabelled.identifiers))
+        if clash:
+            raise ValueError(f"cases both labelled and unlabelled: {clash[:5]}")
+        self.labelled, self.unlabelled = labelled, unlabelled
+        self.unlabelled_ids = frozenset(unlabelled.identifiers)
+        self.identifiers = sorted([*labelled.identifiers, *unlabelled.identifiers])
+        self.cache_path = str(cache_path)
+        self._cache, self._cache_pid = None, None
+
+    def __getitem__(self, identifier):
+        return self.load_case(identifier)
+
+    def load_case(self, identifier):
+        if identifier not in self.unlabelled_ids:
+            return self.labelled.load_case(identifier)
+        data, seg, seg_prev, properties = self.unlabelled.load_case(identifier)
+        if self._cache_pid != os.getpid():
+            from fastkd.cache import SoftLabelCache
+
+            self._cache, self._cache_pid = SoftLabelCache(self.cache_path), os.getpid()
+        return data, seg, seg_prev, {**properties, "class_locations": self._cache.class_locations(identifier)}
+
+
 class KDDataLoader(nnUNetDataLoader):
     """``nnUNetDataLoader`` whose batches also carry the cached soft labels of each sampled box.
 
     ``cache_path``: a complete soft-label cache on the same preprocessed grid (checked by the trainer).
     ``softmax``: whether the cache holds softmax probabilities (else per-region sigmoids).
+    ``unlabelled_share``: the expected share of each batch drawn from the dataset's unlabelled cases
+    (a :class:`WithUnlabelled` dataset; the module docstring).
     """
 
-    def __init__(self, *args, cache_path: str, softmax: bool = True, **kwargs):
+    def __init__(self, *args, cache_path: str, softmax: bool = True, unlabelled_share: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
+        unlabelled = getattr(self._data, "unlabelled_ids", frozenset())
+        if not 0 <= unlabelled_share <= 1:
+            raise ValueError(f"student.unlabelled_share = {unlabelled_share}: must be between 0 and 1")
+        self.unlabelled_share = float(unlabelled_share)
+        self.pools = ([k for k in self.indices if k not in unlabelled], sorted(unlabelled))
+        if self.unlabelled_share < 1 and not self.pools[0]:
+            raise ValueError("no labelled training case to draw from")
         self.cache_path = str(cache_path)
         self.softmax = softmax
         self.transforms = _SoftLabelTransforms(self, self.transforms)
@@ -162,9 +210,19 @@ class KDDataLoader(nnUNetDataLoader):
         return self._cache
 
     def get_indices(self):
-        self.keys = list(super().get_indices())
+        self.keys = list(self._mixed_indices() if self.pools[1] else super().get_indices())
         self.sample, self.pending, self.softlabels = -1, deque(), []
         return self.keys
+
+    def _mixed_indices(self) -> list:
+        """``batch_size`` keys, ``unlabelled_share`` of them unlabelled in expectation, in random order."""
+        want = self.unlabelled_share * self.batch_size
+        n_unlabelled = int(np.floor(want)) + int(np.random.uniform() < want - np.floor(want))
+        labelled, unlabelled = self.pools
+        keys = list(np.random.choice(unlabelled, n_unlabelled, replace=True)) if n_unlabelled else []
+        if self.batch_size > n_unlabelled:
+            keys += list(np.random.choice(labelled, self.batch_size - n_unlabelled, replace=True))
+        return [keys[i] for i in np.random.permutation(len(keys))]
 
     def get_bbox(self, *args, **kwargs):
         """The parent's box, queued with its case: the parent passes the case's shape, ``force_fg`` and class
@@ -186,5 +244,7 @@ class KDDataLoader(nnUNetDataLoader):
                                "nnUNetDataLoader's batch loop changed (expected one get_bbox and one transforms "
                                "call per sample, in the same order)")
         batch["softlabels"], batch["softlabel_classes"] = collate(self.softlabels, bool(self.cache.top_k))
+        unlabelled = getattr(self._data, "unlabelled_ids", frozenset())
+        batch["unlabelled"] = torch.tensor([str(k) in unlabelled for k in batch["keys"]], dtype=torch.bool)
         self.softlabels = []
         return batch

@@ -256,9 +256,12 @@ class SoftLabels:
     each sample's own present classes, padded to the batch's largest count with classes that sample
     does not carry, at their value there, 0 or the rest).
     ``.to(device)`` moves it like a tensor, so nnU-Net's ``train_step`` moves it with the target list.
+    ``unlabelled``: bool ``(B,)``, the samples from unlabelled images (KD only: the trainer's loss leaves
+    them out of the hard loss); None = all labelled. It stays on the CPU (indexing needs no GPU sync).
     """
 
-    def __init__(self, values: torch.Tensor, classes: torch.Tensor, n_classes: int):
+    def __init__(self, values: torch.Tensor, classes: torch.Tensor, n_classes: int,
+                 unlabelled: torch.Tensor | None = None):
         k = classes.shape[-1] if classes.ndim else 0
         if classes.ndim not in (1, 2) or values.ndim < 3 or values.shape[1] not in (k, k + 1) \
                 or (classes.ndim == 2 and classes.shape[0] != values.shape[0]):
@@ -268,7 +271,11 @@ class SoftLabels:
         if k == 0 or int(classes.min()) < 0 or int(classes.max()) >= n_classes \
                 or (k > 1 and not bool((classes[..., 1:] > classes[..., :-1]).all())):
             raise ValueError(f"soft-label classes {classes.tolist()}: need sorted distinct indices in [0, {n_classes})")
+        if unlabelled is not None and tuple(unlabelled.shape) != (values.shape[0],):
+            raise ValueError(f"unlabelled mask of shape {tuple(unlabelled.shape)}: need ({values.shape[0]},), one "
+                             "flag per sample")
         self.values, self.classes, self.n_classes = values, classes, int(n_classes)
+        self.unlabelled = None if unlabelled is None else unlabelled.bool().cpu()
 
     @property
     def has_rest(self) -> bool:
@@ -280,6 +287,7 @@ class SoftLabels:
         moved.values = self.values.to(device, non_blocking=non_blocking)
         moved.classes = self.classes.to(device, non_blocking=non_blocking)
         moved.n_classes = self.n_classes
+        moved.unlabelled = self.unlabelled
         return moved
 
     def dense(self) -> torch.Tensor:

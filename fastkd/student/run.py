@@ -24,6 +24,9 @@ config (``workflow/schemas/config.schema.yaml`` documents and checks every value
      "teachers": {"<teacher folder>": {"<fold>": sha256}}, # KD students: the checkpoints the cache's
                                                            # soft labels came from (once it is complete)
      "soft_dice": w, "cauchy_schwarz": w,                  # KD students only (KD_KEYS)
+     "unlabelled_share": s,                                # KD students only: share of unlabelled samples
+     "unlabelled_cases": {"n", "sha256"},                  # KD students with s > 0: the cache's unlabelled
+                                                           # cases (their count, sha256 of the sorted names)
      "validation_mirroring": bool,                         # test-time mirroring in the final validation
      "schedule": {"epochs": n, "iterations_per_epoch": n, "val_iterations_per_epoch": n,
                   "batch_size": n or null (= the plans'), "save_every": n,
@@ -65,7 +68,7 @@ from fastkd.sweep import one, trainer_name
 #: an earlier run (``resume``: an argument of :func:`train_student`), not how the student learns
 RUN_KEYS = ("folds", "baseline", "plans", "block_strategy", "augmentation", "device", "num_gpus", "resume", "seeds")
 #: keys of the student block that only distillation uses (meaningless for the no-KD baseline)
-KD_KEYS = ("soft_dice", "cauchy_schwarz")
+KD_KEYS = ("soft_dice", "cauchy_schwarz", "unlabelled_share")
 
 
 def student_settings(config: dict, cache: str | Path | None, kd: bool) -> dict:
@@ -89,6 +92,12 @@ def student_settings(config: dict, cache: str | Path | None, kd: bool) -> dict:
     root = root_attrs(cache) if kd else None
     if root and root.get("complete"):
         distillation["teachers"] = {t["name"]: t["sha256"] for t in root["provenance"]["teachers"]}
+        if one(config, "student.unlabelled_share") > 0:  # another set of unlabelled images: train again
+            import hashlib
+
+            names = sorted(root.get("unlabelled", []))
+            distillation["unlabelled_cases"] = {"n": len(names),
+                                                "sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
     return {**distillation, **{k: copy.deepcopy(v) for k, v in config["student"].items()
                                if k not in RUN_KEYS and (kd or k not in KD_KEYS)}}
 

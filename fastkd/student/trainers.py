@@ -105,11 +105,27 @@ class DistillationLoss(torch.nn.Module):
 
         *target, soft = target
         target = target if self.deep_supervision else target[0]
-        hard = self.hard(output, target)
+        hard = self._hard(output, target, getattr(soft, "unlabelled", None))
         full_res = target[0] if self.deep_supervision else target
         kd = self.kd(output, soft, kd_mask_from_target(full_res, self.ignore_label, self.regions))
         self.last = {"hard": hard.detach(), "kd": kd.detach()}
         return (hard if self.form == "additive" else (1 - self.alpha) * hard) + self.alpha * kd
+
+
+    def _hard(self, output, target, unlabelled):
+        """nnU-Net's loss over the labelled samples only (``unlabelled``: bool (B,) on the CPU, or None): an
+        unlabelled image has no label, its segmentation map is nnU-Net's placeholder. A batch of unlabelled
+        samples only has a hard loss of 0 (still part of the graph)."""
+        if unlabelled is None or not bool(unlabelled.any()):
+            return self.hard(output, target)
+        outputs = output if self.deep_supervision else [output]
+        keep = torch.nonzero(~unlabelled).flatten()
+        if not len(keep):
+            return sum(o.sum() for o in outputs) * 0.0
+        keep = keep.to(outputs[0].device)
+        if self.deep_supervision:
+            return self.hard([o.index_select(0, keep) for o in output], [t.index_select(0, keep) for t in target])
+        return self.hard(output.index_select(0, keep), target.index_select(0, keep))
 
 
 class nnUNetTrainerFastKDBase(nnUNetTrainer):
@@ -237,7 +253,7 @@ class nnUNetTrainerFastKD(nnUNetTrainerFastKDBase):
         if classes is not None:  # KDDataLoader's compact batch: the present classes, float16
             from fastkd.student.loss import SoftLabels
 
-            soft = SoftLabels(soft, classes, self.label_manager.num_segmentation_heads)
+            soft = SoftLabels(soft, classes, self.label_manager.num_segmentation_heads, batch.pop("unlabelled", None))
         batch["target"] = [*target, soft] if isinstance(target, list) else [target, soft]
         out = super().train_step(batch)
         out.update({f"{k}_loss": v.cpu().numpy() for k, v in self.loss.last.items()})
@@ -287,6 +303,40 @@ class nnUNetTrainerFastKD(nnUNetTrainerFastKDBase):
         if (cache.provenance["activation"] == "softmax") == self.label_manager.has_regions:
             raise FastkdError(f"soft-label cache {cache.path} holds {cache.provenance['activation']} probabilities "
                               f"but the student is {'region' if self.label_manager.has_regions else 'label'}-based")
+        self.check_unlabelled(cache)
+
+    def check_unlabelled(self, cache) -> None:
+        """The unlabelled cases this student trains on (``student.unlabelled_share`` > 0: the cache's), each
+        preprocessed with its soft labels' shape."""
+        import blosc2
+
+        share = self.settings.get("unlabelled_share", 0.0)
+        self.unlabelled_cases = sorted(cache.unlabelled) if share > 0 else []
+        if share > 0 and not self.unlabelled_cases:
+            self.print_to_log_file(f"student.unlabelled_share = {share}, but the soft-label cache {cache.path} holds no "
+                                   "unlabelled cases: training on the labelled cases only")
+        if not self.unlabelled_cases:
+            return
+        folder = Path(cache.attrs.get("unlabelled_folder") or "")
+        missing = [c for c in self.unlabelled_cases if not (folder / f"{c}.b2nd").is_file()]
+        if missing:
+            raise FastkdError(f"the unlabelled cases of {cache.path} are not preprocessed in {folder} "
+                              f"({', '.join(missing[:5])} missing); rerun `snakemake ... preprocess_unlabelled`")
+        cache.check(shapes={c: list(blosc2.open(str(folder / f"{c}.b2nd"), mode="r").shape)
+                            for c in self.unlabelled_cases})
+        self.unlabelled_folder = str(folder)
+        self.print_to_log_file(f"unlabelled images: {len(self.unlabelled_cases)} (KD only), {share:.0%} of each batch "
+                               "in expectation")
+
+    def get_tr_and_val_datasets(self):
+        """nnU-Net's datasets; the training one also holds the unlabelled cases (:class:`WithUnlabelled`)."""
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        if getattr(self, "unlabelled_cases", None):
+            from fastkd.student.loader import WithUnlabelled
+
+            unlabelled = self.dataset_class(self.unlabelled_folder, list(self.unlabelled_cases))
+            dataset_tr = WithUnlabelled(dataset_tr, unlabelled, self.settings["cache"])
+        return dataset_tr, dataset_val
 
     def get_dataloaders(self):
         # nnU-Net builds its loaders inline; swap the class it uses for the training loader (the first
@@ -300,7 +350,8 @@ class nnUNetTrainerFastKD(nnUNetTrainerFastKDBase):
         def make_loader(*args, **kwargs):
             if not built:
                 loader = KDDataLoader(*args, cache_path=self.settings["cache"],
-                                      softmax=not self.label_manager.has_regions, **kwargs)
+                                      softmax=not self.label_manager.has_regions,
+                                      unlabelled_share=self.settings.get("unlabelled_share", 0.0), **kwargs)
             else:
                 loader = stock(*args, **kwargs)
             built.append(loader)

@@ -70,6 +70,7 @@ def test_every_combination_is_its_own_student_and_every_t_and_fold_selection_its
 def KD(r, temperature, alpha, folds_per_case, seed, **loss):
     """A KD student with the default loss settings (``loss`` overrides some)."""
     values = {k: default(f"distillation.{k}") for k in ("loss", "scales", "class_balanced")}
+    values["unlabelled_share"] = default("student.unlabelled_share")
     return Student(r, True, temperature, alpha, folds_per_case, seed, **{**values, **loss})
 
 

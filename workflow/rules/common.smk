@@ -14,6 +14,7 @@ from fastkd.preprocess import training_cases
 from fastkd.sweep import one
 from fastkd.student.run import KD_KEYS
 from fastkd.teachers import teacher_sets
+from fastkd.unlabelled import check_case_ids, unlabelled_images
 
 # Fills defaults and rejects bad values (naming key, value and what is valid) before any job runs.
 validate_config(config)
@@ -31,10 +32,18 @@ DEMO_TEST_CASES = held_out_case_ids(config["dataset"]["demo"]["n_test"]) if P.is
 DEMO_FILES = P.raw_case_files(CASES, config["dataset"]["demo"]["n_channels"]) if P.is_demo else ([], [])
 DEMO_TEST_FILES = (P.raw_case_files(DEMO_TEST_CASES, config["dataset"]["demo"]["n_channels"], test=True)
                    if P.is_demo else ([], []))
+# dataset.unlabelled (or the demo's): case -> image files; their ids must be neither training nor test cases
+UNLABELLED = unlabelled_images(config, P.raw_dataset)
+check_case_ids(UNLABELLED, CASES + HELD_OUT_CASES, DEMO_TEST_CASES)
+UNLABELLED_FILES = [f for files in UNLABELLED.values() for f in files]
 TEACHER_CFG = config["teachers"]["configuration"]
 TRAIN_TEACHERS = config["teachers"]["model_folder"] is None
 TEACHER_SETS = {s["name"]: s for s in teacher_sets(config, P.teacher_folder)}  # the teachers, then teachers.extra
 N_SHARDS = config["softlabels"]["shards"]
+# soft-label jobs: the training cases' shards 1..N_SHARDS, then the unlabelled images' own unlabelled-1.. (so
+# adding an image reruns none of the training cases' jobs)
+SHARDS = [str(i) for i in range(1, N_SHARDS + 1)] + [
+    f"unlabelled-{i}" for i in range(1, min(N_SHARDS, len(UNLABELLED)) + 1)]
 STUDENT = config["student"]
 REDUCTION_FACTORS = config["distillation"]["reduction_factors"]
 # Every student of the config, by model folder name: (fastkd.sweep.Student, Paths of its single-valued
@@ -98,11 +107,28 @@ def file_stamps(paths):
     return " ".join(f"{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}" if os.path.exists(p) else "-" for p in paths)
 
 
+def shard_of(wildcards):
+    """(cases, 0-based shard, shard count) of soft-label shard ``shard`` (``<i>`` or ``unlabelled-<i>``, 1-based)."""
+    if wildcards.shard.startswith("unlabelled-"):
+        n = sum(s.startswith("unlabelled-") for s in SHARDS)
+        return sorted(UNLABELLED), int(wildcards.shard.removeprefix("unlabelled-")) - 1, n
+    return CASES, int(wildcards.shard) - 1, N_SHARDS
+
+
+def shard_manifest(wildcards):
+    """The preprocess manifest of a soft-label shard: the training cases', or the unlabelled images'."""
+    unlabelled = wildcards.shard.startswith("unlabelled-")
+    return P.unlabelled_manifest(TEACHER_CFG) if unlabelled else P.preprocess_manifest(TEACHER_CFG)
+
+
 def shard_inputs(wildcards):
-    """Preprocessed images of soft-label shard ``shard`` (1-based, as in the shard's file name)."""
+    """Preprocessed images of a training cases' soft-label shard (an unlabelled shard's come with its manifest)."""
     from fastkd.softlabels import shard_cases
 
-    return [P.preprocessed_case(TEACHER_CFG, c) for c in shard_cases(CASES, N_SHARDS, int(wildcards.shard) - 1)]
+    if wildcards.shard.startswith("unlabelled-"):
+        return []
+    cases, shard, n = shard_of(wildcards)
+    return [P.preprocessed_case(TEACHER_CFG, c) for c in shard_cases(cases, n, shard)]
 
 
 def student_settings_args(name):

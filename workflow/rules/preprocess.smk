@@ -10,6 +10,7 @@ if P.is_demo:
             labels=DEMO_FILES[1],
             test_images=DEMO_TEST_FILES[0],
             test_labels=DEMO_TEST_FILES[1],
+            unlabelled=UNLABELLED_FILES,  # dataset.demo.n_unlabelled images, without labels
         params:
             folder=lambda w, output: q(Path(output.dataset_json).parent),
             n_cases=config["dataset"]["demo"]["n_cases"],
@@ -108,3 +109,38 @@ else:
         shell:
             "fastkd preprocess adopt -d {params.dataset} -p {params.plans} -c {params.configurations}"
             " --manifests {output.manifests} > {log} 2>&1"
+
+
+if UNLABELLED:
+
+    # dataset.unlabelled: checked and preprocessed with the teachers' plans (fastkd/unlabelled.py). Only the
+    # manifest is the job's output: a case preprocessed already from the same files and plans is kept, so an
+    # added image costs its own preprocessing and teacher forwards only.
+    rule preprocess_unlabelled:
+        input:
+            images=UNLABELLED_FILES,
+            plans=P.plans_file,
+            manifest=P.preprocess_manifest(TEACHER_CFG),
+            test_images=TEST_FILES[0],
+        output:
+            manifest=P.unlabelled_manifest(TEACHER_CFG),
+        params:
+            source=q(P.unlabelled_source),
+            dataset=P.dataset_name,
+            plans=P.plans_name,
+            configuration=TEACHER_CFG,
+            raw=q(P.raw_source),
+            test_images=lambda w, input: f"--test-images {q(Path(input.test_images[0]).parent)}" if input.test_images else "",
+        log:
+            P.log("preprocess_unlabelled"),
+        benchmark:
+            P.benchmark("preprocess_unlabelled")
+        threads: 1
+        resources:
+            mem_mb=rule_resources("plan_preprocess")["mem_mb"],
+            runtime=rule_resources("plan_preprocess")["runtime"],
+        conda:
+            NNUNET_ENV
+        shell:
+            "fastkd preprocess unlabelled {params.source} -d {params.dataset} -p {params.plans} -c {params.configuration}"
+            " --raw {params.raw} {params.test_images} --manifest {output.manifest} > {log} 2>&1"

@@ -1,14 +1,15 @@
 # Soft-label cache: every teacher fold runs once per case (nnU-Net's sliding window), the tempered
 # fold-averaged probabilities go to one Zarr store. Cases are split into shards, one job each (each
 # loads the teachers once); each case is written atomically, and the store's root is written last by
-# softlabels_finalize, once every case is in. One cache per temperature and soft-label fold selection (a
+# softlabels_finalize, once every case is in. Unlabelled images (dataset.unlabelled) have shards of their own,
+# unlabelled-<i>, in the same store. One cache per temperature and soft-label fold selection (a
 # sweep has several; the wildcard {cache} is its name, CACHES in common.smk). Layout: fastkd/cache/layout.py.
 
 
 rule softlabels_shard:
     input:
         teachers=teacher_targets(),
-        manifest=P.preprocess_manifest(TEACHER_CFG),
+        manifest=shard_manifest,  # the training cases', or the unlabelled images' (shards unlabelled-<i>)
         cases=shard_inputs,
         # out_of_fold: nnU-Net's split says which fold held each case out
         splits=lambda w: [P.splits_file] if one(CACHES[w.cache].config, "softlabels.folds_per_case") == "out_of_fold" else [],
@@ -25,7 +26,7 @@ rule softlabels_shard:
         dtype=config["softlabels"]["dtype"],
         top_k=f"--top-k {config['softlabels']['top_k']}" if config["softlabels"]["top_k"] else "",
         device=config["softlabels"]["device"],
-        n_shards=N_SHARDS,
+        shard=lambda w: f"{shard_of(w)[1] + 1}/{shard_of(w)[2]}",
     log:
         P.log("softlabels_shard", "{cache}__{shard}"),
     benchmark:
@@ -40,14 +41,15 @@ rule softlabels_shard:
     shell:
         "fastkd softlabels fill -o {params.store} -t {input.teachers} -w {params.weights} -m {input.manifest}"
         " -T {params.temperature} {params.folds_per_case} --step-size {params.step} {params.mirroring} --dtype {params.dtype} {params.top_k}"
-        " --shard {wildcards.shard}/{params.n_shards} --device {params.device} --threads {threads}"
+        " --shard {params.shard} --device {params.device} --threads {threads}"
         " --marker {output.marker} > {log} 2>&1"
 
 
 rule softlabels_finalize:
     input:
-        shards=[P.softlabel_shard(i, "{cache}") for i in range(1, N_SHARDS + 1)],
+        shards=[P.softlabel_shard(i, "{cache}") for i in SHARDS],
         manifest=P.preprocess_manifest(TEACHER_CFG),
+        unlabelled=[P.unlabelled_manifest(TEACHER_CFG)] if UNLABELLED else [],
     output:
         root=P.softlabel_cache_root("{cache}"),
     params:
@@ -61,7 +63,7 @@ rule softlabels_finalize:
     conda:
         SOFTLABELS_ENV
     shell:
-        "fastkd softlabels finalize {params.store} -m {input.manifest} > {log} 2>&1"
+        "fastkd softlabels finalize {params.store} -m {input.manifest} {input.unlabelled} > {log} 2>&1"
 
 
 rule softlabels_preview:
