@@ -26,6 +26,8 @@ def add_parser(sub) -> None:
                    help="region-based dataset.json (nested regions, regions_class_order; config dataset.demo.regions)")
     config_flag(p, ["--label-noise"], "dataset.demo.label_noise", "annotation noise in the training labels only, "
                 "0 (clean) to 1", metavar="X")
+    config_flag(p, ["--n-unlabelled"], "dataset.demo.n_unlabelled", "unlabelled images drawn like the training "
+                "cases, written to imagesUnlabelled/ without labels", metavar="N")
     p.set_defaults(func=_demo_write)
 
 
@@ -35,7 +37,9 @@ def _demo_write(args) -> None:
     try:
         cases = make_demo_dataset(args.output, n_cases=args.n_cases, n_test=args.n_test, anisotropic=args.anisotropic, seed=args.seed,
                                   shape=args.shape, spacing=args.spacing, n_structures=args.n_structures,
-                                  n_channels=args.n_channels, regions=args.regions, label_noise=args.label_noise)
+                                  n_channels=args.n_channels, regions=args.regions, label_noise=args.label_noise,
+                                  n_unlabelled=args.n_unlabelled)
     except ValueError as e:  # argument checks of the generator
         raise FastkdError(str(e)) from e
-    print(f"wrote {len(cases)} demo training cases and {args.n_test} test cases to {args.output}")
+    print(f"wrote {len(cases)} demo training cases, {args.n_test} test cases and {args.n_unlabelled} unlabelled "
+          f"images to {args.output}")

@@ -8,19 +8,23 @@ By job: :mod:`.options` checks the settings (config ``dataset.demo``, ``fastkd d
 what config validation and Snakemake ask at parse time; :mod:`.organ_lesion` draws the default demo's
 organ and lesion, :mod:`.atlas` the many structures of any other ``n_structures``, both with the drawing
 and rendering of :mod:`.render`; :mod:`.label_noise` draws the training labels as an annotator might;
-:mod:`.writer` writes the dataset (:func:`make_demo_dataset`). Each module describes what it draws.
+:mod:`.writer` writes the dataset (:func:`make_demo_dataset`), optionally with unlabelled images in
+``imagesUnlabelled/`` (:data:`UNLABELLED_FOLDER`, :func:`unlabelled_case_ids`). Each module describes what it
+draws.
 """
 
 from fastkd.demo.options import (
     DEFAULT_N_CASES,
     DEFAULT_N_TEST,
     DEFAULT_SHAPE,
+    UNLABELLED_FOLDER,
     case_ids,
     check_options,
     cli_options,
     demo_geometry,
     held_out_case_ids,
     resources,
+    unlabelled_case_ids,
 )
 from fastkd.demo.organ_lesion import LABELS
 from fastkd.demo.writer import dataset_labels, label_names, make_demo_dataset
@@ -30,6 +34,7 @@ __all__ = [
     "DEFAULT_N_TEST",
     "DEFAULT_SHAPE",
     "LABELS",
+    "UNLABELLED_FOLDER",
     "case_ids",
     "check_options",
     "cli_options",
@@ -39,4 +44,5 @@ __all__ = [
     "label_names",
     "make_demo_dataset",
     "resources",
+    "unlabelled_case_ids",
 ]

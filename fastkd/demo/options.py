@@ -21,7 +21,9 @@ byte, and its two geometries keep being drawn by the same code, :mod:`fastkd.dem
 The other options are described where they are drawn: ``n_structures`` (2 in
 :mod:`fastkd.demo.organ_lesion`, others in :mod:`fastkd.demo.atlas`), ``n_channels`` and
 ``channel_name`` (:mod:`fastkd.demo.render`), ``regions`` (:mod:`fastkd.demo.writer`) and
-``label_noise`` (:mod:`fastkd.demo.label_noise`).
+``label_noise`` (:mod:`fastkd.demo.label_noise`). ``n_unlabelled`` (:mod:`fastkd.demo.writer`) adds
+images without labels in ``imagesUnlabelled/``, drawn like the training cases; the training and test files
+stay the same.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ MIN_SHAPE, MAX_SHAPE = 8, 2048  # voxels per axis
 MAX_SPACING = 20.0  # mm per axis
 MAX_STRUCTURES = 250  # label values must fit the uint8 label map
 MAX_CHANNELS = 16
+# Unlabelled images (dataset.demo.n_unlabelled): drawn like the training cases, written without labels.
+DEFAULT_N_UNLABELLED = 0
+UNLABELLED_FOLDER = "imagesUnlabelled"
 
 
 def _check_n_cases(n_cases) -> int:
@@ -71,6 +76,20 @@ def held_out_case_ids(n_test: int) -> list[str]:
     if isinstance(n_test, bool) or not isinstance(n_test, numbers.Integral) or n_test < 0:
         raise ValueError(f"n_test must be an integer >= 0, got {n_test!r}")
     return [f"demo_test_{i:03d}" for i in range(int(n_test))]
+
+
+def _check_n_unlabelled(n_unlabelled) -> int:
+    if not _is_int(n_unlabelled) or n_unlabelled < 0:
+        raise ValueError(f"n_unlabelled must be an integer >= 0 (unlabelled images in {UNLABELLED_FOLDER}/; "
+                         f"0: none), got {n_unlabelled!r}")
+    return int(n_unlabelled)
+
+
+def unlabelled_case_ids(n_unlabelled: int) -> list[str]:
+    """Unlabelled case identifiers ``['demo_unl_000', ...]`` (images in ``imagesUnlabelled/``, no labels);
+    pure, used at Snakemake parse time. Raises ValueError for the same ``n_unlabelled`` that
+    :func:`make_demo_dataset` rejects."""
+    return [f"demo_unl_{i:03d}" for i in range(_check_n_unlabelled(n_unlabelled))]
 
 
 def demo_geometry(anisotropic: bool) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
@@ -168,17 +187,18 @@ def _check_label_noise(label_noise) -> float:
 
 def check_options(demo: dict) -> None:
     """Check the options of config ``dataset.demo`` that depend on each other (anisotropic and spacing,
-    regions and n_structures, the grid of the default field of view) and label_noise; pure, used at config
-    validation. Raises ValueError as :func:`make_demo_dataset` would."""
+    regions and n_structures, the grid of the default field of view), label_noise and n_unlabelled; pure,
+    used at config validation. Raises ValueError as :func:`make_demo_dataset` would."""
     _check_structures(demo.get("n_structures", DEFAULT_N_STRUCTURES), demo.get("n_channels", DEFAULT_N_CHANNELS),
                       demo.get("regions", False), "synthetic")
     _check_geometry(demo.get("shape"), demo.get("spacing"), demo.get("anisotropic", False))
     _check_label_noise(demo.get("label_noise", 0))
+    _check_n_unlabelled(demo.get("n_unlabelled", DEFAULT_N_UNLABELLED))
 
 
 def cli_options(demo: dict) -> str:
-    """The ``fastkd demo write`` flags of config ``dataset.demo``'s CT-scale options and label_noise ('' for
-    the defaults)."""
+    """The ``fastkd demo write`` flags of config ``dataset.demo``'s CT-scale options, label_noise and
+    n_unlabelled ('' for the defaults)."""
     flags = []
     for key in ("shape", "spacing"):
         if demo.get(key) is not None:
@@ -191,17 +211,21 @@ def cli_options(demo: dict) -> str:
         flags.append("--regions")
     if demo.get("label_noise", 0):
         flags += ["--label-noise", repr(float(demo["label_noise"]))]
+    if demo.get("n_unlabelled", DEFAULT_N_UNLABELLED):
+        flags += ["--n-unlabelled", str(_check_n_unlabelled(demo["n_unlabelled"]))]
     return " ".join(flags)
 
 
 def resources(demo: dict) -> dict:
     """Snakemake resources of the job that writes the demo of config ``dataset.demo``: ``mem_mb`` (a few
     float32 volumes per case and channel, measured 350 MB for 256 x 256 x 200 voxels, 1.7 GB for
-    512 x 512 x 300) and ``runtime`` in minutes (measured 6 s and 31 s a case); the default demo's
-    2000 MB and 10 minutes at least."""
+    512 x 512 x 300) and ``runtime`` in minutes (measured 6 s and 31 s a case; an unlabelled case counts as
+    a case: its images are drawn the same way, only its label is not written); the default demo's 2000 MB
+    and 10 minutes at least."""
     shape = _check_geometry(demo.get("shape"), demo.get("spacing"), demo.get("anisotropic", False))[0]
     voxels, channels = float(np.prod(shape)), int(demo.get("n_channels", DEFAULT_N_CHANNELS))
-    cases = int(demo.get("n_cases", DEFAULT_N_CASES)) + int(demo.get("n_test", DEFAULT_N_TEST))
+    cases = (int(demo.get("n_cases", DEFAULT_N_CASES)) + int(demo.get("n_test", DEFAULT_N_TEST))
+             + _check_n_unlabelled(demo.get("n_unlabelled", DEFAULT_N_UNLABELLED)))
     mem_mb = max(2000, int(1000 + voxels * (24 + 4 * channels) / 1e6))
     runtime = max(10, int(np.ceil(2 * cases * voxels * (0.2 + 0.3 * channels) * 1e-6 / 60)))
     return {"mem_mb": mem_mb, "runtime": runtime}

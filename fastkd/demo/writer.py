@@ -1,6 +1,7 @@
 """Writing the demo dataset: :func:`make_demo_dataset` checks the options (:mod:`fastkd.demo.options`),
 draws each case (:mod:`fastkd.demo.organ_lesion`, :mod:`fastkd.demo.atlas`, :mod:`fastkd.demo.label_noise`)
-and writes the images, labels and dataset.json of an nnU-Net v2 raw dataset.
+and writes the images, labels and dataset.json of an nnU-Net v2 raw dataset, and optionally
+unlabelled images (``n_unlabelled``).
 
 On-disk layout (``out_dir`` is the ``DatasetXXX_Name`` folder itself)::
 
@@ -10,7 +11,7 @@ On-disk layout (``out_dir`` is the ``DatasetXXX_Name`` folder itself)::
                                       with ``regions``) plus "fastkd_demo": {n_cases, n_test,
                                       anisotropic, seed, shape, spacing}, and n_structures,
                                       n_channels, regions unless all three are the defaults,
-                                      label_noise unless 0
+                                      label_noise unless 0, n_unlabelled unless 0
         imagesTr/demo_000_0000.nii.gz float32 image, channel 0
         imagesTr/demo_000_0001.nii.gz channel 1 (``n_channels`` > 1), ... up to _000{n_channels - 1}
         labelsTr/demo_000.nii.gz      uint8 label map, values {0, 1, ..., n_structures}
@@ -18,11 +19,16 @@ On-disk layout (``out_dir`` is the ``DatasetXXX_Name`` folder itself)::
         imagesTs/demo_test_000_0000.nii.gz   held-out test cases (``n_test``), drawn like the
         labelsTs/demo_test_000.nii.gz        training cases but never trained on: the evaluation's
         ...                                  test set
+        imagesUnlabelled/demo_unl_000_0000.nii.gz  unlabelled cases (``n_unlabelled``; folder only
+        imagesUnlabelled/demo_unl_000_0001.nii.gz  if > 0): every channel, like imagesTr, drawn like
+        ...                                        the training cases (clean anatomy); no labels anywhere
 
 Image and label of a case share one affine, ``diag(spacing)`` plus a non-zero origin, with qform and
 sform codes set so SimpleITK (nnU-Net's reader) sees the same spacing. The same arguments produce
 byte-identical files (gzip mtime is fixed, dataset.json has sorted keys), and the dataset appears at
-``out_dir`` atomically.
+``out_dir`` atomically, unlabelled folder included. The training and test files are the same bytes with or
+without unlabelled cases (each case is drawn from its own RNG index: training i, test TEST_INDEX + i,
+unlabelled UNLABELLED_INDEX + i), and so is dataset.json but for "fastkd_demo"'s n_unlabelled.
 
 ``regions`` (nnU-Net region-based training, BraTS-like; ``n_structures`` >= 2): dataset.json's
 ``labels`` are nested regions, ``labels_00k_to_00n`` = [k, ..., n] for k < n and label n by its
@@ -51,16 +57,20 @@ from fastkd.demo.options import (
     DEFAULT_N_CHANNELS,
     DEFAULT_N_STRUCTURES,
     DEFAULT_N_TEST,
+    DEFAULT_N_UNLABELLED,
+    UNLABELLED_FOLDER,
     _check_geometry,
     _check_label_noise,
     _check_structures,
     case_ids,
     held_out_case_ids,
+    unlabelled_case_ids,
 )
 from fastkd.demo.organ_lesion import LABELS, _synthesize_case, _synthesize_pair
 from fastkd.demo.render import _channels
 
 TEST_INDEX = 100_000  # RNG index of test case 0: far from the training cases, whatever n_cases is
+UNLABELLED_INDEX = 200_000  # RNG index of unlabelled case 0: far from the training and test cases
 # Corner of the field of view in world mm; non-zero so consumers cannot silently ignore the origin.
 ORIGIN_MM = (-16.0, -20.0, -16.0)
 # Files larger than this many voxels are gzipped at level 1 (3x faster than 6 on noisy float32, and
@@ -112,19 +122,27 @@ def _nifti_gz_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
     return gzip.compress(img.to_bytes(), compresslevel=level, mtime=0)
 
 
-def _write_case(root: Path, case_id: str, image, label: np.ndarray, affine: np.ndarray,
+def _write_case(root: Path, case_id: str, image, label: np.ndarray | None, affine: np.ndarray,
                 split: str = "Tr") -> None:
-    """``image``: one array (channel 0) or a list of them, one per channel (``<case>_000c.nii.gz``)."""
+    """``image``: one array (channel 0) or a list of them, one per channel (``<case>_000c.nii.gz``).
+    ``split`` "Tr", "Ts" (``images<split>``, ``labels<split>``) or "Unlabelled" (UNLABELLED_FOLDER, whose
+    ``label`` must be None: nothing but the images is written)."""
+    if (split == "Unlabelled") != (label is None):
+        raise ValueError(f"{case_id}: split {split!r} got label {'None' if label is None else 'an array'}; "
+                         f"split 'Unlabelled' takes label None, 'Tr' and 'Ts' a label array")
+    images = root / (UNLABELLED_FOLDER if split == "Unlabelled" else f"images{split}")
     for c, channel in enumerate([image] if isinstance(image, np.ndarray) else image):
-        (root / f"images{split}" / f"{case_id}_{c:04d}.nii.gz").write_bytes(_nifti_gz_bytes(channel, affine))
-    (root / f"labels{split}" / f"{case_id}.nii.gz").write_bytes(_nifti_gz_bytes(label, affine))
+        (images / f"{case_id}_{c:04d}.nii.gz").write_bytes(_nifti_gz_bytes(channel, affine))
+    if label is not None:
+        (root / f"labels{split}" / f"{case_id}.nii.gz").write_bytes(_nifti_gz_bytes(label, affine))
 
 
 def _dataset_json(n_cases: int, n_test: int, anisotropic: bool, seed: int, channel_name, shape, spacing,
                   options: dict | None = None) -> str:
     """``channel_name``: one name or a list, one per channel. ``options``: n_structures, n_channels and
     regions, recorded in "fastkd_demo" unless all are the defaults (the default demo's file is unchanged),
-    and label_noise, recorded (and mentioned in the description) unless 0."""
+    label_noise, recorded (and mentioned in the description) unless 0, and n_unlabelled, recorded in
+    "fastkd_demo" only (the rest of the file is the same with or without unlabelled cases) unless 0."""
     names = [channel_name] if isinstance(channel_name, str) else list(channel_name)
     n_structures = (options or {}).get("n_structures", DEFAULT_N_STRUCTURES)
     regions = bool((options or {}).get("regions", False))
@@ -165,6 +183,9 @@ def _dataset_json(n_cases: int, n_test: int, anisotropic: bool, seed: int, chann
         content["fastkd_demo"]["label_noise"] = label_noise
         content["description"] += (f" Training labels (labelsTr) carry synthetic annotation noise (label_noise "
                                    f"{label_noise:g}); test labels (labelsTs) are clean.")
+    n_unlabelled = (options or {}).get("n_unlabelled", DEFAULT_N_UNLABELLED)
+    if n_unlabelled:
+        content["fastkd_demo"]["n_unlabelled"] = n_unlabelled
     return json.dumps(content, indent=2, sort_keys=True) + "\n"
 
 
@@ -205,6 +226,7 @@ def make_demo_dataset(
     n_channels: int = DEFAULT_N_CHANNELS,
     regions: bool = False,
     label_noise: float = 0.0,
+    n_unlabelled: int = DEFAULT_N_UNLABELLED,
 ) -> list[str]:
     """Write the dataset into ``out_dir`` (the DatasetXXX_Name folder itself) and return the case ids.
 
@@ -214,12 +236,15 @@ def make_demo_dataset(
     name, suffixed ``_0``, ``_1``... for several channels, or a list of one name per channel) and
     ``regions`` (region-based dataset.json) and ``label_noise`` (0-1: annotation noise in the training
     labels only) are described in :mod:`fastkd.demo.options`, which points to the module of each; the
-    defaults give the default demo, byte for byte.
+    defaults give the default demo, byte for byte. ``n_unlabelled`` (integer >= 0) adds that many cases
+    ``demo_unl_000``... to ``imagesUnlabelled/`` (every channel, no labels), drawn like the training cases
+    from RNG indices UNLABELLED_INDEX + i; the other files are the same bytes as without them, and
+    dataset.json records n_unlabelled in "fastkd_demo" only. The returned ids are the training cases'.
 
     The dataset is built in a hidden sibling temporary folder and renamed to ``out_dir`` at the
     end, replacing any existing ``out_dir``; on failure the temporary folder is removed.
     """
-    ids, test_ids = case_ids(n_cases), held_out_case_ids(n_test)
+    ids, test_ids, unlabelled_ids = case_ids(n_cases), held_out_case_ids(n_test), unlabelled_case_ids(n_unlabelled)
     n_cases, n_test = len(ids), len(test_ids)
     if not isinstance(anisotropic, (bool, np.bool_)):
         raise ValueError(f"anisotropic must be True or False, got {anisotropic!r}")
@@ -231,7 +256,8 @@ def make_demo_dataset(
                                                                          channel_name)
     shape, spacing, fov, original = _check_geometry(shape, spacing, anisotropic)
     label_noise = _check_label_noise(label_noise)
-    options = {"n_structures": n_structures, "n_channels": n_channels, "regions": regions, "label_noise": label_noise}
+    options = {"n_structures": n_structures, "n_channels": n_channels, "regions": regions, "label_noise": label_noise,
+               "n_unlabelled": len(unlabelled_ids)}
     if n_structures != DEFAULT_N_STRUCTURES:
         atlas = _atlas(seed, n_structures, fov, spacing)  # before any file: it may find no room
 
@@ -257,11 +283,16 @@ def make_demo_dataset(
         if test_ids:
             (tmp / "imagesTs").mkdir()
             (tmp / "labelsTs").mkdir()
-        jobs = [(i, c, "Tr") for i, c in enumerate(ids)] + [(TEST_INDEX + i, c, "Ts") for i, c in enumerate(test_ids)]
+        if unlabelled_ids:
+            (tmp / UNLABELLED_FOLDER).mkdir()
+        jobs = ([(i, c, "Tr") for i, c in enumerate(ids)] + [(TEST_INDEX + i, c, "Ts") for i, c in enumerate(test_ids)]
+                + [(UNLABELLED_INDEX + i, c, "Unlabelled") for i, c in enumerate(unlabelled_ids)])
         for index, case_id, split in tqdm(jobs, desc=f"demo {out_dir.name}", unit="case", file=sys.stderr):
             image, label = synthesize(index)
             if split == "Tr":  # the images show the clean anatomy; only the training labels are noisy
                 label = _noisy_label(label, seed, index, n_structures, label_noise, spacing)
+            elif split == "Unlabelled":
+                label = None  # drawn like a training case, but only its images are written
             _write_case(tmp, case_id, image, label, affine, split)
             del image, label
         (tmp / "dataset.json").write_text(
