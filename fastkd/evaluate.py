@@ -56,6 +56,7 @@ from fastkd import nnunet
 from fastkd.errors import FastkdError
 from fastkd.io import atomic_write_text, read_json
 from fastkd.cases import case_files
+from fastkd.sweep import TAGGED
 
 PREDICT_RECORD = "fastkd_predict.json"  # written last by `fastkd predict`
 KINDS = ("teacher ensemble", "student (KD)", "no-KD baseline")
@@ -101,7 +102,7 @@ def link_cases(cases: list[str], raw_dataset: str | Path, images: str | Path, la
 
 # -- the table --------------------------------------------------------------------------------------
 #: a student's training settings shown in the table (from its fold's fastkd_student.json; None: teachers)
-SETTING_KEYS = ("temperature", "alpha", "loss", "scales", "class_balanced", "folds_per_case", "seed")
+SETTING_KEYS = tuple(name for name, _ in TAGGED)  # temperature, alpha, ..., unlabelled_share, seed
 
 
 def _model_row(label: str, record: dict) -> dict:

@@ -435,8 +435,9 @@ def fill_cache(store: str | Path, teacher_manifests: list[str | Path], preproces
     cases = shard_cases(pm["cases"], n_shards, shard)
     missing = [c for c in cases if not (case_folder / f"{c}.b2nd").is_file()]
     if missing:
+        rule = "preprocess_unlabelled" if unlabelled else "plan_preprocess"
         raise FastkdError(f"preprocessed cases missing in {case_folder}: {', '.join(missing)} "
-                          "(rerun plan_preprocess, or check nnUNet_preprocessed)")
+                          f"(rerun {rule}: snakemake --forcerun {rule} ..., or check nnUNet_preprocessed)")
     teacher_folds = [list(t["folds"]) for t in teachers]
     splits_sha256 = None
     if folds_per_case == "out_of_fold":  # the provenance is the store's; unlabelled cases get every fold below

@@ -22,8 +22,8 @@ mistakes them for training cases::
                                loss (its batch says which samples are unlabelled), whatever they hold, so
                                datasets with an ignore label or regions need nothing else
         <case>.pkl             nnU-Net's properties, without class_locations (the cache holds the teachers')
-        <case>.fastkd.json     {"sources": {file: sha256}, "plans_sha256"}: written last; a case is reused
-                               when both match, else preprocessed again
+        fastkd_records/<case>.json   {"sources": {file: sha256}, "plans_sha256"}: written last; a case is
+                               reused when both match, else preprocessed again
 
 Each case's three nnU-Net files are written under temporary names and renamed, then the record; a killed
 job leaves no case that a later run takes as done. The manifest (:meth:`fastkd.paths.Paths.unlabelled_manifest`)
@@ -42,7 +42,8 @@ from fastkd.errors import FastkdError
 
 #: the folder of unlabelled preprocessed cases inside ``nnUNet_preprocessed/<ds>/``
 PREPROCESSED_FOLDER = "fastkd_unlabelled"
-RECORD_SUFFIX = ".fastkd.json"
+#: subfolder of a case folder with one record per case (nnU-Net infers its dataset class from the files' endings)
+RECORDS = "fastkd_records"
 
 
 def unlabelled_source(config: dict, raw_dataset: Path) -> Path | None:
@@ -187,13 +188,13 @@ def preprocess_unlabelled(source: str | Path, dataset: str, plans_name: str, con
                                                "nnunetv2.preprocessing")(verbose=False)
     relative = Path(PREPROCESSED_FOLDER) / cfg["data_identifier"]
     out = dataset_folder / relative
-    out.mkdir(parents=True, exist_ok=True)
+    (out / RECORDS).mkdir(parents=True, exist_ok=True)
     plans_sha = sha256(plans_file)
     n_dims = len(cfg["spacing"]) if configuration != "2d" else 3
     shapes, done = {}, 0
     for case, files in tqdm(images.items(), desc="preprocess unlabelled", unit="case", disable=not progress):
         record = {"sources": {f.name: sha256(f) for f in files}, "plans_sha256": plans_sha}
-        record_file = out / f"{case}{RECORD_SUFFIX}"
+        record_file = out / RECORDS / f"{case}.json"
         image = out / f"{case}.b2nd"
         current = (record_file.is_file() and image.is_file() and (out / f"{case}_seg.b2nd").is_file()
                    and (out / f"{case}.pkl").is_file() and json.loads(record_file.read_text()) == record)

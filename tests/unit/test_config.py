@@ -35,8 +35,8 @@ def test_empty_config_gets_every_default(tmp_path):
     assert config["dataset"] == {"raw": "demo", "demo": {"id": 900, "name": "FastkdDemo", "n_cases": 12, "n_test": 4,
                                                          "anisotropic": False, "seed": 0, "shape": None, "spacing": None,
                                                          "n_structures": 2, "n_channels": 1, "regions": False,
-                                                         "label_noise": 0},
-                                 "holdout": {"n_test": 0, "seed": 0}}
+                                                         "label_noise": 0, "n_unlabelled": 0},
+                                 "holdout": {"n_test": 0, "seed": 0}, "unlabelled": None}
     assert config["paths"]["nnunet_results"] == "nnUNet_results"
     assert config["teachers"]["schedule"] == {"epochs": 1000, "iterations_per_epoch": 250,
                                               "val_iterations_per_epoch": 50, "batch_size": None, "save_every": 10}

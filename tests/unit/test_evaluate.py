@@ -87,7 +87,7 @@ def test_table_scores_each_model_with_nnunets_dice(tmp_path):
     assert baseline["mean_dice"] == pytest.approx(organ / 2)
     tsv = (tmp_path / "eval" / "dice.tsv").read_text().splitlines()
     assert tsv[0].split("\t") == ["model", "kind", "r", "temperature", "alpha", "loss", "scales", "class_balanced",
-                                  "folds_per_case", "seed", "folds",
+                                  "folds_per_case", "unlabelled_share", "seed", "folds",
                                   "mirroring", "dice_organ", "dice_lesion", "mean_dice", "seconds_per_case",
                                   "network_seconds_per_case", "cases", "optimistic"]
     assert tsv[3].split("\t")[:2] == [f"{nokd.name}__fold_0", "no-KD baseline"] and tsv[3].endswith("\t-\t3\tfalse")
@@ -149,9 +149,9 @@ def test_sweep_rows_carry_their_settings_and_repeats_give_mean_and_spread(tmp_pa
     assert f"| KD r4 oof fold 0 | 2 | {oof['dice']['organ']['mean']:.3f} ± {oof['dice']['organ']['sd']:.3f}" in md
     tsv = [line.split("\t") for line in (tmp_path / "eval" / "dice.tsv").read_text().splitlines()]
     forms = ["additive", "full", "true"]
-    assert [row[3:10] for row in tsv[1:]] == [["3.0000", "1.0000", *forms, "all", "0"],
-                                              ["1.0000", "1.0000", *forms, "out_of_fold", "0"],
-                                              ["1.0000", "1.0000", *forms, "out_of_fold", "1"]]
+    assert [row[3:11] for row in tsv[1:]] == [["3.0000", "1.0000", *forms, "all", "-", "0"],
+                                              ["1.0000", "1.0000", *forms, "out_of_fold", "-", "0"],
+                                              ["1.0000", "1.0000", *forms, "out_of_fold", "-", "1"]]
 
 
 def test_incomplete_or_mismatched_predictions_are_errors(tmp_path):

@@ -49,7 +49,7 @@ def test_settings_are_the_config_student_block_without_run_keys(tmp_path):
     s = student_settings(config, tmp_path / "c.zarr", kd=True)
     assert s == {"cache": str((tmp_path / "c.zarr").resolve()), "alpha": 1.5, "temperature": 2.0, "soft_dice": 0.5,
                  "loss": "additive", "scales": "full", "class_balanced": True, "folds_per_case": "all", "seed": 0,
-                 "cauchy_schwarz": 0.0, "validation_mirroring": False,
+                 "cauchy_schwarz": 0.0, "validation_mirroring": False, "unlabelled_share": 0.5,
                  "schedule": {"epochs": 7, "iterations_per_epoch": 250, "val_iterations_per_epoch": 50,
                               "batch_size": None, "save_every": 5, "rotate_every": 2}}
     assert not set(RUN_KEYS) & set(s)

@@ -42,7 +42,8 @@ def _own(cls) -> set:
 def test_each_class_adds_one_concern():
     assert _own(nnUNetTrainerFastKDNoKD) == set()  # the baseline is the shared base as it is
     assert _own(nnUNetTrainerFastKD) == {"kd", "_build_loss", "train_step", "on_train_epoch_end", "on_train_start",
-                                         "check_cache", "get_dataloaders"}
+                                         "check_cache", "check_unlabelled", "get_tr_and_val_datasets",
+                                         "get_dataloaders"}
     assert _own(nnUNetTrainerFastKDBase) == {"kd", "on_train_start", "split_for_epoch", "do_split", "on_epoch_start",
                                              "_shutdown_dataloaders", "perform_actual_validation", "save_checkpoint"}
     assert "__init__" in vars(nnUNetTrainerFastKDBase) and "__init__" not in vars(nnUNetTrainerFastKD)
