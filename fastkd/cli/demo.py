@@ -29,6 +29,18 @@ def add_parser(sub) -> None:
     config_flag(p, ["--n-unlabelled"], "dataset.demo.n_unlabelled", "unlabelled images drawn like the training "
                 "cases, written to imagesUnlabelled/ without labels", metavar="N")
     p.set_defaults(func=_demo_write)
+    p = stage.add_parser("unlabelled", help="write (or replace) only the unlabelled images of a demo dataset: "
+                                            "imagesUnlabelled/, the same files `demo write --n-unlabelled` writes")
+    p.add_argument("output", type=Path, help="the demo dataset folder, e.g. nnUNet_raw/Dataset900_FastkdDemo")
+    config_flag(p, ["--n-unlabelled"], "dataset.demo.n_unlabelled", "unlabelled images (0 removes the folder)",
+                metavar="N")
+    p.add_argument("--anisotropic", action="store_true", help="1 x 1 x 3 mm voxels, as the dataset was written")
+    config_flag(p, ["--seed"], "dataset.demo.seed", "the dataset's random seed")
+    config_flag(p, ["--shape"], "dataset.demo.shape", "voxels along x, y, z", nargs=3, metavar=("X", "Y", "Z"))
+    config_flag(p, ["--spacing"], "dataset.demo.spacing", "mm per axis", nargs=3, metavar=("X", "Y", "Z"))
+    config_flag(p, ["--n-structures"], "dataset.demo.n_structures", "foreground labels (2: organ + lesion)")
+    config_flag(p, ["--n-channels"], "dataset.demo.n_channels", "image channels per case")
+    p.set_defaults(func=_demo_unlabelled)
 
 
 def _demo_write(args) -> None:
@@ -43,3 +55,15 @@ def _demo_write(args) -> None:
         raise FastkdError(str(e)) from e
     print(f"wrote {len(cases)} demo training cases, {args.n_test} test cases and {args.n_unlabelled} unlabelled "
           f"images to {args.output}")
+
+
+def _demo_unlabelled(args) -> None:
+    from fastkd.demo import write_unlabelled_images
+
+    try:
+        cases = write_unlabelled_images(args.output, args.n_unlabelled, anisotropic=args.anisotropic, seed=args.seed,
+                                        shape=args.shape, spacing=args.spacing, n_structures=args.n_structures,
+                                        n_channels=args.n_channels)
+    except ValueError as e:
+        raise FastkdError(str(e)) from e
+    print(f"wrote {len(cases)} unlabelled demo images to {args.output}/imagesUnlabelled")

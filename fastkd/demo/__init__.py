@@ -21,13 +21,14 @@ from fastkd.demo.options import (
     case_ids,
     check_options,
     cli_options,
+    image_options,
     demo_geometry,
     held_out_case_ids,
     resources,
     unlabelled_case_ids,
 )
 from fastkd.demo.organ_lesion import LABELS
-from fastkd.demo.writer import dataset_labels, label_names, make_demo_dataset
+from fastkd.demo.writer import dataset_labels, label_names, make_demo_dataset, write_unlabelled_images
 
 __all__ = [
     "DEFAULT_N_CASES",
@@ -41,8 +42,10 @@ __all__ = [
     "dataset_labels",
     "demo_geometry",
     "held_out_case_ids",
+    "image_options",
     "label_names",
     "make_demo_dataset",
     "resources",
     "unlabelled_case_ids",
+    "write_unlabelled_images",
 ]

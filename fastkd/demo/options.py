@@ -196,9 +196,9 @@ def check_options(demo: dict) -> None:
     _check_n_unlabelled(demo.get("n_unlabelled", DEFAULT_N_UNLABELLED))
 
 
-def cli_options(demo: dict) -> str:
-    """The ``fastkd demo write`` flags of config ``dataset.demo``'s CT-scale options, label_noise and
-    n_unlabelled ('' for the defaults)."""
+def image_options(demo: dict) -> str:
+    """The flags of config ``dataset.demo``'s options that shape the images (shape, spacing, n_structures,
+    n_channels; '' for the defaults): ``fastkd demo unlabelled`` takes these."""
     flags = []
     for key in ("shape", "spacing"):
         if demo.get(key) is not None:
@@ -207,12 +207,18 @@ def cli_options(demo: dict) -> str:
         flags += ["--n-structures", str(demo["n_structures"])]
     if demo.get("n_channels", DEFAULT_N_CHANNELS) != DEFAULT_N_CHANNELS:
         flags += ["--n-channels", str(demo["n_channels"])]
+    return " ".join(flags)
+
+
+def cli_options(demo: dict) -> str:
+    """The ``fastkd demo write`` flags of config ``dataset.demo``'s CT-scale options and label_noise ('' for
+    the defaults). ``n_unlabelled`` is not among them: the workflow writes the unlabelled images in a job of
+    their own (``fastkd demo unlabelled``), so adding some reruns none of the labelled data's jobs."""
+    flags = [image_options(demo)] if image_options(demo) else []
     if demo.get("regions"):
         flags.append("--regions")
     if demo.get("label_noise", 0):
         flags += ["--label-noise", repr(float(demo["label_noise"]))]
-    if demo.get("n_unlabelled", DEFAULT_N_UNLABELLED):
-        flags += ["--n-unlabelled", str(_check_n_unlabelled(demo["n_unlabelled"]))]
     return " ".join(flags)
 
 

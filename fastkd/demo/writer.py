@@ -212,6 +212,57 @@ def _publish(tmp: Path, out_dir: Path) -> None:
         os.replace(tmp, out_dir)
 
 
+def _synthesizer(seed: int, shape, spacing, fov, original: bool, n_structures: int, n_channels: int):
+    """``synthesize(index) -> (image or [channels], label)``: case ``index`` of the demo with these options."""
+    if n_structures != DEFAULT_N_STRUCTURES:
+        atlas = _atlas(seed, n_structures, fov, spacing)  # before any file: it may find no room
+
+    def synthesize(index):
+        if n_structures != DEFAULT_N_STRUCTURES:
+            return _synthesize_many(seed, index, atlas, shape, spacing, fov, n_channels)
+        if not original:
+            return _synthesize_pair(seed, index, shape, spacing, fov, n_channels)
+        image, label = _synthesize_case(seed, index, shape, spacing)
+        if n_channels == 1:
+            return image, label
+        return [image, *_channels(seed, index, label, 2, range(1, n_channels), spacing, fov)], label
+
+    return synthesize
+
+
+def write_unlabelled_images(dataset_dir, n_unlabelled: int, anisotropic: bool = False, seed: int = 0, *,
+                            shape=None, spacing=None, n_structures: int = DEFAULT_N_STRUCTURES,
+                            n_channels: int = DEFAULT_N_CHANNELS) -> list[str]:
+    """Write (or replace) only ``dataset_dir/imagesUnlabelled/``: the same files :func:`make_demo_dataset`
+    writes there with these options, byte for byte, without touching the rest of the dataset. The folder
+    appears complete or not at all (built beside it, then renamed); ``n_unlabelled`` 0 removes it.
+    Returns the unlabelled case ids."""
+    ids = unlabelled_case_ids(n_unlabelled)
+    if not isinstance(anisotropic, (bool, np.bool_)):
+        raise ValueError(f"anisotropic must be True or False, got {anisotropic!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    n_structures, n_channels, _, _ = _check_structures(n_structures, n_channels, False, "synthetic")
+    shape, spacing, fov, original = _check_geometry(shape, spacing, bool(anisotropic))
+    synthesize = _synthesizer(int(seed), shape, spacing, fov, original, n_structures, n_channels)
+    out_dir = Path(dataset_dir).absolute() / UNLABELLED_FOLDER
+    if not ids:
+        _remove(out_dir)
+        return ids
+    affine = _affine(spacing, ORIGIN_MM if original else -0.5 * fov)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    _remove(tmp)
+    try:
+        (tmp / UNLABELLED_FOLDER).mkdir(parents=True)
+        for i, case_id in enumerate(tqdm(ids, desc=f"demo {out_dir}", unit="case", file=sys.stderr)):
+            image, _ = synthesize(UNLABELLED_INDEX + i)
+            _write_case(tmp, case_id, image, None, affine, "Unlabelled")
+        _publish(tmp / UNLABELLED_FOLDER, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ids
+
+
 def make_demo_dataset(
     out_dir,
     n_cases: int = DEFAULT_N_CASES,
@@ -258,19 +309,7 @@ def make_demo_dataset(
     label_noise = _check_label_noise(label_noise)
     options = {"n_structures": n_structures, "n_channels": n_channels, "regions": regions, "label_noise": label_noise,
                "n_unlabelled": len(unlabelled_ids)}
-    if n_structures != DEFAULT_N_STRUCTURES:
-        atlas = _atlas(seed, n_structures, fov, spacing)  # before any file: it may find no room
-
-    def synthesize(index):
-        if n_structures != DEFAULT_N_STRUCTURES:
-            return _synthesize_many(seed, index, atlas, shape, spacing, fov, n_channels)
-        if not original:
-            return _synthesize_pair(seed, index, shape, spacing, fov, n_channels)
-        image, label = _synthesize_case(seed, index, shape, spacing)
-        if n_channels == 1:
-            return image, label
-        return [image, *_channels(seed, index, label, 2, range(1, n_channels), spacing, fov)], label
-
+    synthesize = _synthesizer(seed, shape, spacing, fov, original, n_structures, n_channels)
     out_dir = Path(out_dir).absolute()
     # The field of view is centred on the world origin (the default demo's ORIGIN_MM).
     affine = _affine(spacing, ORIGIN_MM if original else -0.5 * fov)

@@ -8,7 +8,8 @@ from pathlib import Path
 from fastkd.cases import TEST_SET, evaluation_sets, holdout_cases, holds_out, is_optimistic, set_fold, test_set_files
 from fastkd.checks import validate_config
 from fastkd.config import overrides
-from fastkd.demo import cli_options as demo_cli_options, held_out_case_ids, resources as demo_resources
+from fastkd.demo import (cli_options as demo_cli_options, held_out_case_ids, image_options as demo_image_options,
+                         resources as demo_resources)
 from fastkd.paths import Paths, fold_folder, student_folds, students_by_folder, validation_summary
 from fastkd.preprocess import training_cases
 from fastkd.sweep import one

@@ -10,7 +10,6 @@ if P.is_demo:
             labels=DEMO_FILES[1],
             test_images=DEMO_TEST_FILES[0],
             test_labels=DEMO_TEST_FILES[1],
-            unlabelled=UNLABELLED_FILES,  # dataset.demo.n_unlabelled images, without labels
         params:
             folder=lambda w, output: q(Path(output.dataset_json).parent),
             n_cases=config["dataset"]["demo"]["n_cases"],
@@ -31,6 +30,34 @@ if P.is_demo:
             NNUNET_ENV
         shell:
             "fastkd demo write {params.folder} --n-cases {params.n_cases} --n-test {params.n_test} --seed {params.seed}"
+            " {params.anisotropic} {params.options} > {log} 2>&1"
+
+
+if P.is_demo and UNLABELLED:
+
+    # dataset.demo.n_unlabelled: images without labels, written into the demo dataset by a job of their own
+    # (another count reruns none of the labelled data's jobs); after demo_data, which replaces the folder.
+    rule demo_unlabelled:
+        input:
+            dataset_json=P.raw_dataset_json,
+        output:
+            images=UNLABELLED_FILES,
+        params:
+            folder=lambda w, input: q(Path(input.dataset_json).parent),
+            n_unlabelled=config["dataset"]["demo"]["n_unlabelled"],
+            seed=config["dataset"]["demo"]["seed"],
+            anisotropic="--anisotropic" if config["dataset"]["demo"]["anisotropic"] else "",
+            options=demo_image_options(config["dataset"]["demo"]),
+        log:
+            P.log("demo_unlabelled"),
+        threads: 1
+        resources:
+            mem_mb=demo_resources(config["dataset"]["demo"])["mem_mb"],
+            runtime=demo_resources(config["dataset"]["demo"])["runtime"],
+        conda:
+            NNUNET_ENV
+        shell:
+            "fastkd demo unlabelled {params.folder} --n-unlabelled {params.n_unlabelled} --seed {params.seed}"
             " {params.anisotropic} {params.options} > {log} 2>&1"
 
 

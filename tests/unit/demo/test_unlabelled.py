@@ -186,17 +186,36 @@ def test_config_reaches_the_command(tmp_path):
     from fastkd.checks import validate_config
     from fastkd.cli import build_parser
     from fastkd.config import ConfigError
+    from fastkd.demo import image_options
 
     demo = validate_config({"dataset": {"demo": {"n_unlabelled": 7}}}, base_dir=tmp_path)["dataset"]["demo"]
-    flags = cli_options(demo)
-    assert flags == "--n-unlabelled 7"
-    assert build_parser().parse_args(["demo", "write", "out", *flags.split()]).n_unlabelled == 7
+    # the workflow writes them in a job of its own: demo_data's command never carries the count
+    assert cli_options(demo) == "" and image_options(demo) == ""
+    assert build_parser().parse_args(["demo", "unlabelled", "out", "--n-unlabelled", "7"]).n_unlabelled == 7
+    assert build_parser().parse_args(["demo", "write", "out", "--n-unlabelled", "7"]).n_unlabelled == 7
     assert build_parser().parse_args(["demo", "write", "out"]).n_unlabelled == 0
-    assert cli_options({"n_unlabelled": 0}) == ""
-    assert cli_options({"label_noise": 0.5, "n_unlabelled": 2}) == "--label-noise 0.5 --n-unlabelled 2"
+    assert cli_options({"label_noise": 0.5, "n_unlabelled": 2}) == "--label-noise 0.5"
+    assert image_options({"n_channels": 2, "label_noise": 0.5, "regions": True}) == "--n-channels 2"
     for bad in (-1, 1.5, "x"):
         with pytest.raises(ConfigError, match="n_unlabelled"):
             validate_config({"dataset": {"demo": {"n_unlabelled": bad}}}, base_dir=tmp_path)
+
+
+def test_unlabelled_command_adds_the_same_images_and_touches_nothing_else(tmp_path):
+    from fastkd.cli import main
+
+    both, later = tmp_path / "Dataset971_Both", tmp_path / "Dataset972_Later"
+    make_demo_dataset(both, n_cases=5, n_test=1, n_channels=2, n_unlabelled=3)
+    make_demo_dataset(later, n_cases=5, n_test=1, n_channels=2)
+    before = {p: p.stat().st_mtime_ns for p in later.rglob("*") if p.is_file()}
+    main(["demo", "unlabelled", str(later), "--n-unlabelled", "3", "--n-channels", "2"])
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # the labelled dataset is left alone
+    written = sorted(p.name for p in (later / UNLABELLED_FOLDER).iterdir())
+    assert written == sorted(p.name for p in (both / UNLABELLED_FOLDER).iterdir()) and len(written) == 6
+    for name in written:
+        assert (later / UNLABELLED_FOLDER / name).read_bytes() == (both / UNLABELLED_FOLDER / name).read_bytes()
+    main(["demo", "unlabelled", str(later), "--n-unlabelled", "0"])
+    assert not (later / UNLABELLED_FOLDER).exists() and not list(tmp_path.glob(".*tmp*"))
 
 
 def test_resources_count_unlabelled_cases():
