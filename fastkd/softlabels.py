@@ -511,20 +511,38 @@ def manifest_case_folder(dataset_folder: Path, manifest: dict) -> Path:
     return Path(dataset_folder) / manifest.get("folder", manifest["data_identifier"])
 
 
-def teacher_class_locations(probs: np.ndarray, plans: dict, dataset_json: dict) -> dict:
-    """An unlabelled case's foreground voxels, as nnU-Net's preprocessor samples them from a label map, from
-    the teachers' segmentation of the averaged probabilities ``probs`` (C, x, y, z): nnU-Net's own
-    conversion (argmax, or the region thresholds and order) and its own sampler, seed 1234; stored in the
-    case attributes (:func:`fastkd.cache.layout.encode_class_locations`)."""
-    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+def teacher_class_locations(probs: np.ndarray, plans: dict, dataset_json: dict, seed: int = 1234) -> dict:
+    """An unlabelled case's foreground voxels, what nnU-Net's preprocessor records from a label map for its
+    foreground oversampling, here from the teachers' segmentation of the averaged probabilities ``probs``
+    (C, x, y, z): nnU-Net's own conversion (argmax, or the region thresholds and order), slab by slab, then
+    per foreground label (regions: per region; with an ignore label also nnU-Net's key of every annotated
+    voxel, here every voxel) a uniform seeded pick of at most ``CLASS_LOCATIONS_PER_CLASS`` voxels, as
+    nnU-Net's sampler picks its (at least 10000). Stored in the case attributes
+    (:func:`fastkd.cache.layout.encode_class_locations`).
+
+    Memory beyond ``probs``: the label map (1 byte per voxel, 2 above 255 labels), one boolean mask and the
+    indices of one class at a time (measured in docs/unlabelled.md)."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from fastkd.cache.layout import encode_class_locations
+    from fastkd.cache.layout import CLASS_LOCATIONS_PER_CLASS, encode_class_locations
 
     label_manager = PlansManager(plans).get_label_manager(dataset_json)
-    seg = label_manager.convert_probabilities_to_segmentation(probs)
-    keys = label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels
-    locations = DefaultPreprocessor._sample_foreground_locations(np.asarray(seg)[None], keys, seed=1234)
+    spatial = probs.shape[1:]
+    seg = np.empty(spatial, np.uint8 if max(label_manager.all_labels) < 256 else np.int16)
+    for box in slabs(probs.shape, SLAB_VALUES):
+        seg[box[1:]] = np.asarray(label_manager.convert_probabilities_to_segmentation(probs[box]))
+    keys = list(label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels)
+    if label_manager.has_ignore_label:  # what nnU-Net's loader samples from when not forcing foreground
+        keys.append(tuple([-1] + label_manager.all_labels))
+    rng = np.random.default_rng(seed)
+    locations = {}
+    for key in keys:
+        voxels = np.flatnonzero(np.isin(seg, np.asarray(key if isinstance(key, (tuple, list)) else [key])))
+        if len(voxels) > CLASS_LOCATIONS_PER_CLASS:
+            voxels = voxels[np.sort(rng.choice(len(voxels), CLASS_LOCATIONS_PER_CLASS, replace=False))]
+        coords = np.zeros((len(voxels), 4), np.int64)
+        coords[:, 1:] = np.stack(np.unravel_index(voxels, spatial), 1) if len(voxels) else np.zeros((0, 3), np.int64)
+        locations[tuple(key) if isinstance(key, list) else key] = coords
     return encode_class_locations(locations)
 
 

@@ -192,7 +192,10 @@ def _verify_class_locations(case: str, attrs: dict) -> list[str]:
         return [f"{case}: unlabelled but without class_locations (its soft-label job predates them; rerun it)"]
     shape = attrs["shape"][1:]
     for key, voxels in stored.items():
-        v = np.asarray(voxels, np.int64).reshape(-1, 3)
+        v = np.asarray(voxels, np.int64)
+        if len(v) % 3:
+            return [f"{case}: class_locations[{key!r}] holds {len(v)} numbers, not x, y, z triples"]
+        v = v.reshape(-1, 3)
         if len(v) and ((v < 0).any() or (v >= np.asarray(shape)).any()):
             return [f"{case}: class_locations[{key!r}] has voxels outside the case's shape {shape}"]
     return []

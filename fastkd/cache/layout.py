@@ -66,7 +66,7 @@ each case array:
      "top_k_dropped": {"mean", "max"},      # top-k only: 1 - stored mass per voxel
      "unlabelled": bool,                    # an image without a label (dataset.unlabelled); absent in
                                             # stores before it: labelled
-     "class_locations": {"<key>": [[x, y, z], ...], ...},   # unlabelled cases only, see below
+     "class_locations": {"<key>": [x0, y0, z0, x1, ...], ...},   # unlabelled cases only, see below
      "created": ISO time, "versions": {...}, "provenance": {...}}
 
 On the root group:
@@ -80,10 +80,12 @@ On the root group:
 **Unlabelled cases** (``dataset.unlabelled``; :mod:`fastkd.unlabelled`) sit in the same store with the
 same provenance: none of the teacher folds trained on them, so each gets every fold whatever
 ``folds_per_case`` says (``teacher_folds`` records it). Their ``class_locations`` stand in for the
-label's in nnU-Net's foreground oversampling: per foreground label (regions: per region, key
-``"1,2,3"``, a one-label region ``"3,"``) up to ``CLASS_LOCATIONS_PER_CLASS`` voxels ``[x, y, z]`` of the teachers' segmentation
-(nnU-Net's argmax, or its region thresholds), drawn with nnU-Net's own sampler
-(``DefaultPreprocessor._sample_foreground_locations``, seed 1234) when the soft labels are written.
+label's in nnU-Net's foreground oversampling: per foreground label (regions: per region, key ``"1,2,3"``,
+a one-label region ``"3,"``; with an ignore label also nnU-Net's key of every annotated voxel,
+``"-1,0,1,..."``) a seeded uniform pick of up to ``CLASS_LOCATIONS_PER_CLASS`` voxels of the teachers'
+segmentation (nnU-Net's argmax, or its region thresholds and order), as a flat list ``[x0, y0, z0, x1,
+...]`` on the preprocessed grid, computed when the soft labels are written
+(:func:`fastkd.softlabels.teacher_class_locations`).
 
 **Provenance** is identical for every case of a store: ``format_version`` (``FORMAT_VERSION``),
 ``temperature``, ``activation`` (softmax or sigmoid), ``ensemble`` (how folds were combined),
@@ -116,8 +118,8 @@ CLASS_LOCATIONS_PER_CLASS = 1000
 
 def encode_class_locations(locations: dict, seed: int = 0) -> dict:
     """nnU-Net's ``class_locations`` (key: label or tuple of labels -> (n, 4) array ``[0, x, y, z]``) -> the
-    case attribute: ``{"<label>" or "<l1>,<l2>": [[x, y, z], ...]}``, at most CLASS_LOCATIONS_PER_CLASS per key
-    (a seeded pick)."""
+    case attribute: ``{"<label>" or "<l1>,<l2>": [x0, y0, z0, x1, y1, z1, ...]}`` (flat: a third of the JSON
+    parsing time of nested triples), at most CLASS_LOCATIONS_PER_CLASS voxels per key (a seeded pick)."""
     rng = np.random.default_rng(seed)
     out = {}
     for key, voxels in locations.items():
@@ -128,7 +130,7 @@ def encode_class_locations(locations: dict, seed: int = 0) -> dict:
             name = ",".join(str(int(k)) for k in key) + ("," if len(key) == 1 else "")
         else:
             name = str(int(key))
-        out[name] = voxels.astype(int).tolist()
+        out[name] = voxels.astype(np.int64).ravel().tolist()
     return out
 
 
@@ -138,9 +140,8 @@ def decode_class_locations(stored: dict) -> dict:
     out = {}
     for name, voxels in stored.items():
         key = tuple(int(k) for k in name.split(",") if k) if "," in name else int(name)
-        array = np.zeros((len(voxels), 4), np.int64)
-        if voxels:
-            array[:, 1:] = np.asarray(voxels, np.int64)
+        array = np.zeros((len(voxels) // 3, 4), np.int64)
+        array[:, 1:] = np.asarray(voxels, np.int64).reshape(-1, 3)
         out[key] = array
     return out
 

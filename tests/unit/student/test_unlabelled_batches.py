@@ -159,7 +159,7 @@ def test_class_locations_round_trip_and_are_capped():
     many = np.zeros((5000, 4), int)
     many[:, 1:] = np.arange(15000).reshape(5000, 3)
     stored = cache.layout.encode_class_locations({1: many, (1, 2): many[:3], (3,): many[:0]})
-    assert set(stored) == {"1", "1,2", "3,"} and len(stored["1"]) == cache.layout.CLASS_LOCATIONS_PER_CLASS
+    assert set(stored) == {"1", "1,2", "3,"} and len(stored["1"]) == 3 * cache.layout.CLASS_LOCATIONS_PER_CLASS
     back = cache.layout.decode_class_locations(stored)
     assert set(back) == {1, (1, 2), (3,)}
     assert back[(1, 2)].tolist() == many[:3].tolist() and back[(3,)].shape == (0, 4)
@@ -173,7 +173,7 @@ def test_finalize_verify_and_info_keep_the_two_kinds_apart(tmp_path):
     p = softmax(rng.normal(scale=3, size=(3, 6, 7, 5)))
     store = tmp_path / "c.zarr"
     cache.write_case(store, "lab", p, prov, {"unlabelled": False})
-    cache.write_case(store, "unl", p, prov, {"unlabelled": True, "class_locations": {"1": [[1, 2, 3]]}})
+    cache.write_case(store, "unl", p, prov, {"unlabelled": True, "class_locations": {"1": [1, 2, 3]}})
     # the manifests say "unl" is labelled: refused, naming it
     with pytest.raises(cache.CacheError, match="unl: marked unlabelled in the store"):
         cache.finalize(store, {"lab": [1, 6, 7, 5], "unl": [1, 6, 7, 5]})
@@ -188,3 +188,43 @@ def test_finalize_verify_and_info_keep_the_two_kinds_apart(tmp_path):
     assert any(p.startswith("bad: unlabelled but without class_locations") for p in problems)
     assert any(p.startswith("bad: marked unlabelled, but the root lists it as labelled") for p in problems)
     assert not [p for p in problems if p.startswith(("lab:", "unl:"))]
+
+
+PLANS = {"dataset_name": "D", "plans_name": "P", "configurations": {}, "transpose_forward": [0, 1, 2],
+         "transpose_backward": [0, 1, 2], "image_reader_writer": "SimpleITKIO", "label_manager": "LabelManager",
+         "original_median_spacing_after_transp": [1, 1, 1], "original_median_shape_after_transp": [1, 1, 1],
+         "experiment_planner_used": "test", "foreground_intensity_properties_per_channel": {}}
+
+
+def _probs_of(seg, n):
+    probs = np.full((n, *seg.shape), 0.1 / n, np.float32)
+    for k in range(n):
+        probs[k][seg == k] += 0.9
+    return probs
+
+
+def test_teacher_class_locations_are_voxels_of_the_teachers_segmentation():
+    from fastkd.softlabels import teacher_class_locations
+
+    seg = np.zeros((30, 20, 10), np.uint8)
+    seg[2:20, 3:15, 1:9] = 1  # 1728 voxels: more than the cap
+    seg[25:27, 5:7, 5:7] = 2  # 8 voxels
+    labels = {"background": 0, "a": 1, "b": 2, "c": 3}  # c: predicted nowhere
+    got = cache.layout.decode_class_locations(
+        teacher_class_locations(_probs_of(seg, 4), PLANS, {"labels": labels}))
+    assert set(got) == {1, 2, 3}
+    assert len(got[1]) == cache.layout.CLASS_LOCATIONS_PER_CLASS and len(got[2]) == 8 and len(got[3]) == 0
+    for k in (1, 2):
+        x, y, z = got[k][:, 1:].T
+        assert (seg[x, y, z] == k).all() and (got[k][:, 0] == 0).all()
+    assert len({tuple(v) for v in got[1].tolist()}) == len(got[1])  # distinct voxels
+    # regions: voxels where the region is predicted (label map from nnU-Net's region order); an ignore label
+    # adds nnU-Net's key of every annotated voxel
+    regions = {"background": 0, "whole": [1, 2], "core": 2, "ignore": 3}
+    got = cache.layout.decode_class_locations(teacher_class_locations(
+        np.stack([(seg >= 1), (seg == 2)]).astype(np.float32), PLANS,
+        {"labels": regions, "regions_class_order": [1, 2]}))
+    assert set(got) == {(1, 2), 2, (-1, 0, 1, 2)}
+    assert len(got[2]) == 8 and len(got[(-1, 0, 1, 2)]) == cache.layout.CLASS_LOCATIONS_PER_CLASS
+    x, y, z = got[(1, 2)][:, 1:].T
+    assert (seg[x, y, z] >= 1).all()
