@@ -190,7 +190,6 @@ def preprocess_unlabelled(source: str | Path, dataset: str, plans_name: str, con
     out = dataset_folder / relative
     (out / RECORDS).mkdir(parents=True, exist_ok=True)
     plans_sha = sha256(plans_file)
-    n_dims = len(cfg["spacing"]) if configuration != "2d" else 3
     shapes, done = {}, 0
     for case, files in tqdm(images.items(), desc="preprocess unlabelled", unit="case", disable=not progress):
         record = {"sources": {f.name: sha256(f) for f in files}, "plans_sha256": plans_sha}
@@ -200,7 +199,7 @@ def preprocess_unlabelled(source: str | Path, dataset: str, plans_name: str, con
                    and (out / f"{case}.pkl").is_file() and json.loads(record_file.read_text()) == record)
         if not current:
             record_file.unlink(missing_ok=True)  # from here on the case is not done until the record is back
-            _check_geometry(case, files, plans_manager, n_dims)
+            _check_geometry(case, files, plans_manager)
             tmp = out / f".{case}.tmp-{os.getpid()}"
             try:
                 preprocessor.run_case_save(str(tmp), [str(f) for f in files], None, plans_manager, cfg_manager,
@@ -223,9 +222,11 @@ def preprocess_unlabelled(source: str | Path, dataset: str, plans_name: str, con
     return result
 
 
-def _check_geometry(case: str, files: list[Path], plans_manager, n_dims: int) -> None:
-    """The case's channels agree in shape and spacing, and it has the training images' dimensions; read with
-    the dataset's own reader (what nnU-Net's preprocessor reads next)."""
+def _check_geometry(case: str, files: list[Path], plans_manager) -> None:
+    """One image per file, the case's channels agreeing in shape and spacing, and the training images'
+    dimensions; read with the dataset's own reader (what nnU-Net's preprocessor reads next). nnU-Net's readers
+    give a 2-D image a first axis of one slice at spacing 999 (its fingerprint of a 2-D dataset shows the same
+    999), so that spacing tells a 2-D image from a 3-D one."""
     import numpy as np
 
     rw = plans_manager.image_reader_writer_class()
@@ -235,10 +236,16 @@ def _check_geometry(case: str, files: list[Path], plans_manager, n_dims: int) ->
             data, props = rw.read_images([str(f)])
         except Exception as e:  # the reader's own errors: unreadable file, bad header
             raise FastkdError(f"dataset.unlabelled: {case}: cannot read {f} with {type(rw).__name__}: {e}") from e
+        if data.shape[0] != 1:
+            raise FastkdError(f"dataset.unlabelled: {case}: {f.name} holds {data.shape[0]} images (a 4-D file); "
+                              "nnU-Net takes one file per channel, <case>_0000, <case>_0001, ...")
         shapes.append(tuple(data.shape[1:]))
         spacings.append(tuple(float(s) for s in props["spacing"]))
     if len(set(shapes)) > 1 or not all(np.allclose(spacings[0], s, rtol=1e-4) for s in spacings):
         raise FastkdError(f"dataset.unlabelled: {case}: its channels differ in shape {shapes} or spacing {spacings}")
-    if len(shapes[0]) != n_dims:
-        raise FastkdError(f"dataset.unlabelled: {case}: a {len(shapes[0])}-D image, the training images are "
-                          f"{n_dims}-D")
+    flat = max(spacings[0]) >= 999
+    training_flat = max(plans_manager.plans["original_median_spacing_after_transp"]) >= 999
+    if flat != training_flat:
+        dims = {True: "2-D", False: "3-D"}
+        raise FastkdError(f"dataset.unlabelled: {case}: a {dims[flat]} image, the training images are "
+                          f"{dims[training_flat]}")
