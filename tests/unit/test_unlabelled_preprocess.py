@@ -1,4 +1,4 @@
-"""Tests for fastkd.unlabelled: unlabelled images found and checked at parse time, then preprocessed for real
+"""Tests for fastkd.unlabelled: unlabelled images found and checked at parse time, then (ci tier) preprocessed for real
 with nnU-Net's own preprocessor and the plans of a real (demo) dataset that nnU-Net planned and preprocessed."""
 
 import hashlib
@@ -287,6 +287,7 @@ def copy_of_source(prepared: dict, tmp_path: Path) -> Path:
     return source
 
 
+@pytest.mark.ci  # nnU-Net plans and preprocesses a demo dataset first (about 30 s)
 def test_manifest_lists_every_case_with_its_preprocessed_shape(prepared):
     import blosc2
 
@@ -311,6 +312,7 @@ def test_manifest_lists_every_case_with_its_preprocessed_shape(prepared):
     assert not list((out.parents[1] / data_identifier).glob("demo_unl_*"))
 
 
+@pytest.mark.ci  # nnU-Net plans and preprocesses a demo dataset first (about 30 s)
 def test_layout_is_nnunets_and_records_the_sources_and_plans(prepared):
     out = prepared["out"]
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -322,6 +324,7 @@ def test_layout_is_nnunets_and_records_the_sources_and_plans(prepared):
             "sources": {image.name: sha(image)}, "plans_sha256": sha(plans_file)}
 
 
+@pytest.mark.ci  # nnU-Net plans and preprocesses a demo dataset first (about 30 s)
 def test_nnunets_dataset_class_loads_an_unlabelled_case_without_a_label(prepared):
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
@@ -340,6 +343,7 @@ def test_nnunets_dataset_class_loads_an_unlabelled_case_without_a_label(prepared
         assert "class_locations" not in pickle.load(f)
 
 
+@pytest.mark.ci  # nnU-Net plans and preprocesses a demo dataset first (about 30 s)
 def test_an_unlabelled_image_is_preprocessed_exactly_like_a_training_image(scratch_dataset, nnunet_folders,
                                                                            tmp_path):
     """A copy of a training image, with no references to refuse it, comes out as nnU-Net's training case."""
@@ -357,6 +361,7 @@ def test_an_unlabelled_image_is_preprocessed_exactly_like_a_training_image(scrat
     assert not (nnunet_folders["out"] / "copy.b2nd").exists()
 
 
+@pytest.mark.ci  # nnU-Net plans and preprocesses a demo dataset first (about 30 s)
 def test_a_second_run_preprocesses_nothing(nnunet_folders, tmp_path):
     out = nnunet_folders["out"]
     before = mtimes(out)
@@ -367,6 +372,7 @@ def test_a_second_run_preprocesses_nothing(nnunet_folders, tmp_path):
     assert json.loads((tmp_path / "again.json").read_text()) == result
 
 
+@pytest.mark.ci  # nnU-Net plans and preprocesses a demo dataset first (about 30 s)
 def test_a_case_without_its_record_is_preprocessed_again(nnunet_folders, tmp_path):
     out = nnunet_folders["out"]
     before = mtimes(out)
@@ -383,6 +389,7 @@ def test_a_case_without_its_record_is_preprocessed_again(nnunet_folders, tmp_pat
     assert result["cases"] == nnunet_folders["result"]["cases"]
 
 
+@pytest.mark.ci  # nnU-Net plans and preprocesses a demo dataset first (about 30 s)
 def test_a_copy_of_a_training_image_is_refused(nnunet_folders, tmp_path):
     source = copy_of_source(nnunet_folders, tmp_path)
     training_image = nnunet_folders["raw"] / "imagesTr" / "demo_000_0000.nii.gz"
@@ -397,6 +404,7 @@ def test_a_copy_of_a_training_image_is_refused(nnunet_folders, tmp_path):
     assert not list(nnunet_folders["out"].rglob("*dup_000*"))
 
 
+@pytest.mark.ci  # nnU-Net plans and preprocesses a demo dataset first (about 30 s)
 def test_a_copy_of_a_test_image_is_refused(nnunet_folders, tmp_path):
     source = copy_of_source(nnunet_folders, tmp_path)
     shutil.copy(nnunet_folders["raw"] / "imagesTs" / "demo_test_000_0000.nii.gz", source / "again_0000.nii.gz")
@@ -405,6 +413,7 @@ def test_a_copy_of_a_test_image_is_refused(nnunet_folders, tmp_path):
     assert not (tmp_path / "new.json").exists()
 
 
+@pytest.mark.ci  # nnU-Net plans and preprocesses a demo dataset first (about 30 s)
 def test_an_unlabelled_image_with_a_training_cases_id_is_refused(nnunet_folders, tmp_path):
     source = copy_of_source(nnunet_folders, tmp_path)
     shutil.copy(source / "demo_unl_000_0000.nii.gz", source / "demo_001_0000.nii.gz")  # not the training image
@@ -434,6 +443,7 @@ def write_image(path: Path, array: np.ndarray) -> None:
     nib.save(nib.Nifti1Image(array.astype(np.float32), np.eye(4)), path)
 
 
+@pytest.mark.ci  # nnU-Net plans and preprocesses a demo dataset first (about 30 s)
 def test_channels_of_another_shape_are_refused(scratch_dataset, nnunet_folders, tmp_path):
     dataset_json = json.loads((scratch_dataset / "dataset.json").read_text())
     dataset_json["channel_names"] = {"0": "a", "1": "b"}
@@ -447,6 +457,7 @@ def test_channels_of_another_shape_are_refused(scratch_dataset, nnunet_folders, 
     assert not (tmp_path / "m.json").exists()
 
 
+@pytest.mark.ci  # nnU-Net plans and preprocesses a demo dataset first (about 30 s)
 def test_an_unreadable_image_is_refused_naming_it(scratch_dataset, nnunet_folders, tmp_path):
     (tmp_path / "unl").mkdir()
     (tmp_path / "unl" / "junk_0000.nii.gz").write_bytes(b"not a nifti file")
@@ -459,6 +470,7 @@ def test_an_unreadable_image_is_refused_naming_it(scratch_dataset, nnunet_folder
 # slice (spacing 999 x the largest along the new axis), so the "dimensions of the training images" check
 # (len(shape) == n_dims) never sees a 2-D image: it is preprocessed with the 3-D plans into a 999-slice volume
 # ([1, 999, 40, 32] for a 32 x 40 slice at 1 mm). This test pins the fix.
+@pytest.mark.ci  # nnU-Net plans and preprocesses a demo dataset first (about 30 s)
 def test_a_2d_image_in_a_3d_dataset_is_refused(scratch_dataset, nnunet_folders, tmp_path):
     write_image(tmp_path / "unl" / "flat_0000.nii.gz", np.random.default_rng(0).random((32, 40)))
     with pytest.raises(FastkdError, match=re.escape("dataset.unlabelled: flat: a 2-D image, the training images are 3-D")):
@@ -471,6 +483,7 @@ def test_a_2d_image_in_a_3d_dataset_is_refused(scratch_dataset, nnunet_folders, 
 # reads as channels) passes the geometry check, which compares only the spatial shape; nnU-Net's preprocessor
 # then fails with a bare "IndexError: list index out of range" (one normalization scheme per planned channel)
 # instead of a FastkdError naming the case. This test pins the fix.
+@pytest.mark.ci  # nnU-Net plans and preprocesses a demo dataset first (about 30 s)
 def test_a_4d_file_is_refused_naming_the_case(scratch_dataset, nnunet_folders, tmp_path):
     write_image(tmp_path / "unl" / "four_0000.nii.gz", np.random.default_rng(0).random((16, 16, 16, 2)))
     with pytest.raises(FastkdError, match=re.escape("dataset.unlabelled: four: ")):
@@ -488,6 +501,7 @@ def cli_args(prepared: dict, source: Path, manifest: Path) -> list[str]:
             "--raw", str(raw), "--test-images", str(raw / "imagesTs"), "--manifest", str(manifest)]
 
 
+@pytest.mark.ci  # nnU-Net plans and preprocesses a demo dataset first (about 30 s)
 def test_cli_writes_the_manifest_and_prints_the_count(nnunet_folders, tmp_path, capsys):
     from fastkd.cli import main
 
@@ -500,6 +514,7 @@ def test_cli_writes_the_manifest_and_prints_the_count(nnunet_folders, tmp_path, 
                      rf"-> {re.escape(str(tmp_path / 'cli.json'))}$", out, re.MULTILINE), out
 
 
+@pytest.mark.ci  # nnU-Net plans and preprocesses a demo dataset first (about 30 s)
 def test_cli_reports_a_bad_folder(nnunet_folders, tmp_path, capsys):
     from fastkd.cli import main
 
