@@ -234,7 +234,7 @@ def cache_status(store: str | Path, preprocessed: str | Path | None = None) -> d
             "temperature": provenance.get("temperature"), "bytes": report["bytes"],
             "logical_bytes": report["logical_bytes"], "float32_bytes": report["float32_bytes"],
             "compression": report["compression_ratio"], "verify": _problems(problems),
-            "problems": problems}
+            "problems": problems, "unlabelled": report["n_unlabelled"]}
 
 
 def _problems(problems: list[str]) -> str:
@@ -254,7 +254,8 @@ def _cache_html_cells(status: dict) -> list[list[str]]:
     expected = status["expected_cases"]
     return [["soft-label cache", status["store"]],
             ["complete (root written)", _fmt(status["complete"])],
-            ["cases", f"{status['cases']}" + (f" of {expected}" if expected is not None else "")],
+            ["cases", f"{status['cases']}" + (f" of {expected}" if expected is not None else "")
+             + f" ({status['cases'] - status['unlabelled']} labelled, {status['unlabelled']} unlabelled images)"],
             ["dtype", _fmt(status["dtype"])], ["temperature", _fmt(status["temperature"], 2)],
             ["on disk", mb(status["bytes"])], ["uncompressed", mb(status["logical_bytes"])],
             ["as float32", mb(status["float32_bytes"])],
