@@ -145,6 +145,7 @@ def test_summary_writes_every_table_page_figure_and_curve(models, tmp_path):
     assert speed[2][:3] == ["test", "KD r2 fold 1", "student (KD)"] and speed[2][-3:] == ["4.00", "2.000", "4.00"]
     cache_tsv = [line.split("\t") for line in (out / "cache.tsv").read_text().splitlines()]
     assert dict(zip(*cache_tsv))["verify"] == "ok" and dict(zip(*cache_tsv))["cases"] == "2"
+    assert "2 (2 labelled, 0 unlabelled images)" in (out / "cache.html").read_text()
 
     page = (out / "models.html").read_text()
     assert "<h1>Dataset999_T: model size and cost</h1>" in page and "GFLOPs / patch" in page
