@@ -307,3 +307,55 @@ def test_deleted_cache_case_is_rebuilt_when_its_jobs_are_forced(wf):
     snakemake(wf, "--cores", "2", *BUILT)
     log = (wf / "fastkd_work" / "logs" / "train_student" / f"{DS}__{KD}_fold_{FOLD}.log").read_text()
     assert re.search(r"fastkd: resuming .* at epoch 2", log) and "Epoch 0" not in log
+
+
+def set_unlabelled(wd: Path, n: int) -> None:
+    """dataset.demo.n_unlabelled = ``n``, the rest of the demo's settings kept."""
+    config = yaml.safe_load((wd / "test.yaml").read_text())
+    config.setdefault("dataset", {}).setdefault("demo", {})["n_unlabelled"] = n
+    (wd / "test.yaml").write_text(yaml.safe_dump(config))
+
+
+@pytest.mark.ci
+def test_added_unlabelled_images_rerun_their_soft_labels_and_the_kd_students_only(wf):
+    before = stamps(wf)
+    path = store(wf, 1)
+    labelled_shards = {p: p.stat().st_mtime_ns for p in path.with_suffix(".shards").glob("shard-[0-9]*.json")}
+    assert len(labelled_shards) == 2
+    set_unlabelled(wf, 2)
+    dry = snakemake(wf, "-n", "--cores", "2")
+    ran = rules(dry)
+    assert not ran.keys() & (UPSTREAM | {"train_baseline", "predict_teachers", "student_plans", "student_info"})
+    assert {r: ran[r] for r in ("demo_unlabelled", "preprocess_unlabelled", "softlabels_shard", "softlabels_finalize",
+                                "train_student")} == {"demo_unlabelled": 1, "preprocess_unlabelled": 1,
+                                                      "softlabels_shard": 2, "softlabels_finalize": 1, "train_student": 1}
+    shards = [j["output"] for j in jobs(dry) if j["rule"] == "softlabels_shard"]
+    assert sorted(Path(s).name for s in shards) == ["shard-unlabelled-1-of-2.json", "shard-unlabelled-2-of-2.json"]
+
+    snakemake(wf, "--cores", "2", "softlabels", "student")  # the KD student trains on both kinds
+    assert stamps(wf) == before  # no teacher, preprocessing or baseline file was rewritten
+    assert {p: p.stat().st_mtime_ns for p in labelled_shards} == labelled_shards  # the training cases' jobs
+    assert verify(wf, path).returncode == 0
+    root = json.loads((path / "zarr.json").read_text())["attributes"]["fastkd_softlabels"]
+    assert root["unlabelled"] == ["demo_unl_000", "demo_unl_001"] and len(root["cases"]) == 7
+    settings = json.loads((student_folder(wf) / "fastkd_student.json").read_text())
+    assert settings["unlabelled_share"] == 0.5 and settings["unlabelled_cases"]["n"] == 2
+    log = (wf / "fastkd_work" / "logs" / "train_student" / f"{DS}__{KD}_fold_{FOLD}.log").read_text()
+    assert "unlabelled images: 2 (KD only)" in log and "Epoch 0" in log  # new training data: from scratch
+
+    # one more image: the teachers run on it alone
+    set_unlabelled(wf, 3)
+    dry = snakemake(wf, "-n", "--cores", "2", "softlabels")
+    assert rules(dry) == {"demo_unlabelled": 1, "preprocess_unlabelled": 1, "softlabels_shard": 2,
+                          "softlabels_finalize": 1, "softlabels_preview": 1, "softlabels": 1}
+    snakemake(wf, "--cores", "2", "softlabels")
+    summaries = [json.loads(m.read_text()) for m in sorted(path.with_suffix(".shards").glob("shard-unlabelled-*.json"))]
+    assert sorted(c for s in summaries for c in s["computed"]) == ["demo_unl_002"]
+    assert sorted(c for s in summaries for c in s["skipped"]) == ["demo_unl_000", "demo_unl_001"]
+    manifest = json.loads((wf / "fastkd_work" / DS / "preprocess" / "nnUNetPlans__3d_fullres__unlabelled.json")
+                          .read_text())
+    assert manifest["preprocessed_now"] == 1 and len(manifest["cases"]) == 3  # the others' arrays were kept
+    assert {p: p.stat().st_mtime_ns for p in labelled_shards} == labelled_shards
+    info = subprocess.run([str(BIN / "fastkd"), "cache", "info", str(path)], env=nnunet_env(wf), capture_output=True,
+                          text=True, timeout=300)
+    assert "(5 labelled, 3 unlabelled)" in info.stdout, info.stdout
