@@ -27,6 +27,10 @@ Which folds a case gets (``softlabels.folds_per_case``, :data:`FOLDS_PER_CASE`):
   teacher runs: one that no selected fold holds out is an error naming the case, the fold that
   validates it and the folds there are. A job loads only the folds some case of its shard needs.
 
+Unlabelled images (``dataset.unlabelled``, :mod:`fastkd.unlabelled`) go through the same function with
+their own manifest and shards: every fold for every image (none trained on them), the case marked
+``unlabelled`` with the teachers' class locations, in the same store.
+
 A job handles one shard of the cases (:func:`shard_cases`), loads its teacher folds once, and writes
 each case atomically (:func:`fastkd.cache.write_case`), with the folds it used (``teacher_folds``) and
 the forwards they cost among the case's attributes. The provenance records ``folds_per_case`` and, for
@@ -444,7 +448,6 @@ def fill_cache(store: str | Path, teacher_manifests: list[str | Path], preproces
         splits = Path(splits) if splits else dataset_folder / "splits_final.json"
         splits_sha256 = sha256(splits)
     if folds_per_case == "out_of_fold" and not unlabelled:
-        splits = Path(splits) if splits else dataset_folder / "splits_final.json"
         selection = out_of_fold(cases, teacher_folds, read_splits(splits),
                                 [Path(t["model_folder"]).name for t in teachers], str(splits))
     else:  # every fold; for unlabelled images also with out_of_fold: no fold trained on them
@@ -492,6 +495,8 @@ def fill_cache(store: str | Path, teacher_manifests: list[str | Path], preproces
                  "teacher_folds": [[int(f) for f in folds] for folds in selection[case]],
                  "preprocessed_sha256": source, "unlabelled": unlabelled}
         if unlabelled:  # nnU-Net's foreground oversampling needs them; there is no label to take them from
+            from fastkd.unlabelled import teacher_class_locations
+
             extra["class_locations"] = teacher_class_locations(probs, grid_plans, dataset_json)
         if not summary["computed"]:  # the store changes now: it must not open as complete until finalize
             cache.invalidate(store)
@@ -509,41 +514,6 @@ def manifest_case_folder(dataset_folder: Path, manifest: dict) -> Path:
     """Where a preprocess manifest's ``<case>.b2nd`` files are: nnU-Net's ``<data_identifier>/``, or the
     folder an unlabelled manifest names (relative to the preprocessed dataset, :mod:`fastkd.unlabelled`)."""
     return Path(dataset_folder) / manifest.get("folder", manifest["data_identifier"])
-
-
-def teacher_class_locations(probs: np.ndarray, plans: dict, dataset_json: dict, seed: int = 1234) -> dict:
-    """An unlabelled case's foreground voxels, what nnU-Net's preprocessor records from a label map for its
-    foreground oversampling, here from the teachers' segmentation of the averaged probabilities ``probs``
-    (C, x, y, z): nnU-Net's own conversion (argmax, or the region thresholds and order), slab by slab, then
-    per foreground label (regions: per region; with an ignore label also nnU-Net's key of every annotated
-    voxel, here every voxel) a uniform seeded pick of at most ``CLASS_LOCATIONS_PER_CLASS`` voxels, as
-    nnU-Net's sampler picks its (at least 10000). Stored in the case attributes
-    (:func:`fastkd.cache.layout.encode_class_locations`).
-
-    Memory beyond ``probs``: the label map (1 byte per voxel, 2 above 255 labels), one boolean mask and the
-    indices of one class at a time (measured in docs/unlabelled.md)."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    from fastkd.cache.layout import CLASS_LOCATIONS_PER_CLASS, encode_class_locations
-
-    label_manager = PlansManager(plans).get_label_manager(dataset_json)
-    spatial = probs.shape[1:]
-    seg = np.empty(spatial, np.uint8 if max(label_manager.all_labels) < 256 else np.int16)
-    for box in slabs(probs.shape, SLAB_VALUES):
-        seg[box[1:]] = np.asarray(label_manager.convert_probabilities_to_segmentation(probs[box]))
-    keys = list(label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels)
-    if label_manager.has_ignore_label:  # what nnU-Net's loader samples from when not forcing foreground
-        keys.append(tuple([-1] + label_manager.all_labels))
-    rng = np.random.default_rng(seed)
-    locations = {}
-    for key in keys:
-        voxels = np.flatnonzero(np.isin(seg, np.asarray(key if isinstance(key, (tuple, list)) else [key])))
-        if len(voxels) > CLASS_LOCATIONS_PER_CLASS:
-            voxels = voxels[np.sort(rng.choice(len(voxels), CLASS_LOCATIONS_PER_CLASS, replace=False))]
-        coords = np.zeros((len(voxels), 4), np.int64)
-        coords[:, 1:] = np.stack(np.unravel_index(voxels, spatial), 1) if len(voxels) else np.zeros((0, 3), np.int64)
-        locations[tuple(key) if isinstance(key, list) else key] = coords
-    return encode_class_locations(locations)
 
 
 def finalize_cache(store: str | Path, preprocess_manifests: list[str | Path]) -> dict:

@@ -37,6 +37,10 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from fastkd.errors import FastkdError
 
@@ -220,6 +224,44 @@ def preprocess_unlabelled(source: str | Path, dataset: str, plans_name: str, con
     }
     atomic_write_text(manifest, json.dumps(result, indent=2) + "\n")
     return result
+
+
+def teacher_class_locations(probs: np.ndarray, plans: dict, dataset_json: dict, seed: int = 1234) -> dict:
+    """An unlabelled case's foreground voxels, what nnU-Net's preprocessor records from a label map for its
+    foreground oversampling, here from the teachers' segmentation of the averaged probabilities ``probs``
+    (C, x, y, z): nnU-Net's own conversion (argmax, or the region thresholds and order), slab by slab, then
+    per foreground label (regions: per region; with an ignore label also nnU-Net's key of every annotated
+    voxel, here every voxel) a uniform seeded pick of at most ``CLASS_LOCATIONS_PER_CLASS`` voxels, as
+    nnU-Net's sampler picks its (at least 10000). Stored in the case attributes
+    (:func:`fastkd.cache.layout.encode_class_locations`).
+
+    Memory beyond ``probs``: the label map (1 byte per voxel, 2 above 255 labels), one boolean mask and the
+    indices of one class at a time (measured in docs/unlabelled.md)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from fastkd.cache.layout import CLASS_LOCATIONS_PER_CLASS, encode_class_locations
+
+    import numpy as np
+
+    label_manager = PlansManager(plans).get_label_manager(dataset_json)
+    spatial = probs.shape[1:]
+    seg = np.empty(spatial, np.uint8 if max(label_manager.all_labels) < 256 else np.int16)
+    step = max(1, 2**24 // max(1, int(np.prod(probs.shape)) // spatial[0]))  # x-slabs of <= 16 M values
+    for lo in range(0, spatial[0], step):
+        seg[lo:lo + step] = np.asarray(label_manager.convert_probabilities_to_segmentation(probs[:, lo:lo + step]))
+    keys = list(label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels)
+    if label_manager.has_ignore_label:  # what nnU-Net's loader samples from when not forcing foreground
+        keys.append(tuple([-1] + label_manager.all_labels))
+    rng = np.random.default_rng(seed)
+    locations = {}
+    for key in keys:
+        voxels = np.flatnonzero(np.isin(seg, np.asarray(key if isinstance(key, (tuple, list)) else [key])))
+        if len(voxels) > CLASS_LOCATIONS_PER_CLASS:
+            voxels = voxels[np.sort(rng.choice(len(voxels), CLASS_LOCATIONS_PER_CLASS, replace=False))]
+        coords = np.zeros((len(voxels), 4), np.int64)
+        coords[:, 1:] = np.stack(np.unravel_index(voxels, spatial), 1) if len(voxels) else np.zeros((0, 3), np.int64)
+        locations[tuple(key) if isinstance(key, list) else key] = coords
+    return encode_class_locations(locations)
 
 
 def _check_geometry(case: str, files: list[Path], plans_manager) -> None:

@@ -85,7 +85,7 @@ a one-label region ``"3,"``; with an ignore label also nnU-Net's key of every an
 ``"-1,0,1,..."``) a seeded uniform pick of up to ``CLASS_LOCATIONS_PER_CLASS`` voxels of the teachers'
 segmentation (nnU-Net's argmax, or its region thresholds and order), as a flat list ``[x0, y0, z0, x1,
 ...]`` on the preprocessed grid, computed when the soft labels are written
-(:func:`fastkd.softlabels.teacher_class_locations`).
+(:func:`fastkd.unlabelled.teacher_class_locations`).
 
 **Provenance** is identical for every case of a store: ``format_version`` (``FORMAT_VERSION``),
 ``temperature``, ``activation`` (softmax or sigmoid), ``ensemble`` (how folds were combined),

@@ -46,7 +46,12 @@ one concern:
     moves them to the device, runs autocast, the loss, gradient clipping and the optimizer unchanged;
   - ``on_train_epoch_end`` appends the epoch's hard and KD loss to ``kd_losses.json``;
   - ``on_train_start`` checks the cache against the student (temperature, labels, grid, configuration,
-    every training case's shape) before any step, so a mismatched cache is an error, not a bad model.
+    every training case's shape) before any step, so a mismatched cache is an error, not a bad model;
+  - unlabelled images (``student.unlabelled_share`` > 0 and a cache that holds some, :mod:`fastkd.unlabelled`):
+    ``check_unlabelled`` finds them preprocessed with their soft labels' shapes, ``get_tr_and_val_datasets``
+    adds them to the training dataset (:class:`fastkd.student.loader.WithUnlabelled`; validation stays
+    labelled), the loader draws the share of each batch from them, and :class:`DistillationLoss` leaves
+    them out of nnU-Net's loss (``SoftLabels.unlabelled``), so they give the KD term only.
 
 - ``..._DA5``: either student with nnU-Net's DA5 augmentation, by inheriting ``nnUNetTrainerDA5`` too.
 """
@@ -110,7 +115,6 @@ class DistillationLoss(torch.nn.Module):
         kd = self.kd(output, soft, kd_mask_from_target(full_res, self.ignore_label, self.regions))
         self.last = {"hard": hard.detach(), "kd": kd.detach()}
         return (hard if self.form == "additive" else (1 - self.alpha) * hard) + self.alpha * kd
-
 
     def _hard(self, output, target, unlabelled):
         """nnU-Net's loss over the labelled samples only (``unlabelled``: bool (B,) on the CPU, or None): an

@@ -204,7 +204,7 @@ def _probs_of(seg, n):
 
 
 def test_teacher_class_locations_are_voxels_of_the_teachers_segmentation():
-    from fastkd.softlabels import teacher_class_locations
+    from fastkd.unlabelled import teacher_class_locations
 
     seg = np.zeros((30, 20, 10), np.uint8)
     seg[2:20, 3:15, 1:9] = 1  # 1728 voxels: more than the cap
