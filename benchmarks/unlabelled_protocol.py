@@ -73,7 +73,7 @@ def prepare(source: Path, out: Path, *, n_labelled: int, n_unlabelled: int, n_te
                                                  indent=2) + "\n")
     record = {"source": str(source.resolve()), "seed": seed, **split}
     (out / "split.json").write_text(json.dumps(record, indent=2) + "\n")
-    return {"raw": str(raw), "unlabelled": str(unlabelled), **{k: len(v) for k, v in split.items()}}
+    return {"raw": str(raw), "unlabelled_folder": str(unlabelled), **{f"n_{k}": len(v) for k, v in split.items()}}
 
 
 def arms(groups: list[dict]) -> dict[str, dict]:

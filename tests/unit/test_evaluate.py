@@ -272,3 +272,20 @@ def test_teachers_below_the_baseline_on_a_class_are_named_in_words(tmp_path):
     from fastkd.report import _dice_section  # the report's Dice page says it too
 
     assert "Dice 0.000 on lesion, below the no-KD r2 fold 0 (mean of 2 seeds)&#x27;s 1.000" in _dice_section(table)
+
+
+def test_students_with_and_without_unlabelled_images_are_separate_settings():
+    """student.unlabelled_share is a setting of its own in the table: its sweep [0, 0.5] gives two groups over
+    the seeds, labelled apart (``u0``; the default 0.5 adds nothing to the name)."""
+    from fastkd.evaluate import SETTING_KEYS, seed_groups
+
+    assert "unlabelled_share" in SETTING_KEYS
+    kd = {"temperature": 1.0, "alpha": 1.0, "loss": "additive", "scales": "full", "class_balanced": True,
+          "folds_per_case": "all"}
+    rows = [{"kind": "student (KD)", "r": 2, **kd, "unlabelled_share": share, "seed": seed, "folds": [0],
+             "dice": {"organ": dice}, "mean_dice": dice, "seconds_per_case": 1.0, "network_seconds_per_case": 0.5}
+            for share, seed, dice in ((0.0, 0, 0.7), (0.0, 1, 0.8), (0.5, 0, 0.9), (0.5, 1, 0.6))]
+    groups = {g["label"]: g for g in seed_groups(rows, ["organ"])}
+    assert set(groups) == {"KD r2 u0 fold 0", "KD r2 fold 0"}
+    assert groups["KD r2 u0 fold 0"]["mean_dice"]["mean"] == pytest.approx(0.75)
+    assert groups["KD r2 fold 0"]["unlabelled_share"] == 0.5 and groups["KD r2 fold 0"]["n"] == 2
