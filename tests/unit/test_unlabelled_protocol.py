@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from fastkd.checks import load_config
 from fastkd.demo import make_demo_dataset
 
 REPO = Path(__file__).resolve().parents[2]
+HIPPOCAMPUS = REPO.parent / "shared" / "datasets" / "Dataset004_Hippocampus"
 _spec = importlib.util.spec_from_file_location("unlabelled_protocol", REPO / "benchmarks" / "unlabelled_protocol.py")
 protocol = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(protocol)
@@ -55,3 +57,16 @@ def test_decide_applies_the_rule_stated_before_the_runs(tmp_path):
     path.write_text(json.dumps({"cases": ["a"], "classes": ["organ"], "groups": groups[:2]}))
     with pytest.raises(SystemExit, match="no group for arm"):
         protocol.decide(path)
+
+
+@pytest.mark.ci
+def test_the_hippocampus_config_validates_on_the_split_prepare_makes_from_shared(tmp_path, capsys):
+    """configs/unlabelled-hippocampus.yaml as its header says: prepare, then the config from that directory."""
+    if not (HIPPOCAMPUS / "dataset.json").is_file():
+        pytest.fail(f"the Hippocampus dataset is not at {HIPPOCAMPUS} (../shared beside the repository)")
+    protocol.main(["prepare", str(HIPPOCAMPUS), str(tmp_path / "hippo-unlabelled")])  # the header's command
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["n_labelled"], summary["n_unlabelled"], summary["n_test"]) == (40, 120, 40)
+    config = load_config([REPO / "config.yaml", REPO / "configs" / "unlabelled-hippocampus.yaml"], base_dir=tmp_path)
+    assert (tmp_path / config["dataset"]["raw"]).resolve() == (tmp_path / summary["raw"]).resolve()
+    assert config["student"]["unlabelled_share"] == [0.0, 0.5]
