@@ -443,6 +443,14 @@ def write_image(path: Path, array: np.ndarray) -> None:
     nib.save(nib.Nifti1Image(array.astype(np.float32), np.eye(4)), path)
 
 
+def assert_refused(nnunet_folders, tmp_path: Path, message: str) -> None:
+    """Preprocessing the images in ``tmp_path/unl`` fails naming the case, and writes no manifest."""
+    with pytest.raises(FastkdError, match=re.escape(message)):
+        preprocess_unlabelled(tmp_path / "unl", DS, nnunet_folders["plans"], "3d_fullres", tmp_path / "m.json",
+                              progress=False)
+    assert not (tmp_path / "m.json").exists()
+
+
 @pytest.mark.ci  # nnU-Net plans and preprocesses a demo dataset first (about 30 s)
 def test_channels_of_another_shape_are_refused(scratch_dataset, nnunet_folders, tmp_path):
     dataset_json = json.loads((scratch_dataset / "dataset.json").read_text())
@@ -451,19 +459,14 @@ def test_channels_of_another_shape_are_refused(scratch_dataset, nnunet_folders, 
     rng = np.random.default_rng(0)
     write_image(tmp_path / "unl" / "odd_0000.nii.gz", rng.random((16, 16, 16)))
     write_image(tmp_path / "unl" / "odd_0001.nii.gz", rng.random((16, 16, 12)))
-    with pytest.raises(FastkdError, match=re.escape("dataset.unlabelled: odd: its channels differ in shape")):
-        preprocess_unlabelled(tmp_path / "unl", DS, nnunet_folders["plans"], "3d_fullres", tmp_path / "m.json",
-                              progress=False)
-    assert not (tmp_path / "m.json").exists()
+    assert_refused(nnunet_folders, tmp_path, "dataset.unlabelled: odd: its channels differ in shape")
 
 
 @pytest.mark.ci  # nnU-Net plans and preprocesses a demo dataset first (about 30 s)
 def test_an_unreadable_image_is_refused_naming_it(scratch_dataset, nnunet_folders, tmp_path):
     (tmp_path / "unl").mkdir()
     (tmp_path / "unl" / "junk_0000.nii.gz").write_bytes(b"not a nifti file")
-    with pytest.raises(FastkdError, match=re.escape("dataset.unlabelled: junk: cannot read ")):
-        preprocess_unlabelled(tmp_path / "unl", DS, nnunet_folders["plans"], "3d_fullres", tmp_path / "m.json",
-                              progress=False)
+    assert_refused(nnunet_folders, tmp_path, "dataset.unlabelled: junk: cannot read ")
 
 
 # Was a bug (fixed in fastkd/unlabelled.py, _check_geometry): nnU-Net's SimpleITKIO reads a 2-D image as a 3-D one of one
@@ -473,10 +476,7 @@ def test_an_unreadable_image_is_refused_naming_it(scratch_dataset, nnunet_folder
 @pytest.mark.ci  # nnU-Net plans and preprocesses a demo dataset first (about 30 s)
 def test_a_2d_image_in_a_3d_dataset_is_refused(scratch_dataset, nnunet_folders, tmp_path):
     write_image(tmp_path / "unl" / "flat_0000.nii.gz", np.random.default_rng(0).random((32, 40)))
-    with pytest.raises(FastkdError, match=re.escape("dataset.unlabelled: flat: a 2-D image, the training images are 3-D")):
-        preprocess_unlabelled(tmp_path / "unl", DS, nnunet_folders["plans"], "3d_fullres", tmp_path / "m.json",
-                              progress=False)
-    assert not (tmp_path / "m.json").exists()
+    assert_refused(nnunet_folders, tmp_path, "dataset.unlabelled: flat: a 2-D image, the training images are 3-D")
 
 
 # Was a bug (fixed in fastkd/unlabelled.py, _check_geometry): a 4-D file (several channels in one file, which SimpleITKIO
@@ -486,10 +486,7 @@ def test_a_2d_image_in_a_3d_dataset_is_refused(scratch_dataset, nnunet_folders, 
 @pytest.mark.ci  # nnU-Net plans and preprocesses a demo dataset first (about 30 s)
 def test_a_4d_file_is_refused_naming_the_case(scratch_dataset, nnunet_folders, tmp_path):
     write_image(tmp_path / "unl" / "four_0000.nii.gz", np.random.default_rng(0).random((16, 16, 16, 2)))
-    with pytest.raises(FastkdError, match=re.escape("dataset.unlabelled: four: ")):
-        preprocess_unlabelled(tmp_path / "unl", DS, nnunet_folders["plans"], "3d_fullres", tmp_path / "m.json",
-                              progress=False)
-    assert not (tmp_path / "m.json").exists()
+    assert_refused(nnunet_folders, tmp_path, "dataset.unlabelled: four: ")
 
 
 # -- the CLI -----------------------------------------------------------------------------------------------

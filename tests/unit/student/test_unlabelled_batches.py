@@ -228,3 +228,52 @@ def test_teacher_class_locations_are_voxels_of_the_teachers_segmentation():
     assert len(got[2]) == 8 and len(got[(-1, 0, 1, 2)]) == cache.layout.CLASS_LOCATIONS_PER_CLASS
     x, y, z = got[(1, 2)][:, 1:].T
     assert (seg[x, y, z] >= 1).all()
+
+
+def test_nnunets_loader_oversamples_an_unlabelled_case_at_the_teachers_class_locations(tmp_path):
+    """Pins the nnU-Net internals WithUnlabelled relies on: nnUNetDataLoader reads each case through the
+    dataset's ``load_case`` and hands that case's ``properties["class_locations"]`` to ``get_bbox`` for
+    foreground oversampling. If nnU-Net read the locations elsewhere, unlabelled images would silently be
+    sampled without the teachers' foreground."""
+    import os
+
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for case in ("lab", "unl"):
+        seg = np.zeros((1, 12, 12, 12), np.int8)
+        seg[0, 2:4, 2:4, 2:4] = 1  # the label's foreground (for "unl": nnU-Net's placeholder would hold none)
+        nnUNetDatasetBlosc2.save_case(rng.normal(size=(1, 12, 12, 12)).astype(np.float32), seg,
+                                      {"class_locations": {1: np.argwhere(seg == 1)}}, str(folder / case))
+    teachers = {1: np.array([[0, 9, 8, 7]])}  # one voxel of the teachers' foreground, nowhere near the label's
+
+    class Cache:
+        def class_locations(self, case):
+            assert case == "unl"
+            return teachers
+
+    mixed = WithUnlabelled(nnUNetDatasetBlosc2(str(folder), identifiers=["lab"]),
+                           nnUNetDatasetBlosc2(str(folder), identifiers=["unl"]), str(tmp_path / "unused.zarr"))
+    mixed._cache, mixed._cache_pid = Cache(), os.getpid()
+    boxes = []  # (the class locations get_bbox received, the box it drew)
+
+    class Recording(nnUNetDataLoader):
+        def get_bbox(self, data_shape, force_fg, class_locations, *args, **kwargs):
+            lbs, ubs = super().get_bbox(data_shape, force_fg, class_locations, *args, **kwargs)
+            boxes.append((class_locations, lbs, ubs))
+            return lbs, ubs
+
+    lm = LabelManager({"background": 0, "organ": 1}, regions_class_order=None)
+    dl = Recording(mixed, 4, [4, 4, 4], [4, 4, 4], lm, oversample_foreground_percent=1.0,
+                   sampling_probabilities=None, pad_sides=None, probabilistic_oversampling=False, transforms=None)
+    np.random.seed(0)
+    keys = [k for _ in range(5) for k in dl.generate_train_batch()["keys"]]
+    assert len(boxes) == len(keys) and {"lab", "unl"} <= set(keys)
+    for key, (locations, lbs, ubs) in zip(keys, boxes):
+        assert (locations is teachers) == (key == "unl"), f"{key}: get_bbox got the wrong class locations"
+        if key == "unl":  # every box of the unlabelled case is drawn around the teachers' voxel
+            assert all(lo <= v < hi for lo, v, hi in zip(lbs, (9, 8, 7), ubs)), (lbs, ubs)
