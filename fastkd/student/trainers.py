@@ -329,8 +329,6 @@ class nnUNetTrainerFastKD(nnUNetTrainerFastKDBase):
         cache.check(shapes={c: list(blosc2.open(str(folder / f"{c}.b2nd"), mode="r").shape)
                             for c in self.unlabelled_cases})
         self.unlabelled_folder = str(folder)
-        self.print_to_log_file(f"unlabelled images: {len(self.unlabelled_cases)} (KD only), {share:.0%} of each batch "
-                               "in expectation")
 
     def get_tr_and_val_datasets(self):
         """nnU-Net's datasets; the training one also holds the unlabelled cases (:class:`WithUnlabelled`)."""
@@ -340,6 +338,10 @@ class nnUNetTrainerFastKD(nnUNetTrainerFastKDBase):
 
             unlabelled = self.dataset_class(self.unlabelled_folder, list(self.unlabelled_cases))
             dataset_tr = WithUnlabelled(dataset_tr, unlabelled, self.settings["cache"])
+            # logged here, where the loader's dataset is built (tests/workflow/test_reruns.py reads it): this
+            # relies on nnU-Net building its datasets after on_train_start's cache check
+            self.print_to_log_file(f"unlabelled images: {len(self.unlabelled_cases)} (KD only), "
+                                   f"{self.settings['unlabelled_share']:.0%} of each batch in expectation")
         return dataset_tr, dataset_val
 
     def get_dataloaders(self):
